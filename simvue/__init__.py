@@ -1,0 +1,20 @@
+"""simvue: track simulations and processing jobs that run as many processes.
+
+Every rank of an MPI job or worker of a ``multiprocessing`` pool uses a ``Run``; they all
+feed one run, merged by an aggregator on rank 0 (or in the pool's parent) and written to the
+local store (``.simvue/`` by default), browsable with the ``simvue`` command.
+"""
+
+from ._version import __version__
+from .errors import SimvueError, SimvueRunError, SimvueTypeError, SimvueValueError, SimvueWarning
+from .run import Run
+
+__all__ = [
+    "Run",
+    "SimvueError",
+    "SimvueRunError",
+    "SimvueTypeError",
+    "SimvueValueError",
+    "SimvueWarning",
+    "__version__",
+]

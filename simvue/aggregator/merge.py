@@ -1,0 +1,108 @@
+"""Merging per-sender metrics into a run's series: namespaced or reduced.
+
+Namespaced (the default) keeps each sender's series apart under its prefix (``rank3/loss``).
+Reduced combines, per metric and step, the values of every live sender into ``loss.mean``,
+``loss.min``, ``loss.max``, ``loss.sum`` (whichever are configured) plus ``loss.count``.  A
+step is written when every live sender has reported it, or ``wait_s`` after its first value;
+a value arriving for a step already written is counted as late (``LossReason.LATE_STEP``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+
+from ..losses import LossCounter, LossReason
+
+REDUCERS: dict[str, Callable[[Sequence[float]], float]] = {
+    "mean": lambda values: math.fsum(values) / len(values),
+    "min": min,
+    "max": max,
+    "sum": math.fsum,
+}
+FINISHED_STEPS_REMEMBERED = 100_000
+
+Emit = Callable[[str, int, float, float, float], None]
+
+
+class _PendingStep:
+    __slots__ = ("first_seen", "values", "time", "timestamp")
+
+    def __init__(self, first_seen: float) -> None:
+        self.first_seen = first_seen
+        self.values: dict[str, float] = {}
+        self.time = 0.0
+        self.timestamp = 0.0
+
+
+class Reducer:
+    """Cross-sender reduction of the metrics named in ``spec``.
+
+    ``spec`` maps a metric name, or ``"*"`` for every metric, to its ops.  ``expected`` says
+    how many senders a complete step needs right now.  ``emit(name, step, time, timestamp,
+    value)`` receives each reduced point.
+    """
+
+    def __init__(
+        self,
+        spec: Mapping[str, tuple[str, ...]],
+        *,
+        wait_s: float,
+        expected: Callable[[], int],
+        emit: Emit,
+        losses: LossCounter,
+    ) -> None:
+        self.spec = dict(spec)
+        self.wait_s = wait_s
+        self.expected = expected
+        self.emit = emit
+        self.losses = losses
+        self._pending: dict[tuple[str, int], _PendingStep] = {}
+        self._finished: OrderedDict[tuple[str, int], None] = OrderedDict()
+
+    def ops_for(self, name: str) -> tuple[str, ...] | None:
+        """The ops configured for ``name``; ``None`` if it is only namespaced."""
+        ops = self.spec.get(name)
+        if ops is None:
+            ops = self.spec.get("*")
+        return ops
+
+    def add(self, label: str, name: str, step: int, time: float, timestamp: float, value: float, now: float) -> None:
+        key = (name, step)
+        pending = self._pending.get(key)
+        if pending is None:
+            if key in self._finished:
+                self.losses.record(LossReason.LATE_STEP)
+                return
+            pending = self._pending[key] = _PendingStep(now)
+        pending.values[label] = value
+        pending.time = max(pending.time, time)
+        pending.timestamp = max(pending.timestamp, timestamp)
+        if len(pending.values) >= self.expected():
+            self._write(key, pending)
+
+    def tick(self, now: float) -> None:
+        """Write the steps that are complete or have waited long enough."""
+        expected = self.expected()
+        for key, pending in list(self._pending.items()):
+            if len(pending.values) >= expected or now - pending.first_seen >= self.wait_s:
+                self._write(key, pending)
+
+    def finish(self) -> None:
+        """Write every pending step, complete or not."""
+        for key, pending in sorted(self._pending.items(), key=lambda item: item[0][1]):
+            self._write(key, pending)
+
+    def _write(self, key: tuple[str, int], pending: _PendingStep) -> None:
+        del self._pending[key]
+        self._finished[key] = None
+        if len(self._finished) > FINISHED_STEPS_REMEMBERED:
+            self._finished.popitem(last=False)
+        name, step = key
+        values = list(pending.values.values())
+        for op in self.ops_for(name) or ():
+            reducer = REDUCERS.get(op)
+            if reducer is not None:
+                self.emit(f"{name}.{op}", step, pending.time, pending.timestamp, float(reducer(values)))
+        self.emit(f"{name}.count", step, pending.time, pending.timestamp, float(len(values)))

@@ -1,0 +1,140 @@
+"""Run settings: one frozen dataclass, units in the names, resolved once.
+
+Precedence for every field: a ``run.config(...)`` argument, then the environment variable
+``SIMVUE_<FIELD>`` (for example ``SIMVUE_SENDER_TIMEOUT_S=5``), then the default below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import SimvueTypeError, SimvueValueError
+
+REDUCERS = ("mean", "min", "max", "sum")
+REDUCE_OPTIONS = REDUCERS + ("namespace",)
+STORE_ENV = "SIMVUE_STORE"
+DEFAULT_STORE_DIR = ".simvue"
+
+# Names accepted by ``config()`` for compatibility with other Simvue clients; they are kept
+# on the settings object and read by the stages that implement them.
+COMPAT_OPTIONS = {
+    "resources_metrics_interval",
+    "system_metrics_interval",
+    "disable_resources_metrics",
+    "hardware_interval",
+    "storage_id",
+    "enable_emission_metrics",
+    "abort_on_alert",
+    "queue_blocking",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What a run needs to know about timing, limits and where data goes."""
+
+    suppress_errors: bool = True
+    store: str | None = None
+    flush_interval_s: float = 0.05
+    heartbeat_interval_s: float = 1.0
+    sender_timeout_s: float = 120.0
+    commit_interval_s: float = 0.2
+    close_timeout_s: float = 30.0
+    rendezvous_timeout_s: float = 60.0
+    reduce_wait_s: float = 10.0
+    run_heartbeat_timeout_s: float = 30.0
+    max_buffered_records: int = 100_000
+    reduce: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` validated and applied; unknown names raise."""
+        fields = {f.name for f in dataclasses.fields(self)} - {"extra"}
+        extra = dict(self.extra)
+        own: dict[str, Any] = {}
+        for key, value in changes.items():
+            if key in fields:
+                own[key] = _check(key, value)
+            elif key in COMPAT_OPTIONS:
+                extra[key] = value
+            else:
+                raise SimvueValueError(
+                    f"unknown configuration option {key!r}; known: {', '.join(sorted(fields | COMPAT_OPTIONS))}"
+                )
+        return dataclasses.replace(self, extra=extra, **own)
+
+    def store_path(self) -> Path:
+        """The directory of the local store: ``store`` setting, ``$SIMVUE_STORE``, or ``./.simvue``."""
+        return Path(self.store or os.environ.get(STORE_ENV) or DEFAULT_STORE_DIR).absolute()
+
+
+def from_environment() -> Settings:
+    """Defaults overlaid with any ``SIMVUE_<FIELD>`` environment variables."""
+    changes: dict[str, Any] = {}
+    for field in dataclasses.fields(Settings):
+        if field.name in ("reduce", "extra", "store"):
+            continue
+        raw = os.environ.get(f"SIMVUE_{field.name.upper()}")
+        if raw is None:
+            continue
+        try:
+            if field.type == "bool":
+                changes[field.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif field.type == "int":
+                changes[field.name] = int(raw)
+            else:
+                changes[field.name] = float(raw)
+        except ValueError:
+            raise SimvueValueError(f"environment variable SIMVUE_{field.name.upper()}={raw!r} is not a number") from None
+    return Settings().replace(**changes)
+
+
+def _check(key: str, value: Any) -> Any:
+    if key == "suppress_errors":
+        if not isinstance(value, bool):
+            raise SimvueTypeError("suppress_errors must be True or False")
+        return value
+    if key == "store":
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise SimvueTypeError("store must be a directory path")
+        return None if value is None else os.fspath(value)
+    if key == "reduce":
+        return normalise_reduce(value)
+    if key == "max_buffered_records":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SimvueValueError("max_buffered_records must be a positive int")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise SimvueValueError(f"{key} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def normalise_reduce(value: Any) -> dict[str, tuple[str, ...]]:
+    """Turn the user's ``reduce=`` argument into ``{metric name or '*': (op, ...)}``.
+
+    Accepted forms: ``None``; a list of ops applied to every metric (``["mean", "max"]``);
+    a dict ``{"loss": ["mean", "max"], "*": ["sum"]}``; an op string (``"mean"``).
+    Ops are ``mean``, ``min``, ``max``, ``sum``; ``namespace`` keeps the per-rank series too.
+    """
+    if value is None:
+        return {}
+    if isinstance(value, str) or (isinstance(value, Sequence) and not isinstance(value, Mapping)):
+        value = {"*": value}
+    if not isinstance(value, Mapping):
+        raise SimvueTypeError("reduce must be a list of ops or a dict of metric name -> list of ops")
+    out: dict[str, tuple[str, ...]] = {}
+    for name, ops in value.items():
+        if not isinstance(name, str) or not name:
+            raise SimvueValueError(f"reduce key {name!r} must be a metric name or '*'")
+        ops = (ops,) if isinstance(ops, str) else tuple(ops)
+        bad = [op for op in ops if op not in REDUCE_OPTIONS]
+        if bad or not ops:
+            raise SimvueValueError(
+                f"reduce ops for {name!r} must be among {', '.join(REDUCE_OPTIONS)}; got {list(ops)!r}"
+            )
+        out[name] = tuple(dict.fromkeys(ops))
+    return out

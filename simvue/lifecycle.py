@@ -1,0 +1,127 @@
+"""Process lifecycle hooks: fork, interpreter exit, pool-worker exit and SIGTERM.
+
+This is the only module that registers them.  Objects that hold per-process resources
+(sockets, threads, the store connection) register here and get three calls:
+
+* ``_after_fork_in_child()``: forget inherited resources without closing them.  A ZeroMQ
+  socket used after ``fork`` silently drops messages, and closing an inherited SQLite
+  connection may touch the parent's files, so the child starts over on first use.
+* ``_close_at_exit(status)``: flush and end, bounded in time.  ``atexit`` does not run in
+  fork/forkserver pool workers, so children also get a ``multiprocessing.util.Finalize``;
+  whichever runs first does the work and the other finds nothing to do.
+* the same on SIGTERM, which ``Pool.__exit__`` (``terminate()``) sends to its workers and
+  which by default ends a process without running any exit hook.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import multiprocessing.util
+import os
+import signal
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Closable(Protocol):
+    def _after_fork_in_child(self) -> None: ...
+
+    def _close_at_exit(self, status: str | None) -> None: ...
+
+
+_live: weakref.WeakSet[Closable] = weakref.WeakSet()
+_fork_callbacks: list[Callable[[], None]] = []
+_process_hooks_pid: int | None = None
+_lock = threading.Lock()
+# Objects inherited through fork that must never be finalised in the child (see module doc).
+_inherited_leftovers: list[object] = []
+
+
+def track(obj: Closable) -> None:
+    """Give ``obj`` the fork and exit calls described above."""
+    _live.add(obj)
+    _ensure_process_hooks()
+
+
+def untrack(obj: Closable) -> None:
+    _live.discard(obj)
+
+
+def keep_inherited(obj: object) -> None:
+    """Hold on to an object a forked child inherited, so that it is never closed there."""
+    _inherited_leftovers.append(obj)
+
+
+def on_fork_in_child(callback: Callable[[], None]) -> None:
+    """Call ``callback`` in every child created by ``fork`` (module-level state resets)."""
+    _fork_callbacks.append(callback)
+
+
+def in_worker_process() -> bool:
+    """True inside a ``multiprocessing`` child (pool worker or ``Process``)."""
+    return multiprocessing.parent_process() is not None
+
+
+def _after_fork_in_child() -> None:
+    global _process_hooks_pid, _lock
+    _lock = threading.Lock()
+    _process_hooks_pid = None
+    for callback in _fork_callbacks:
+        callback()
+    for obj in list(_live):
+        obj._after_fork_in_child()
+
+
+def _close_all(status: str | None = None) -> None:
+    if _process_hooks_pid != os.getpid():
+        return
+    for obj in list(_live):
+        try:
+            obj._close_at_exit(status)
+        except Exception as exc:  # noqa: BLE001 - exit hooks must never raise
+            sys.stderr.write(f"simvue: error while closing at exit: {exc!r}\n")
+
+
+def _exit_status() -> str | None:
+    # The interpreter records an uncaught exception in sys.last_value before exit hooks run.
+    if getattr(sys, "last_value", None) is not None:
+        return "failed"
+    return None
+
+
+def _at_exit() -> None:
+    _close_all(_exit_status())
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    # A pool worker is terminated on purpose once its work is done; a rank or a plain
+    # process receiving SIGTERM was stopped from outside.
+    _close_all(None if in_worker_process() else "terminated")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _ensure_process_hooks() -> None:
+    global _process_hooks_pid
+    if _process_hooks_pid == os.getpid():
+        return
+    with _lock:
+        if _process_hooks_pid == os.getpid():
+            return
+        _process_hooks_pid = os.getpid()
+        atexit.register(_at_exit)
+        if in_worker_process():
+            multiprocessing.util.Finalize(None, _close_all, exitpriority=100)
+        if threading.current_thread() is threading.main_thread():
+            try:
+                if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+                    signal.signal(signal.SIGTERM, _on_sigterm)
+            except (ValueError, OSError):
+                pass
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

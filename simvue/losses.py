@@ -1,0 +1,43 @@
+"""Counting what could not be delivered, in one place.
+
+Every drop goes through ``LossCounter.record(reason, n)``; totals are reported in the run's
+metadata (``simvue.losses``) and in one warning at close.  Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections import Counter
+
+
+class LossReason(str, enum.Enum):
+    SPILLED = "spilled"  # written to a local spill file instead of reaching the aggregator
+    BAD_FRAME = "bad_frame"  # unauthenticated or undecodable message at the aggregator
+    DUPLICATE = "duplicate"  # a message seen twice (dropped, nothing lost)
+    GAP = "gap"  # messages a sender sent that never arrived
+    LATE_STEP = "late_step"  # a value for a reduced step that had already been written
+    UNKNOWN_SENDER = "unknown_sender"  # data from a sender that never said hello
+    STORE_FAILED = "store_failed"  # a write the store refused
+    BAD_RECORD = "bad_record"  # a record the aggregator could not interpret
+
+
+class LossCounter:
+    """Thread-safe counts of lost or diverted records by reason."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def record(self, reason: LossReason, count: int = 1) -> None:
+        if count:
+            with self._lock:
+                self._counts[reason.value] += count
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def merge(self, counts: dict[str, int]) -> None:
+        with self._lock:
+            self._counts.update({k: int(v) for k, v in counts.items() if isinstance(v, int)})

@@ -1,0 +1,453 @@
+"""``Run``: the handle every process uses to record one run.
+
+Every rank of an MPI job and every worker of a pool has its own ``Run``; they all feed one
+run.  Calls are cheap: ``log_metrics`` validates, stamps and appends to an in-memory buffer
+(no I/O, no encoding, no lock); a background thread ships the buffer to the run's
+aggregator.  See ``docs/architecture.md`` for the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time as _time
+import traceback
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from . import lifecycle, session, topology, validation
+from .config import Settings, from_environment, normalise_reduce
+from .errors import ErrorPolicy, SimvueError, SimvueRunError, SimvueValueError
+from .names import random_name
+from .transport import protocol
+from .transport.rendezvous import AggregatorAddress
+
+_now = _time.time
+_isfinite = math.isfinite
+
+NEW, ACTIVE, CLOSED, DISABLED = "new", "active", "closed", "disabled"
+MODES = ("offline", "online", "disabled")
+
+
+def _plain_finite(values: Any) -> bool:
+    """True when every value is a plain int/float and none is inf or nan (the fast check)."""
+    for value in values:
+        cls = value.__class__
+        if cls is not float and cls is not int:
+            return False
+    return _isfinite(sum(values))
+
+
+class Run:
+    """A tracked run, as seen from this process.
+
+    ``Run()`` does no I/O.  ``init()`` creates the run (in the aggregator's process) or joins
+    it (every other rank or worker).  A ``Run`` can be handed to ``multiprocessing`` workers,
+    as an argument or by inheritance; in a worker it joins the run on first use.
+    """
+
+    def __init__(
+        self,
+        mode: str = "offline",
+        abort_callback: Any = None,
+        server_token: str | None = None,
+        server_url: str | None = None,
+        debug: bool = False,
+    ) -> None:
+        self._lock = threading.RLock()
+        self._settings: Settings = from_environment()
+        self._errors = ErrorPolicy(self._settings.suppress_errors)
+        self._state = NEW
+        self._mode = mode
+        self._name: str | None = None
+        self._id: str | None = None
+        self._folder = "/"
+        self._address: AggregatorAddress | None = None
+        self._t0 = _now()
+        self._reset_process_state()
+        if mode not in MODES:
+            self._fail("mode", SimvueValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}"))
+        elif mode == "disabled":
+            self._state = DISABLED
+        lifecycle.track(self)
+
+    def _reset_process_state(self) -> None:
+        self._buffer = None  # the hot path's deque; None until this process has joined
+        self._pipe: session.Pipe | None = None
+        self._membership: session.Membership | None = None
+        self._step = 0
+        self._known_names: frozenset[str] = frozenset()
+        self._max_buffered = self._settings.max_buffered_records
+        self._closed_here = False
+
+    # -- context manager ------------------------------------------------------------------
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        status = "terminated" if issubclass(exc_type, KeyboardInterrupt) else "failed"
+        if self._state == ACTIVE:
+            message = "".join(traceback.format_exception(exc_type, exc, tb))
+            self._record((protocol.EVENT, _now(), f"{exc_type.__name__}: {exc}\n{message}", "error"))
+        self._close(status)
+
+    # -- configuration and start ----------------------------------------------------------
+
+    def config(self, **options: Any) -> bool:
+        """Set options before ``init``: ``suppress_errors``, ``resources_metrics_interval``,
+        ``reduce``, ``store`` and the timing fields of ``simvue.config.Settings``."""
+        try:
+            self._settings = self._settings.replace(**options)
+        except SimvueError as exc:
+            return self._fail("config", exc)
+        self._errors.suppress_errors = self._settings.suppress_errors
+        self._max_buffered = self._settings.max_buffered_records
+        return True
+
+    def init(
+        self,
+        name: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        tags: Iterable[str] | None = None,
+        description: str | None = None,
+        folder: str = "/",
+        status: str = "running",
+        *,
+        running: bool = True,
+        reduce: Any = None,
+        timeout: float | None = None,
+        notification: str = "none",
+        retention_period: str | None = None,
+        visibility: Any = None,
+        no_color: bool = False,
+        record_shell_vars: Any = None,
+    ) -> bool:
+        """Create this job's run, or join it from another rank or worker.
+
+        Under MPI every rank calls ``init``; rank 0 creates the run (its arguments define
+        it) and the other ranks join it, waiting at most ``rendezvous_timeout_s``.
+        ``reduce`` selects cross-rank reduction, e.g. ``{"loss": ["mean", "max"]}``.
+        """
+        with self._lock:
+            if self._state == DISABLED:
+                return True
+            if self._state != NEW:
+                return self._fail("init", SimvueRunError("init() was already called on this run"))
+            try:
+                if not running and status == "running":
+                    status = "created"
+                fields = {
+                    "name": random_name() if name is None else validation.run_name(name),
+                    "metadata": validation.metadata(metadata or {}),
+                    "tags": validation.tags(tags or []),
+                    "description": validation.description(description),
+                    "folder": validation.folder(folder),
+                    "status": validation.status(status),
+                    "now": _now(),
+                }
+                if fields["status"] not in ("running", "created"):
+                    raise SimvueValueError(f"a run starts as 'running' or 'created', not {status!r}")
+                if reduce is not None:
+                    self._settings = self._settings.replace(reduce=normalise_reduce(reduce))
+                if timeout is not None:
+                    self._settings = self._settings.replace(run_heartbeat_timeout_s=timeout)
+            except SimvueError as exc:
+                return self._fail("init", exc)
+            try:
+                membership = session.open_run(fields, self._settings, topology.detect())
+            except Exception as exc:  # noqa: BLE001 - e.g. an unwritable store
+                self._state = DISABLED
+                return self._fail("init", SimvueRunError(f"could not start the run: {exc}"))
+            self._join(membership)
+            self._folder = fields["folder"]
+            return True
+
+    def _join(self, membership: session.Membership) -> None:
+        self._membership = membership
+        self._pipe = membership.pipe
+        self._name = membership.name
+        self._id = membership.run_id
+        self._address = membership.address
+        self._t0 = membership.started
+        self._state = ACTIVE
+        self._buffer = membership.pipe.buffer
+
+    @property
+    def name(self) -> str | None:
+        """The run's name, the same on every rank and worker."""
+        return self._name
+
+    @property
+    def id(self) -> str | None:
+        """The run's id in the store."""
+        return self._id
+
+    # -- the hot path ---------------------------------------------------------------------
+
+    def log_metrics(
+        self,
+        metrics: dict[str, int | float],
+        step: int | None = None,
+        time: float | None = None,
+        timestamp: str | None = None,
+    ) -> bool:
+        """Record metric values.
+
+        ``step`` defaults to a per-process counter that increases on every call; ``time``
+        defaults to seconds since the run started; ``timestamp`` (UTC,
+        ``YYYY-MM-DDThh:mm:ss.ffffffZ``) defaults to now.  Never blocks, except briefly when
+        ``max_buffered_records`` records are waiting (then the oldest are spilled to disk).
+        """
+        buffer = self._buffer
+        if buffer is None:
+            buffer = self._process_buffer("log_metrics")
+            if buffer is None:
+                return False
+        if (
+            metrics.__class__ is not dict
+            or not metrics
+            or not metrics.keys() <= self._known_names
+            or not _plain_finite(metrics.values())
+        ):
+            metrics = self._checked_metrics(metrics)
+            if metrics is None:
+                return False
+        else:
+            metrics = metrics.copy()
+        auto_step = self._step
+        self._step = auto_step + 1
+        if step is not None or time is not None or timestamp is not None:
+            try:
+                step = auto_step if step is None else validation.step(step)
+                time = None if time is None else validation.elapsed_time(time)
+                timestamp = None if timestamp is None else validation.timestamp(timestamp)
+            except SimvueError as exc:
+                return self._fail("log_metrics", exc)
+        else:
+            step = auto_step
+        now = _now()
+        buffer.append(
+            (0, step, now - self._t0 if time is None else time, now if timestamp is None else timestamp, metrics)
+        )
+        if len(buffer) >= self._max_buffered:
+            self._pipe.buffer_full(self._max_buffered)
+        return True
+
+    def _checked_metrics(self, metrics: Any) -> dict | None:
+        try:
+            checked = validation.metrics(metrics)
+        except SimvueError as exc:
+            self._fail("log_metrics", exc)
+            return None
+        self._known_names = self._known_names | checked.keys()
+        return checked
+
+    def _process_buffer(self, call: str):
+        """The buffer to append to, joining the run first if this process has not yet."""
+        with self._lock:
+            if self._buffer is not None:
+                return self._buffer
+            if self._state == DISABLED:
+                return None
+            if self._state == NEW:
+                self._fail(call, SimvueRunError(f"{call}() called before init()"))
+                return None
+            if self._state == CLOSED or self._closed_here:
+                self._fail(call, SimvueRunError(f"{call}() called on a closed run"))
+                return None
+            if self._address is None:
+                return None
+            # A worker that inherited or was handed this run: join it on first use.
+            try:
+                membership = session.join(self._address, self._settings, topology.detect(), role="worker")
+            except Exception as exc:  # noqa: BLE001
+                self._fail(call, SimvueRunError(f"could not join run {self._name!r}: {exc}"))
+                return None
+            self._join(membership)
+            return self._buffer
+
+    # -- everything else ------------------------------------------------------------------
+
+    def log_event(self, message: str, timestamp: str | None = None, log_level: str = "info") -> bool:
+        """Record a text event."""
+        try:
+            record = (
+                protocol.EVENT,
+                _now() if timestamp is None else validation.timestamp(timestamp),
+                validation.event_message(message),
+                validation.event_level(log_level),
+            )
+        except SimvueError as exc:
+            return self._fail("log_event", exc)
+        return self._record(record, "log_event")
+
+    def update_metadata(self, metadata: Mapping[str, Any]) -> bool:
+        """Merge ``metadata`` into the run's metadata (nested dicts merge)."""
+        try:
+            record = (protocol.METADATA, validation.metadata(metadata))
+        except SimvueError as exc:
+            return self._fail("update_metadata", exc)
+        return self._record(record, "update_metadata")
+
+    def update_tags(self, tags: Iterable[str]) -> bool:
+        """Add ``tags`` to the run's tags."""
+        try:
+            record = (protocol.TAGS, validation.tags(tags))
+        except SimvueError as exc:
+            return self._fail("update_tags", exc)
+        return self._record(record, "update_tags")
+
+    def set_status(self, status: str) -> bool:
+        """Set the run's status; a final one (completed, failed, terminated, lost) is applied
+        when the run ends."""
+        try:
+            record = (protocol.STATUS, validation.status(status))
+        except SimvueError as exc:
+            return self._fail("set_status", exc)
+        return self._record(record, "set_status")
+
+    def set_folder_details(
+        self,
+        path: str | Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        tags: Iterable[str] | None = None,
+        description: str | None = None,
+    ) -> bool:
+        """Set metadata, tags and a description on a folder (default: the run's folder)."""
+        if isinstance(path, Mapping):  # the newer form: set_folder_details(metadata, tags, description)
+            path, metadata = None, path
+        try:
+            record = (
+                protocol.FOLDER,
+                validation.folder(self._folder if path is None else path),
+                None if metadata is None else validation.metadata(metadata),
+                None if tags is None else validation.tags(tags),
+                validation.description(description),
+            )
+        except SimvueError as exc:
+            return self._fail("set_folder_details", exc)
+        return self._record(record, "set_folder_details")
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until everything this process recorded is in the store (or with the
+        aggregator); returns False if ``timeout_s`` passed first."""
+        if self._buffer is None or self._pipe is None:
+            return self._state == DISABLED
+        return self._pipe.flush(timeout_s)
+
+    def close(self) -> bool:
+        """Flush everything (acknowledged) and end this process's part of the run.
+
+        In the run's own process (single process, pool parent, MPI rank 0) this also ends the
+        run, once every worker has drained; under MPI, other ranks still running finish the
+        run in the background and the process waits for them at exit.  Idempotent.
+        """
+        return self._close(None)
+
+    def _close(self, status: str | None) -> bool:
+        with self._lock:
+            if self._state in (NEW, DISABLED) or self._closed_here:
+                return True
+            if self._pipe is None:  # inherited, never used in this process
+                self._closed_here = True
+                return True
+            self._closed_here = True
+            self._state = CLOSED
+            pipe, self._buffer = self._pipe, None
+        dropped = dict(self._errors.dropped)
+        try:
+            done = pipe.close(status, dropped, None)
+        except Exception as exc:  # noqa: BLE001
+            return self._fail("close", SimvueRunError(f"error while closing: {exc}"))
+        membership = self._membership
+        if membership is not None and membership.cleanup_path is not None:
+            from .transport.rendezvous import remove_file
+
+            remove_file(membership.cleanup_path)
+        if membership is not None and membership.is_aggregator:
+            from .transport.rendezvous import export
+
+            export(None)
+        self._report_dropped(dropped)
+        return bool(done)
+
+    def _report_dropped(self, dropped: dict[str, int]) -> None:
+        spilled = getattr(getattr(self._pipe, "sender", None), "spill", None) or getattr(self._pipe, "spill", None)
+        if spilled is not None and spilled.records:
+            import warnings
+
+            from .errors import SimvueWarning
+
+            warnings.warn(
+                f"simvue: {spilled.records} records of run {self._name!r} could not reach the aggregator and were"
+                f" written to {spilled.path}",
+                SimvueWarning,
+                stacklevel=3,
+            )
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _record(self, record: tuple, call: str = "record") -> bool:
+        buffer = self._buffer
+        if buffer is None:
+            buffer = self._process_buffer(call)
+            if buffer is None:
+                return False
+        buffer.append(record)
+        return True
+
+    def _fail(self, kind: str, error: SimvueError) -> bool:
+        self._errors.report(kind, error)
+        return False
+
+    # -- lifecycle hooks (see simvue.lifecycle) -------------------------------------------
+
+    def _after_fork_in_child(self) -> None:
+        membership = self._membership
+        if membership is not None:
+            lifecycle.keep_inherited(membership)
+        self._lock = threading.RLock()
+        self._reset_process_state()
+
+    def _close_at_exit(self, status: str | None) -> None:
+        if self._state == ACTIVE and not self._closed_here:
+            self._close(status)
+        membership = self._membership
+        if membership is not None and membership.is_aggregator:
+            membership.pipe.aggregator.close(status, None)  # wait for remaining ranks
+
+    # -- pickling: only what a worker needs to join ---------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "settings": self._settings,
+            "state": self._state if self._state != ACTIVE or self._address else DISABLED,
+            "name": self._name,
+            "id": self._id,
+            "folder": self._folder,
+            "address": self._address.to_json() if self._address else None,
+            "t0": self._t0,
+            "mode": self._mode,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._lock = threading.RLock()
+        self._settings = state["settings"]
+        self._errors = ErrorPolicy(self._settings.suppress_errors)
+        self._state = state["state"]
+        self._mode = state["mode"]
+        self._name = state["name"]
+        self._id = state["id"]
+        self._folder = state["folder"]
+        self._address = AggregatorAddress.from_json(state["address"]) if state["address"] else None
+        self._t0 = state["t0"]
+        self._reset_process_state()
+        lifecycle.track(self)
+
+    def __repr__(self) -> str:
+        return f"<simvue.Run name={self._name!r} state={self._state} pid={os.getpid()}>"

@@ -1,0 +1,333 @@
+"""The composition root: decides which part this process plays in a run and wires it.
+
+* The only process of a job, a pool's parent, or MPI rank 0 builds an ``Aggregator`` with
+  the local store as its sink; its own records go straight into the aggregator's buffer.
+* Every other rank, and every worker that inherited or was handed a ``Run``, builds a
+  ``Sender`` to the aggregator found through ``transport.rendezvous``.
+* A rank that cannot find its aggregator in ``rendezvous_timeout_s`` keeps its records in a
+  spill file and says so in one warning; it never hangs the job.
+
+This is the only module that imports the transport, the aggregator and the sinks together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import hashlib
+import os
+import platform
+import secrets
+import socket
+import sys
+import time
+import warnings
+from collections import deque
+from pathlib import Path
+from typing import Any, Protocol
+
+from .aggregator.service import Aggregator
+from .config import Settings
+from .errors import SimvueWarning
+from .losses import LossCounter
+from .sinks.offline import OfflineSink
+from .topology import Topology, initialised_mpi
+from .transport import rendezvous
+from .transport.rendezvous import AggregatorAddress
+from .transport.sender import Sender
+from .transport.spill import SpillFile
+
+SPILL_DIRECTORY = "spill"
+
+
+class Pipe(Protocol):
+    """Where a ``Run`` handle's records go in this process."""
+
+    buffer: deque
+
+    def buffer_full(self, limit: int) -> None: ...
+
+    def flush(self, timeout_s: float) -> bool: ...
+
+    def close(self, status: str | None, dropped: dict[str, int], timeout_s: float | None) -> bool: ...
+
+
+@dataclasses.dataclass
+class Membership:
+    """This process's part in a run."""
+
+    pipe: Pipe
+    name: str | None
+    run_id: str | None
+    started: float
+    address: AggregatorAddress | None
+    is_aggregator: bool
+    cleanup_path: Path | None = None
+
+
+class LocalPipe:
+    """The aggregator process's own records: appended to the aggregator's local buffer."""
+
+    def __init__(self, aggregator: Aggregator) -> None:
+        self.aggregator = aggregator
+        self.buffer = aggregator.local_buffer
+
+    def buffer_full(self, limit: int) -> None:
+        deadline = time.monotonic() + 1.0
+        while len(self.buffer) >= limit and time.monotonic() < deadline and not self.aggregator.finished:
+            time.sleep(0.005)
+
+    def flush(self, timeout_s: float) -> bool:
+        return self.aggregator.flush(timeout_s)
+
+    def close(self, status: str | None, dropped: dict[str, int], timeout_s: float | None) -> bool:
+        if dropped:
+            self.buffer.append((2, {"simvue": {"dropped_calls": {"main": dropped}}}))
+        return self.aggregator.close(status, timeout_s)
+
+
+class SenderPipe:
+    """A process that is not the aggregator: records travel through a ``Sender``."""
+
+    def __init__(self, sender: Sender) -> None:
+        self.sender = sender
+        self.buffer = sender.buffer
+
+    def buffer_full(self, limit: int) -> None:
+        self.sender.buffer_full(limit)
+
+    def flush(self, timeout_s: float) -> bool:
+        return self.sender.flush(timeout_s)
+
+    def close(self, status: str | None, dropped: dict[str, int], timeout_s: float | None) -> bool:
+        return self.sender.close(status, dropped, 30.0 if timeout_s is None else timeout_s)
+
+
+class SpillPipe:
+    """No aggregator could be found: records go to a spill file on the local disk."""
+
+    def __init__(self, spill: SpillFile) -> None:
+        self.spill = spill
+        self.buffer: deque = deque()
+
+    def buffer_full(self, limit: int) -> None:
+        self._write()
+
+    def flush(self, timeout_s: float) -> bool:
+        self._write()
+        return False
+
+    def close(self, status: str | None, dropped: dict[str, int], timeout_s: float | None) -> bool:
+        self._write()
+        return False
+
+    def _write(self) -> None:
+        records = [self.buffer.popleft() for _ in range(len(self.buffer))]
+        if records:
+            self.spill.write_records(records)
+
+
+_ordinal = 0
+
+
+def _next_ordinal() -> int:
+    global _ordinal
+    _ordinal += 1
+    return _ordinal
+
+
+def open_run(run_fields: dict[str, Any], settings: Settings, topology: Topology) -> Membership:
+    """Create the run (aggregator) or join it (sender), as this process's place dictates."""
+    ordinal = _next_ordinal()
+    inherited = rendezvous.inherited()
+    if inherited is not None:
+        return join(inherited, settings, topology, role="worker")
+    if not topology.is_mpi:
+        return _aggregate(run_fields, settings, topology, expected_ranks=1, namespace=False, role="process")
+    explicit = rendezvous.explicit()
+    if topology.rank == 0:
+        membership = _aggregate(
+            run_fields, settings, topology, expected_ranks=topology.size, namespace=True, role="rank",
+            bind_address=_bind_address(explicit[0]) if explicit else None,
+            key=_explicit_key(explicit) if explicit else None,
+        )
+        if explicit is None:
+            if initialised_mpi() is not None:
+                rendezvous.broadcast_mpi(membership.address, settings.rendezvous_timeout_s)
+            else:
+                path = rendezvous.file_for(topology, ordinal)
+                rendezvous.publish_file(path, membership.address)
+                membership.cleanup_path = path
+        return membership
+    if explicit is not None:
+        address: AggregatorAddress | None = AggregatorAddress(address=explicit[0], key=_explicit_key(explicit))
+    elif initialised_mpi() is not None:
+        address = rendezvous.broadcast_mpi(None, settings.rendezvous_timeout_s)
+    else:
+        address = rendezvous.find_file(rendezvous.file_for(topology, ordinal), settings.rendezvous_timeout_s)
+    if address is None:
+        return _spill_only(run_fields.get("name"), settings, topology)
+    return join(address, settings, topology, role="rank")
+
+
+def join(address: AggregatorAddress, settings: Settings, topology: Topology, *, role: str) -> Membership:
+    """Connect this process to an existing run's aggregator."""
+    if role == "rank" and _in_multiprocessing_child():
+        role = "worker"
+    losses = LossCounter()
+    label = f"rank{topology.rank}" if role == "rank" else f"pid{os.getpid()}"
+    spill = SpillFile(_spill_path(settings, address.run_name or "run", label), losses)
+    sender = Sender(
+        address.address,
+        address.key,
+        hello=_hello(topology, role, address.started),
+        flush_interval_s=settings.flush_interval_s,
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+        close_timeout_s=settings.close_timeout_s,
+        spill=spill,
+        losses=losses,
+    )
+    if address.run_name is None:  # explicit address: the name comes with the first ACK
+        if sender.welcomed.wait(settings.rendezvous_timeout_s) and sender.welcome:
+            address = dataclasses.replace(
+                address,
+                run_name=sender.welcome.get("name"),
+                run_id=sender.welcome.get("id"),
+                started=sender.welcome.get("started"),
+            )
+        else:
+            warnings.warn(
+                f"simvue: no aggregator answered at {address.address} within "
+                f"{settings.rendezvous_timeout_s:g} s; records will be kept until it does or spilled to {spill.path}",
+                SimvueWarning,
+                stacklevel=4,
+            )
+    rendezvous.export(address)
+    return Membership(
+        pipe=SenderPipe(sender),
+        name=address.run_name,
+        run_id=address.run_id,
+        started=address.started or time.time(),
+        address=address,
+        is_aggregator=False,
+    )
+
+
+def _aggregate(
+    run_fields: dict[str, Any],
+    settings: Settings,
+    topology: Topology,
+    *,
+    expected_ranks: int,
+    namespace: bool,
+    role: str,
+    bind_address: str | None = None,
+    key: bytes | None = None,
+) -> Membership:
+    sink = OfflineSink(settings.store_path())
+    run_fields = {**run_fields, "system": system_info(), "heartbeat_timeout_s": settings.run_heartbeat_timeout_s}
+    local = topology.single_node or not topology.is_mpi
+    aggregator = Aggregator(
+        sink=sink,
+        run_fields=run_fields,
+        settings=settings,
+        local_hello=_hello(topology, role, run_fields["now"]),
+        expected_ranks=expected_ranks,
+        namespace_ranks=namespace,
+        bind_host="127.0.0.1" if local else "*",
+        advertise_host="127.0.0.1" if local else socket.getfqdn(),
+        key=key or secrets.token_bytes(32),
+        bind_address=bind_address,
+    )
+    address = aggregator.start()
+    rendezvous.export(address)
+    return Membership(
+        pipe=LocalPipe(aggregator),
+        name=aggregator.run_name,
+        run_id=aggregator.run_id,
+        started=aggregator.started,
+        address=address,
+        is_aggregator=True,
+    )
+
+
+def _spill_only(name: str | None, settings: Settings, topology: Topology) -> Membership:
+    spill = SpillFile(_spill_path(settings, name or "unknown-run", f"rank{topology.rank}"), LossCounter())
+    warnings.warn(
+        f"simvue: rank {topology.rank} could not find its run's aggregator within "
+        f"{settings.rendezvous_timeout_s:g} s; its records are kept in {spill.path}",
+        SimvueWarning,
+        stacklevel=4,
+    )
+    return Membership(pipe=SpillPipe(spill), name=name, run_id=None, started=time.time(), address=None,
+                      is_aggregator=False)
+
+
+def _spill_path(settings: Settings, run_name: str, label: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_name)
+    return settings.store_path() / SPILL_DIRECTORY / f"{safe}-{label}-{os.getpid()}.msgpack"
+
+
+def _explicit_key(explicit: tuple[str, bytes | None]) -> bytes:
+    address, key = explicit
+    # Without SIMVUE_AGGREGATOR_KEY the key is derived from the address: frames are still
+    # checked for integrity, but anyone who knows the address can forge them.
+    return key or hashlib.sha256(f"simvue:{address}".encode()).digest()
+
+
+def _bind_address(address: str) -> str:
+    scheme, _, rest = address.partition("://")
+    port = rest.rsplit(":", 1)[-1]
+    return f"{scheme}://*:{port}" if scheme == "tcp" else address
+
+
+def _in_multiprocessing_child() -> bool:
+    import multiprocessing
+
+    return multiprocessing.parent_process() is not None
+
+
+def _hello(topology: Topology, role: str, started: float | None) -> dict[str, Any]:
+    return {
+        "role": role,
+        "rank": topology.rank,
+        "size": topology.size,
+        "local_rank": topology.local_rank,
+        "pid": os.getpid(),
+        "host": topology.host,
+        "started": started,
+        "python": platform.python_version(),
+    }
+
+
+def system_info() -> dict[str, Any]:
+    """What the run records about the machine it started on (as Simvue clients do)."""
+    uname = platform.uname()
+    return {
+        "cwd": os.getcwd(),
+        "hostname": socket.gethostname(),
+        "pythonversion": platform.python_version(),
+        "platform": {"system": uname.system, "release": uname.release, "version": uname.version},
+        "cpu": {"arch": uname.machine, "processor": _cpu_model()},
+        "user": _user(),
+        "executable": sys.executable,
+        "argv": list(sys.argv),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _user() -> str | None:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name is not an error
+        return None

@@ -1,0 +1,27 @@
+"""Where the aggregator's merged data goes.  A sink is anything with this shape."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ..store import StoreBatch
+
+
+class Sink(Protocol):
+    """Receives one run's merged data from the aggregator thread.
+
+    ``start_run`` is called once, on the thread that calls ``init``, and may raise to reject
+    the run.  ``write`` is called on the aggregator thread with one commit's worth of data.
+    ``flush`` and ``close`` block for at most ``timeout_s`` and return whether everything
+    written so far is durable.
+    """
+
+    location: str
+
+    def start_run(self, run: dict[str, Any]) -> str: ...
+
+    def write(self, batch: StoreBatch) -> None: ...
+
+    def flush(self, timeout_s: float) -> bool: ...
+
+    def close(self, timeout_s: float) -> bool: ...

@@ -1,0 +1,393 @@
+"""SQLite schema, writes and reads for runs, folders, metrics and events.
+
+Layout of a store directory (``.simvue/`` by default)::
+
+    simvue.db        the database (WAL mode; ``simvue.db-wal``/``-shm`` beside it)
+    spill/           records a process could not deliver to its aggregator
+
+Metrics are stored column-wise in chunks: each commit of the aggregator writes, per metric,
+one row holding the new points as packed arrays (int64 steps, float64 times, timestamps and
+values, little-endian).  Writing a chunk costs the same for 1 or 10,000 points, which is what
+lets one aggregator keep up with many ranks.  Readers concatenate a metric's chunks in order.
+
+Writes are batched: one ``write()`` is one transaction.  A run whose status is ``running``
+but whose heartbeat is older than its ``heartbeat_timeout_s`` reads as ``lost``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import secrets
+import sqlite3
+import string
+import sys
+import threading
+import time
+from array import array
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+DATABASE_FILE = "simvue.db"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 30.0
+_ID_ALPHABET = string.ascii_letters + string.digits
+_LITTLE = sys.byteorder == "little"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS store_info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    folder TEXT NOT NULL DEFAULT '/',
+    description TEXT,
+    status TEXT NOT NULL,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    tags TEXT NOT NULL DEFAULT '[]',
+    system TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL,
+    started REAL,
+    ended REAL,
+    heartbeat REAL,
+    heartbeat_timeout_s REAL
+);
+CREATE INDEX IF NOT EXISTS runs_by_name ON runs (name, created);
+CREATE TABLE IF NOT EXISTS folders (
+    path TEXT PRIMARY KEY,
+    description TEXT,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    tags TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs (id),
+    name TEXT NOT NULL,
+    UNIQUE (run_id, name)
+);
+CREATE TABLE IF NOT EXISTS metric_chunks (
+    id INTEGER PRIMARY KEY,
+    metric_id INTEGER NOT NULL REFERENCES metrics (id),
+    count INTEGER NOT NULL,
+    step_min INTEGER NOT NULL,
+    step_max INTEGER NOT NULL,
+    steps BLOB NOT NULL,
+    times BLOB NOT NULL,
+    timestamps BLOB NOT NULL,
+    vals BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS metric_chunks_by_metric ON metric_chunks (metric_id, id);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs (id),
+    timestamp REAL NOT NULL,
+    message TEXT NOT NULL,
+    level TEXT NOT NULL DEFAULT 'info'
+);
+CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, id);
+"""
+
+
+class RunNotFound(LookupError):
+    """No run with that name or id in the store."""
+
+
+def new_id() -> str:
+    """A 22-character alphanumeric id, the shape Simvue servers use."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(22))
+
+
+class SeriesChunk(list):
+    """New points of one metric: a list of ``(step, time, timestamp, value)`` tuples.
+
+    Appending one tuple per point is the cheapest thing the aggregator can do per point; the
+    store turns the rows into columns once per commit.
+    """
+
+
+@dataclasses.dataclass
+class StoreBatch:
+    """Everything one aggregator commit writes for one run, applied in one transaction."""
+
+    metrics: dict[str, SeriesChunk] = dataclasses.field(default_factory=dict)
+    events: list[tuple[float, str, str]] = dataclasses.field(default_factory=list)
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    tags: list[str] = dataclasses.field(default_factory=list)
+    folders: list[tuple[str, dict | None, list | None, str | None]] = dataclasses.field(default_factory=list)
+    status: str | None = None
+    heartbeat: float | None = None
+    ended: float | None = None
+
+    def is_empty(self) -> bool:
+        return not (
+            self.metrics or self.events or self.metadata or self.tags or self.folders
+        ) and self.status is None and self.heartbeat is None and self.ended is None
+
+    @property
+    def point_count(self) -> int:
+        return sum(len(chunk) for chunk in self.metrics.values())
+
+
+def _pack(kind: str, values: Iterable) -> bytes:
+    packed = array(kind, values)
+    if not _LITTLE:
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _unpack(kind: str, blob: bytes) -> array:
+    values = array(kind)
+    values.frombytes(blob)
+    if not _LITTLE:
+        values.byteswap()
+    return values
+
+
+class Store:
+    """A connection to one store directory.  Each thread should open its own ``Store``."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / DATABASE_FILE
+        self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._db.execute(
+            "INSERT OR IGNORE INTO store_info (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
+        self._metric_ids: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def create_run(
+        self,
+        *,
+        name: str,
+        folder: str,
+        description: str | None,
+        metadata: dict[str, Any],
+        tags: list[str],
+        status: str,
+        system: dict[str, Any],
+        heartbeat_timeout_s: float,
+        run_id: str | None = None,
+        now: float | None = None,
+    ) -> str:
+        run_id = run_id or new_id()
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO runs (id, name, folder, description, status, metadata, tags, system, created,"
+                " started, heartbeat, heartbeat_timeout_s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    run_id,
+                    name,
+                    folder,
+                    description,
+                    status,
+                    json.dumps(metadata),
+                    json.dumps(list(dict.fromkeys(tags))),
+                    json.dumps(system),
+                    now,
+                    now if status == "running" else None,
+                    now,
+                    heartbeat_timeout_s,
+                ),
+            )
+            db.execute("INSERT OR IGNORE INTO folders (path) VALUES (?)", (folder,))
+        return run_id
+
+    def write(self, run_id: str, batch: StoreBatch) -> None:
+        """Apply ``batch`` to run ``run_id`` in one transaction."""
+        if batch.is_empty():
+            return
+        with self._transaction() as db:
+            if batch.metrics:
+                rows = []
+                for name, chunk in batch.metrics.items():
+                    if not chunk:
+                        continue
+                    steps, times, timestamps, values = zip(*chunk)
+                    rows.append(
+                        (
+                            self._metric_id(db, run_id, name),
+                            len(chunk),
+                            min(steps),
+                            max(steps),
+                            _pack("q", steps),
+                            _pack("d", times),
+                            _pack("d", timestamps),
+                            _pack("d", values),
+                        )
+                    )
+                db.executemany(
+                    "INSERT INTO metric_chunks (metric_id, count, step_min, step_max, steps, times, timestamps, vals)"
+                    " VALUES (?,?,?,?,?,?,?,?)",
+                    rows,
+                )
+            if batch.events:
+                db.executemany(
+                    "INSERT INTO events (run_id, timestamp, message, level) VALUES (?,?,?,?)",
+                    [(run_id, ts, message, level) for ts, message, level in batch.events],
+                )
+            if batch.metadata or batch.tags:
+                metadata, tags = db.execute("SELECT metadata, tags FROM runs WHERE id=?", (run_id,)).fetchone()
+                merged = _merge(json.loads(metadata), batch.metadata)
+                all_tags = list(dict.fromkeys(json.loads(tags) + batch.tags))
+                db.execute(
+                    "UPDATE runs SET metadata=?, tags=? WHERE id=?", (json.dumps(merged), json.dumps(all_tags), run_id)
+                )
+            for path, metadata, tags, description in batch.folders:
+                self._update_folder(db, path, metadata, tags, description)
+            if batch.status is not None:
+                db.execute(
+                    "UPDATE runs SET status=?, started=COALESCE(started, CASE WHEN ?='running' THEN ? END) WHERE id=?",
+                    (batch.status, batch.status, batch.heartbeat or time.time(), run_id),
+                )
+            if batch.heartbeat is not None:
+                db.execute("UPDATE runs SET heartbeat=? WHERE id=?", (batch.heartbeat, run_id))
+            if batch.ended is not None:
+                db.execute("UPDATE runs SET ended=? WHERE id=?", (batch.ended, run_id))
+
+    def _update_folder(self, db, path, metadata, tags, description) -> None:
+        db.execute("INSERT OR IGNORE INTO folders (path) VALUES (?)", (path,))
+        old_metadata, old_tags = db.execute("SELECT metadata, tags FROM folders WHERE path=?", (path,)).fetchone()
+        db.execute(
+            "UPDATE folders SET metadata=?, tags=?, description=COALESCE(?, description) WHERE path=?",
+            (
+                json.dumps(_merge(json.loads(old_metadata), metadata or {})),
+                json.dumps(list(dict.fromkeys(json.loads(old_tags) + list(tags or [])))),
+                description,
+                path,
+            ),
+        )
+
+    def _metric_id(self, db: sqlite3.Connection, run_id: str, name: str) -> int:
+        key = (run_id, name)
+        metric_id = self._metric_ids.get(key)
+        if metric_id is None:
+            db.execute("INSERT OR IGNORE INTO metrics (run_id, name) VALUES (?, ?)", key)
+            metric_id = db.execute("SELECT id FROM metrics WHERE run_id=? AND name=?", key).fetchone()[0]
+            self._metric_ids[key] = metric_id
+        return metric_id
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def runs(self, *, status: str | None = None, folder: str | None = None, now: float | None = None) -> list[dict]:
+        """All runs, oldest first, as dictionaries (see ``run``)."""
+        rows = self._db.execute(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY created").fetchall()
+        out = [_run_dict(row, time.time() if now is None else now) for row in rows]
+        if folder is not None:
+            out = [r for r in out if r["folder"] == folder or r["folder"].startswith(folder.rstrip("/") + "/")]
+        if status is not None:
+            out = [r for r in out if r["status"] == status]
+        return out
+
+    def run(self, name_or_id: str, *, now: float | None = None) -> dict:
+        """The run with this id, or else the newest run with this name."""
+        row = self._db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id=?", (name_or_id,)).fetchone()
+        if row is None:
+            row = self._db.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE name=? ORDER BY created DESC LIMIT 1", (name_or_id,)
+            ).fetchone()
+        if row is None:
+            raise RunNotFound(f"no run named {name_or_id!r} in {self.path}")
+        return _run_dict(row, time.time() if now is None else now)
+
+    def metric_names(self, run_id: str) -> list[str]:
+        rows = self._db.execute("SELECT name FROM metrics WHERE run_id=? ORDER BY name", (run_id,)).fetchall()
+        return [name for (name,) in rows]
+
+    def metric_series(self, run_id: str, name: str) -> dict[str, array]:
+        """``{"steps", "times", "timestamps", "values"}`` arrays of one metric, in logging order."""
+        series = {"steps": array("q"), "times": array("d"), "timestamps": array("d"), "values": array("d")}
+        rows = self._db.execute(
+            "SELECT c.steps, c.times, c.timestamps, c.vals FROM metric_chunks c JOIN metrics m ON m.id = c.metric_id"
+            " WHERE m.run_id=? AND m.name=? ORDER BY c.id",
+            (run_id, name),
+        )
+        for steps, times, timestamps, values in rows:
+            series["steps"].extend(_unpack("q", steps))
+            series["times"].extend(_unpack("d", times))
+            series["timestamps"].extend(_unpack("d", timestamps))
+            series["values"].extend(_unpack("d", values))
+        return series
+
+    def metric_counts(self, run_id: str) -> dict[str, int]:
+        rows = self._db.execute(
+            "SELECT m.name, SUM(c.count) FROM metrics m JOIN metric_chunks c ON c.metric_id = m.id"
+            " WHERE m.run_id=? GROUP BY m.name ORDER BY m.name",
+            (run_id,),
+        )
+        return dict(rows.fetchall())
+
+    def events(self, run_id: str) -> list[dict]:
+        rows = self._db.execute(
+            "SELECT timestamp, message, level FROM events WHERE run_id=? ORDER BY id", (run_id,)
+        ).fetchall()
+        return [{"timestamp": ts, "message": message, "level": level} for ts, message, level in rows]
+
+    def folder(self, path: str) -> dict | None:
+        row = self._db.execute(
+            "SELECT path, description, metadata, tags FROM folders WHERE path=?", (path,)
+        ).fetchone()
+        if row is None:
+            return None
+        return {"path": row[0], "description": row[1], "metadata": json.loads(row[2]), "tags": json.loads(row[3])}
+
+
+_RUN_COLUMNS = (
+    "id, name, folder, description, status, metadata, tags, system, created, started, ended, heartbeat,"
+    " heartbeat_timeout_s"
+)
+
+
+def _run_dict(row: tuple, now: float) -> dict:
+    (run_id, name, folder, description, status, metadata, tags, system, created, started, ended, heartbeat,
+     heartbeat_timeout_s) = row
+    if status == "running" and heartbeat is not None and heartbeat_timeout_s and now - heartbeat > heartbeat_timeout_s:
+        status = "lost"  # nobody has written for this run in longer than its heartbeat timeout
+    return {
+        "id": run_id,
+        "name": name,
+        "folder": folder,
+        "description": description,
+        "status": status,
+        "metadata": json.loads(metadata),
+        "tags": json.loads(tags),
+        "system": json.loads(system),
+        "created": created,
+        "started": started,
+        "ended": ended,
+        "heartbeat": heartbeat,
+        "heartbeat_timeout_s": heartbeat_timeout_s,
+    }
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """``update`` merged into ``base``; nested dicts merge, everything else replaces."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = _merge(base[key], value)
+        else:
+            base[key] = value
+    return base

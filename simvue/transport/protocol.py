@@ -1,0 +1,92 @@
+"""The wire format between senders (ranks, workers) and the aggregator.
+
+Transport: ZeroMQ, one DEALER socket per sending process (its ``ROUTING_ID`` is the sender's
+16-byte id) connected to the aggregator's ROUTER socket over TCP.
+
+Every message is two frames::
+
+    frame 0: mac      32 bytes, HMAC-SHA256(run key, payload)
+    frame 1: payload  msgpack array [version, kind, seq, body]
+
+``version`` is ``PROTOCOL_VERSION``.  ``seq`` counts the messages one sender has sent (HELLO
+is 1, each DATA and BYE takes the next number; HEARTBEAT repeats the last number).  The
+aggregator processes each seq once: a repeated seq is a duplicate and is dropped, a skipped
+one is a gap and is counted.  The MAC is checked before anything is unpacked; messages that
+fail it or do not decode are dropped and counted, never raised.
+
+Kinds, sender -> aggregator:
+
+=========  =============================================================================
+HELLO      body: map {rank, size, local_rank, pid, host, role: "rank"|"worker"|"process",
+           started: epoch s, python}.  First message of every sender.
+DATA       body: array of records (below), in the order the process produced them.
+HEARTBEAT  body: nil.  Sent when a sender has had nothing else to send for one heartbeat
+           interval; the aggregator answers with ACK.
+BYE        body: map {status: null|"completed"|"failed"|"terminated", dropped: {reason: n}}.
+           The last message; the aggregator answers with ACK once it has processed it.
+=========  =============================================================================
+
+Kinds, aggregator -> sender:
+
+=========  =============================================================================
+ACK        body: map {seq: highest seq processed, closed: bool, run: map|absent}.  Senders
+           keep every message until it is acknowledged, so an unacknowledged tail can be
+           spilled.  The answer to HELLO carries ``run``: {name, id, started}.
+DRAIN      body: nil.  Sent to workers when the run is ending: send everything buffered,
+           then a HEARTBEAT, without waiting for the process to exit.
+=========  =============================================================================
+
+Records (arrays; the first element is the record kind):
+
+==============  ==================================================================
+METRICS    0    [0, step: int, time: float s, timestamp: float epoch s, {name: number}]
+EVENT      1    [1, timestamp: float epoch s, message: str, level: str]
+METADATA   2    [2, {key: value}]            merged into the run's metadata
+TAGS       3    [3, [tag, ...]]              added to the run's tags
+STATUS     4    [4, status: str]             the run's status, as set by the user
+FOLDER     5    [5, path, metadata|nil, tags|nil, description|nil]
+==============  ==================================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+HELLO, DATA, HEARTBEAT, BYE, ACK, DRAIN = 1, 2, 3, 4, 5, 6
+KIND_NAMES = {HELLO: "hello", DATA: "data", HEARTBEAT: "heartbeat", BYE: "bye", ACK: "ack", DRAIN: "drain"}
+
+METRICS, EVENT, METADATA, TAGS, STATUS, FOLDER = 0, 1, 2, 3, 4, 5
+
+MAC_BYTES = 32
+
+
+class BadFrame(Exception):
+    """A message that failed authentication or decoding."""
+
+
+def encode(key: bytes, kind: int, seq: int, body: Any) -> list[bytes]:
+    """The frames of one message."""
+    payload = msgpack.packb((PROTOCOL_VERSION, kind, seq, body))
+    return [hmac.new(key, payload, hashlib.sha256).digest(), payload]
+
+
+def decode(key: bytes, frames: list[bytes]) -> tuple[int, int, Any]:
+    """``(kind, seq, body)`` of a message; raises ``BadFrame`` if it is not authentic or valid."""
+    if len(frames) != 2 or len(frames[0]) != MAC_BYTES:
+        raise BadFrame(f"expected 2 frames with a {MAC_BYTES}-byte mac")
+    mac, payload = frames
+    if not hmac.compare_digest(mac, hmac.new(key, payload, hashlib.sha256).digest()):
+        raise BadFrame("mac mismatch")
+    try:
+        version, kind, seq, body = msgpack.unpackb(payload, use_list=True, strict_map_key=False)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is a bad frame
+        raise BadFrame(f"undecodable payload: {exc}") from None
+    if version != PROTOCOL_VERSION or kind not in KIND_NAMES or not isinstance(seq, int):
+        raise BadFrame(f"unsupported message version={version!r} kind={kind!r}")
+    return kind, seq, body

@@ -1,0 +1,248 @@
+"""The sending side of the transport, one per process that is not the aggregator.
+
+The caller's thread only appends records to ``Sender.buffer`` (a deque).  A daemon thread,
+``simvue-sender``, wakes every ``flush_interval_s``, packs everything buffered into one DATA
+message and sends it without blocking.  Messages are kept until the aggregator acknowledges
+them; a tail that cannot be delivered is written to a spill file (the same payloads, one
+msgpack array each) and counted, so nothing vanishes silently.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+import zmq
+
+from ..losses import LossCounter
+from . import protocol
+from .spill import SpillFile, data_records
+
+SEND_HWM_MESSAGES = 1000
+MAX_BATCH_RECORDS = 20_000
+MAX_UNACKED_MESSAGES = 4000
+LINGER_MS = 0
+RECONNECT_IVL_MS = 100
+RECONNECT_IVL_MAX_MS = 2000
+
+
+class Sender:
+    """Delivers one process's records to the aggregator at ``address``.
+
+    ``flush`` and ``close`` block for at most their ``timeout_s`` and return whether every
+    record so far was acknowledged.  Nothing here raises into the caller.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        key: bytes,
+        hello: dict[str, Any],
+        *,
+        flush_interval_s: float,
+        heartbeat_interval_s: float,
+        close_timeout_s: float,
+        spill: SpillFile,
+        losses: LossCounter,
+    ) -> None:
+        self.buffer: deque[tuple] = deque()
+        self.sender_id = uuid.uuid4().bytes
+        self._address = address
+        self._key = key
+        self._hello = hello
+        self._flush_interval_s = flush_interval_s
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._close_timeout_s = close_timeout_s
+        self.spill = spill
+        self._losses = losses
+        self._wake = threading.Event()
+        self._close_status: str | None = None
+        self._closing = threading.Event()
+        self._finished = threading.Event()
+        self._acked = threading.Condition()
+        self._flush_requested = False
+        self._flush_round = 0
+        self._flush_target = 0
+        self._acked_seq = 0
+        self._sent_seq = 0
+        self._aggregator_closed = False
+        self._unacked: deque[tuple[int, bytes]] = deque()
+        self._outbox: deque[tuple[int, list[bytes]]] = deque()
+        self._dropped_at_close: dict[str, int] = {}
+        self.welcome: dict[str, Any] | None = None
+        self.welcomed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="simvue-sender", daemon=True)
+        self._thread.start()
+
+    # -- caller side --------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def buffer_full(self, limit: int) -> None:
+        """Called on the caller's thread when the buffer reached ``limit``: give the sender
+        one flush interval to catch up, then spill what is still buffered."""
+        self._wake.set()
+        deadline = time.monotonic() + 4 * self._flush_interval_s
+        while len(self.buffer) >= limit and time.monotonic() < deadline:
+            time.sleep(self._flush_interval_s / 4)
+        if len(self.buffer) >= limit:
+            self.spill.write_records(_drain(self.buffer, len(self.buffer)))
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until everything buffered before this call is acknowledged."""
+        with self._acked:
+            start_round = self._flush_round
+            self._flush_requested = True
+        self._wake.set()
+        deadline = time.monotonic() + timeout_s
+        with self._acked:
+            while not (self._flush_round > start_round and self._acked_seq >= self._flush_target):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._finished.is_set():
+                    return False
+                self._acked.wait(left)
+        return True
+
+    def close(self, status: str | None, dropped: dict[str, int], timeout_s: float) -> bool:
+        """Send everything, say BYE with ``status`` and wait for the acknowledgement."""
+        if not self._closing.is_set():
+            self._close_status = status
+            self._dropped_at_close = dropped
+            self._closing.set()
+            self._wake.set()
+        self._thread.join(timeout_s)
+        return self._finished.is_set() and not self._unacked and self._acked_seq >= self._sent_seq
+
+    @property
+    def aggregator_closed(self) -> bool:
+        return self._aggregator_closed
+
+    # -- flush thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        context = zmq.Context()
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self.sender_id)
+        sock.setsockopt(zmq.SNDHWM, SEND_HWM_MESSAGES)
+        sock.setsockopt(zmq.LINGER, LINGER_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+        try:
+            sock.connect(self._address)
+            self._queue(protocol.HELLO, self._hello)
+            last_sent = time.monotonic()
+            while True:
+                closing = self._closing.is_set()
+                if not closing:
+                    self._wake.wait(self._flush_interval_s)
+                    self._wake.clear()
+                with self._acked:
+                    flush_requested, self._flush_requested = self._flush_requested, False
+                if self._send_buffered():
+                    last_sent = time.monotonic()
+                if flush_requested or time.monotonic() - last_sent >= self._heartbeat_interval_s:
+                    # A heartbeat is answered with an ACK of everything processed so far.
+                    self._outbox.append((self._sent_seq, self._frames(protocol.HEARTBEAT, self._sent_seq, None)))
+                    last_sent = time.monotonic()
+                if flush_requested:
+                    with self._acked:
+                        self._flush_target = self._sent_seq
+                        self._flush_round += 1
+                self._pump(sock)
+                self._read_acks(sock, 0)
+                if closing:
+                    self._say_bye(sock)
+                    return
+                if len(self._unacked) > MAX_UNACKED_MESSAGES:
+                    self._spill_unacked(len(self._unacked) // 2)
+        except Exception as exc:  # noqa: BLE001 - a transport failure must not reach the user
+            os.write(2, f"simvue: sender stopped after an error: {exc!r}\n".encode())
+        finally:
+            if self.buffer:
+                self.spill.write_records(_drain(self.buffer, len(self.buffer)))
+            if self._unacked:
+                self._spill_unacked(len(self._unacked))
+            sock.close(linger=0)
+            context.term()
+            self._finished.set()
+            with self._acked:
+                self._acked.notify_all()
+
+    def _frames(self, kind: int, seq: int, body: Any) -> list[bytes]:
+        return protocol.encode(self._key, kind, seq, body)
+
+    def _queue(self, kind: int, body: Any) -> None:
+        self._sent_seq += 1
+        frames = self._frames(kind, self._sent_seq, body)
+        self._unacked.append((self._sent_seq, frames[1]))
+        self._outbox.append((self._sent_seq, frames))
+
+    def _send_buffered(self) -> bool:
+        sent = False
+        while self.buffer:
+            self._queue(protocol.DATA, _drain(self.buffer, MAX_BATCH_RECORDS))
+            sent = True
+        return sent
+
+    def _pump(self, sock: zmq.Socket) -> None:
+        while self._outbox:
+            seq, frames = self._outbox[0]
+            try:
+                sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return  # the queue to the aggregator is full: retry on the next tick
+            self._outbox.popleft()
+
+    def _read_acks(self, sock: zmq.Socket, timeout_ms: int) -> bool:
+        got = False
+        while sock.poll(timeout_ms, zmq.POLLIN):
+            timeout_ms = 0
+            try:
+                kind, _, body = protocol.decode(self._key, sock.recv_multipart(zmq.NOBLOCK))
+            except (protocol.BadFrame, zmq.Again):
+                continue
+            if kind == protocol.DRAIN:
+                with self._acked:
+                    self._flush_requested = True
+                self._wake.set()
+                continue
+            if kind != protocol.ACK or not isinstance(body, dict):
+                continue
+            if isinstance(body.get("run"), dict):
+                self.welcome = body["run"]
+                self.welcomed.set()
+            seq = int(body.get("seq", 0))
+            self._aggregator_closed = bool(body.get("closed"))
+            while self._unacked and self._unacked[0][0] <= seq:
+                self._unacked.popleft()
+            with self._acked:
+                self._acked_seq = max(self._acked_seq, seq)
+                self._acked.notify_all()
+            got = True
+        return got
+
+    def _say_bye(self, sock: zmq.Socket) -> None:
+        self._send_buffered()
+        self._queue(protocol.BYE, {"status": self._close_status, "dropped": self._dropped_at_close})
+        bye_seq = self._sent_seq
+        deadline = time.monotonic() + self._close_timeout_s
+        while time.monotonic() < deadline:
+            self._pump(sock)
+            self._read_acks(sock, 20)
+            if self._acked_seq >= bye_seq:
+                return
+
+    def _spill_unacked(self, count: int) -> None:
+        payloads = [self._unacked.popleft()[1] for _ in range(min(count, len(self._unacked)))]
+        self.spill.write_payloads(payloads, sum(data_records(p) for p in payloads))
+
+
+def _drain(buffer: deque, count: int) -> list:
+    """Pop up to ``count`` records from the left; safe while another thread appends."""
+    popleft = buffer.popleft
+    return [popleft() for _ in range(min(count, len(buffer)))]

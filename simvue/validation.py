@@ -1,0 +1,183 @@
+"""Checks on user input, shared by every public entry point.
+
+Each check returns the cleaned value or raises a ``SimvueValueError``/``SimvueTypeError`` whose
+message names the offending argument; callers route the exception through ``ErrorPolicy``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import numbers
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .errors import SimvueTypeError, SimvueValueError
+
+# The metric-name alphabet the Simvue server accepts.
+METRIC_NAME = re.compile(r"^[a-zA-Z0-9\-_\s/.:=><+()%]+$")
+RUN_NAME = re.compile(r"^[a-zA-Z0-9\-_.:+=()%@ ]+$")
+FOLDER = re.compile(r"^/([a-zA-Z0-9\-_.:+=()% ]+(/[a-zA-Z0-9\-_.:+=()% ]+)*)?/?$")
+MAX_NAME_LENGTH = 256
+MAX_EVENT_LENGTH = 1 << 20
+
+RUN_STATUSES = ("created", "running", "completed", "failed", "terminated", "lost")
+FINAL_STATUSES = ("completed", "failed", "terminated", "lost")
+EVENT_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def metric_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise SimvueTypeError(f"metric name {name!r} is a {type(name).__name__}, not a str")
+    if not name or len(name) > MAX_NAME_LENGTH or not METRIC_NAME.match(name):
+        raise SimvueValueError(
+            f"invalid metric name {name!r}: use 1-{MAX_NAME_LENGTH} letters, digits, spaces "
+            "and - _ / . : = > < + ( ) %"
+        )
+    return name
+
+
+def metric_value(name: str, value: Any) -> float | int:
+    if value.__class__ is int or value.__class__ is float:
+        pass
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise SimvueTypeError(
+            f"metric {name!r} has a {type(value).__name__} value {value!r}; metrics must be int or float"
+        )
+    else:  # numpy scalars, fractions, ...: store a plain float
+        value = float(value)
+    if not math.isfinite(value):
+        raise SimvueValueError(f"metric {name!r} is {value!r}; metric values must be finite")
+    return value
+
+
+def metrics(values: Any) -> dict[str, float | int]:
+    """A validated copy of a ``log_metrics`` dictionary."""
+    if not isinstance(values, Mapping):
+        raise SimvueTypeError(f"metrics must be a dict of name -> number, not {type(values).__name__}")
+    if not values:
+        raise SimvueValueError("metrics dict is empty")
+    return {metric_name(k): metric_value(k, v) for k, v in values.items()}
+
+
+def step(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise SimvueTypeError(f"step must be an int, not {type(value).__name__} {value!r}")
+    if value < 0:
+        raise SimvueValueError(f"step must be >= 0, got {value}")
+    return int(value)
+
+
+def elapsed_time(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise SimvueTypeError(f"time must be a number of seconds, not {type(value).__name__}")
+    if not math.isfinite(value):
+        raise SimvueValueError(f"time must be finite, got {value!r}")
+    return float(value)
+
+
+def timestamp(value: Any) -> float:
+    """Seconds since the epoch for a ``YYYY-MM-DDThh:mm:ss[.ffffff][Z]`` string (UTC) or a datetime."""
+    if isinstance(value, _dt.datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=_dt.timezone.utc)
+        return moment.timestamp()
+    if not isinstance(value, str):
+        raise SimvueTypeError(
+            f"timestamp must be a 'YYYY-MM-DDThh:mm:ss.ffffffZ' string, not {type(value).__name__}"
+        )
+    text = value[:-1] if value.endswith("Z") else value
+    for fmt in ("%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S"):
+        try:
+            parsed = _dt.datetime.strptime(text, fmt)
+        except ValueError:
+            continue
+        return parsed.replace(tzinfo=_dt.timezone.utc).timestamp()
+    raise SimvueValueError(f"timestamp {value!r} is not of the form YYYY-MM-DDThh:mm:ss.ffffffZ")
+
+
+def format_timestamp(seconds: float) -> str:
+    """UTC ``YYYY-MM-DDThh:mm:ss.ffffff`` (microseconds, no zone suffix), as Simvue writes them."""
+    moment = _dt.datetime.fromtimestamp(seconds, tz=_dt.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def run_name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise SimvueTypeError(f"run name must be a str, not {type(value).__name__}")
+    if not value or len(value) > MAX_NAME_LENGTH or not RUN_NAME.match(value):
+        raise SimvueValueError(
+            f"invalid run name {value!r}: use 1-{MAX_NAME_LENGTH} letters, digits, spaces and - _ . : + = ( ) % @"
+        )
+    return value
+
+
+def folder(value: Any) -> str:
+    if not isinstance(value, str):
+        raise SimvueTypeError(f"folder must be a str such as '/project/part1', not {type(value).__name__}")
+    if not FOLDER.match(value):
+        raise SimvueValueError(f"invalid folder {value!r}: it must be an absolute path such as '/project/part1'")
+    return value if value == "/" else value.rstrip("/")
+
+
+def metadata(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise SimvueTypeError(f"metadata must be a dict, not {type(value).__name__}")
+    for key in value:
+        if not isinstance(key, str):
+            raise SimvueTypeError(f"metadata key {key!r} is not a str")
+    try:
+        # A JSON round trip both checks and copies: what the store keeps is what JSON can hold.
+        return json.loads(json.dumps(dict(value), allow_nan=False, default=_jsonable))
+    except (TypeError, ValueError) as exc:
+        raise SimvueValueError(f"metadata cannot be stored: {exc}") from None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} value {value!r} is not JSON serialisable")
+
+
+def tags(value: Any) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise SimvueTypeError(f"tags must be a list of str, not {type(value).__name__}")
+    out = []
+    for tag in value:
+        if not isinstance(tag, str) or not tag:
+            raise SimvueValueError(f"tag {tag!r} is not a non-empty str")
+        out.append(tag)
+    return out
+
+
+def description(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise SimvueTypeError(f"description must be a str, not {type(value).__name__}")
+    return value
+
+
+def status(value: Any) -> str:
+    if value not in RUN_STATUSES:
+        raise SimvueValueError(f"invalid status {value!r}; choose one of {', '.join(RUN_STATUSES)}")
+    return value
+
+
+def event_message(value: Any) -> str:
+    if isinstance(value, BaseException):
+        value = f"{type(value).__name__}: {value}"
+    if not isinstance(value, str):
+        raise SimvueTypeError(f"event message must be a str, not {type(value).__name__}")
+    if len(value) > MAX_EVENT_LENGTH:
+        raise SimvueValueError(f"event message is {len(value)} characters; the limit is {MAX_EVENT_LENGTH}")
+    return value
+
+
+def event_level(value: Any) -> str:
+    if value not in EVENT_LEVELS:
+        raise SimvueValueError(f"invalid log level {value!r}; choose one of {', '.join(EVENT_LEVELS)}")
+    return value
