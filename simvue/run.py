@@ -13,12 +13,13 @@ import os
 import threading
 import time as _time
 import traceback
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import lifecycle, session, topology, validation
 from .config import Settings, from_environment, normalise_reduce
-from .errors import ErrorPolicy, SimvueError, SimvueRunError, SimvueValueError
+from .errors import ErrorPolicy, SimvueError, SimvueRunError, SimvueValueError, SimvueWarning
 from .names import random_name
 from .transport import protocol
 from .transport.rendezvous import AggregatorAddress
@@ -76,7 +77,7 @@ class Run:
         self._buffer = None  # the hot path's deque; None until this process has joined
         self._pipe: session.Pipe | None = None
         self._membership: session.Membership | None = None
-        self._step = 0
+        self._steps = None
         self._known_names: frozenset[str] = frozenset()
         self._max_buffered = self._settings.max_buffered_records
         self._closed_here = False
@@ -168,7 +169,9 @@ class Run:
             return True
 
     def _join(self, membership: session.Membership) -> None:
+        membership.handles.add(self)
         self._membership = membership
+        self._steps = membership.steps
         self._pipe = membership.pipe
         self._name = membership.name
         self._id = membership.run_id
@@ -219,8 +222,7 @@ class Run:
                 return False
         else:
             metrics = metrics.copy()
-        auto_step = self._step
-        self._step = auto_step + 1
+        auto_step = next(self._steps)
         if step is not None or time is not None or timestamp is not None:
             try:
                 step = auto_step if step is None else validation.step(step)
@@ -353,39 +355,31 @@ class Run:
         with self._lock:
             if self._state in (NEW, DISABLED) or self._closed_here:
                 return True
-            if self._pipe is None:  # inherited, never used in this process
-                self._closed_here = True
-                return True
             self._closed_here = True
             self._state = CLOSED
-            pipe, self._buffer = self._pipe, None
-        dropped = dict(self._errors.dropped)
+            membership = self._membership
+            self._buffer = None
+        if membership is None:  # inherited, never used in this process
+            return True
         try:
-            done = pipe.close(status, dropped, None)
+            done = membership.close(status, dict(self._errors.dropped))
         except Exception as exc:  # noqa: BLE001
             return self._fail("close", SimvueRunError(f"error while closing: {exc}"))
-        membership = self._membership
-        if membership is not None and membership.cleanup_path is not None:
-            from .transport.rendezvous import remove_file
+        self._report_spilled()
+        return done
 
-            remove_file(membership.cleanup_path)
-        if membership is not None and membership.is_aggregator:
-            from .transport.rendezvous import export
+    def _detach(self) -> None:
+        """The shared membership was closed (by this or another handle): stop recording."""
+        self._buffer = None
+        self._closed_here = True
 
-            export(None)
-        self._report_dropped(dropped)
-        return bool(done)
-
-    def _report_dropped(self, dropped: dict[str, int]) -> None:
-        spilled = getattr(getattr(self._pipe, "sender", None), "spill", None) or getattr(self._pipe, "spill", None)
-        if spilled is not None and spilled.records:
-            import warnings
-
-            from .errors import SimvueWarning
-
+    def _report_spilled(self) -> None:
+        pipe = self._pipe
+        spill = getattr(getattr(pipe, "sender", None), "spill", None) or getattr(pipe, "spill", None)
+        if spill is not None and spill.records:
             warnings.warn(
-                f"simvue: {spilled.records} records of run {self._name!r} could not reach the aggregator and were"
-                f" written to {spilled.path}",
+                f"simvue: {spill.records} records of run {self._name!r} could not reach the aggregator and were"
+                f" written to {spill.path}",
                 SimvueWarning,
                 stacklevel=3,
             )
@@ -408,18 +402,11 @@ class Run:
     # -- lifecycle hooks (see simvue.lifecycle) -------------------------------------------
 
     def _after_fork_in_child(self) -> None:
-        membership = self._membership
-        if membership is not None:
-            lifecycle.keep_inherited(membership)
         self._lock = threading.RLock()
         self._reset_process_state()
 
     def _close_at_exit(self, status: str | None) -> None:
-        if self._state == ACTIVE and not self._closed_here:
-            self._close(status)
-        membership = self._membership
-        if membership is not None and membership.is_aggregator:
-            membership.pipe.aggregator.close(status, None)  # wait for remaining ranks
+        pass  # memberships, not handles, are flushed at exit (see session.Membership)
 
     # -- pickling: only what a worker needs to join ---------------------------------------
 

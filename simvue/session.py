@@ -15,7 +15,10 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import hashlib
+import itertools
 import os
+import threading
+import weakref
 import platform
 import secrets
 import socket
@@ -26,6 +29,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import lifecycle
 from .aggregator.service import Aggregator
 from .config import Settings
 from .errors import SimvueWarning
@@ -52,17 +56,83 @@ class Pipe(Protocol):
     def close(self, status: str | None, dropped: dict[str, int], timeout_s: float | None) -> bool: ...
 
 
-@dataclasses.dataclass
 class Membership:
-    """This process's part in a run."""
+    """This process's part in one run, shared by every ``Run`` handle of that run here.
 
-    pipe: Pipe
-    name: str | None
-    run_id: str | None
-    started: float
-    address: AggregatorAddress | None
-    is_aggregator: bool
-    cleanup_path: Path | None = None
+    Pool workers unpickle a fresh ``Run`` for every task; they all share one membership,
+    so one sender, one step counter and one BYE per process.  Memberships are held by this
+    module until closed, so a dropped ``Run`` handle still gets its final flush at exit.
+    """
+
+    def __init__(
+        self,
+        pipe: Pipe,
+        *,
+        name: str | None,
+        run_id: str | None,
+        started: float,
+        address: AggregatorAddress | None,
+        is_aggregator: bool,
+        cleanup_path: Path | None = None,
+    ) -> None:
+        self.pipe = pipe
+        self.name = name
+        self.run_id = run_id
+        self.started = started
+        self.address = address
+        self.is_aggregator = is_aggregator
+        self.cleanup_path = cleanup_path
+        self.steps = itertools.count()
+        self.closed = False
+        self.handles: weakref.WeakSet = weakref.WeakSet()
+        self._lock = threading.Lock()
+        _active[self._key()] = self
+        lifecycle.track(self)
+
+    def _key(self) -> tuple[int, int]:
+        return (os.getpid(), id(self))
+
+    def close(self, status: str | None, dropped: dict[str, int]) -> bool:
+        """End this process's part (flush, BYE, ACK); in the aggregator's process this also
+        ends the run.  Idempotent; handles sharing the membership stop recording."""
+        with self._lock:
+            if self.closed:
+                return True
+            self.closed = True
+        for handle in list(self.handles):
+            handle._detach()
+        done = self.pipe.close(status, dropped, None)
+        if self.cleanup_path is not None:
+            rendezvous.remove_file(self.cleanup_path)
+        if self.is_aggregator or rendezvous.inherited() == self.address:
+            rendezvous.export(None)
+        _active.pop(self._key(), None)
+        for key, membership in list(_joined.items()):
+            if membership is self:
+                del _joined[key]
+        return bool(done)
+
+    def _after_fork_in_child(self) -> None:
+        lifecycle.keep_inherited(self.pipe)
+        self.closed = True
+
+    def _close_at_exit(self, status: str | None) -> None:
+        if not self.closed:
+            self.close(status, {})
+        if self.is_aggregator:
+            self.pipe.aggregator.close(status, None)  # wait for ranks still running
+
+
+_active: dict[tuple[int, int], Membership] = {}
+_joined: dict[tuple[str, str | None], Membership] = {}
+
+
+def _forget_in_child() -> None:
+    _active.clear()
+    _joined.clear()
+
+
+lifecycle.on_fork_in_child(_forget_in_child)
 
 
 class LocalPipe:
@@ -83,7 +153,7 @@ class LocalPipe:
     def close(self, status: str | None, dropped: dict[str, int], timeout_s: float | None) -> bool:
         if dropped:
             self.buffer.append((2, {"simvue": {"dropped_calls": {"main": dropped}}}))
-        return self.aggregator.close(status, timeout_s)
+        return self.aggregator.close(status, timeout_s, wait_for_ranks=False)
 
 
 class SenderPipe:
@@ -171,7 +241,11 @@ def open_run(run_fields: dict[str, Any], settings: Settings, topology: Topology)
 
 
 def join(address: AggregatorAddress, settings: Settings, topology: Topology, *, role: str) -> Membership:
-    """Connect this process to an existing run's aggregator."""
+    """Connect this process to an existing run's aggregator (once per process and run)."""
+    key = (address.address, address.run_id)
+    known = _joined.get(key)
+    if known is not None and not known.closed:
+        return known
     if role == "rank" and _in_multiprocessing_child():
         role = "worker"
     losses = LossCounter()
@@ -203,14 +277,16 @@ def join(address: AggregatorAddress, settings: Settings, topology: Topology, *, 
                 stacklevel=4,
             )
     rendezvous.export(address)
-    return Membership(
-        pipe=SenderPipe(sender),
+    membership = Membership(
+        SenderPipe(sender),
         name=address.run_name,
         run_id=address.run_id,
         started=address.started or time.time(),
         address=address,
         is_aggregator=False,
     )
+    _joined[key] = membership
+    return membership
 
 
 def _aggregate(
@@ -242,7 +318,7 @@ def _aggregate(
     address = aggregator.start()
     rendezvous.export(address)
     return Membership(
-        pipe=LocalPipe(aggregator),
+        LocalPipe(aggregator),
         name=aggregator.run_name,
         run_id=aggregator.run_id,
         started=aggregator.started,
@@ -259,8 +335,7 @@ def _spill_only(name: str | None, settings: Settings, topology: Topology) -> Mem
         SimvueWarning,
         stacklevel=4,
     )
-    return Membership(pipe=SpillPipe(spill), name=name, run_id=None, started=time.time(), address=None,
-                      is_aggregator=False)
+    return Membership(SpillPipe(spill), name=name, run_id=None, started=time.time(), address=None, is_aggregator=False)
 
 
 def _spill_path(settings: Settings, run_name: str, label: str) -> Path:

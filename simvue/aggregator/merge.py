@@ -1,10 +1,12 @@
 """Merging per-sender metrics into a run's series: namespaced or reduced.
 
 Namespaced (the default) keeps each sender's series apart under its prefix (``rank3/loss``).
-Reduced combines, per metric and step, the values of every live sender into ``loss.mean``,
+Reduced combines, per metric and step, the values of every sender into ``loss.mean``,
 ``loss.min``, ``loss.max``, ``loss.sum`` (whichever are configured) plus ``loss.count``.  A
-step is written when every live sender has reported it, or ``wait_s`` after its first value;
-a value arriving for a step already written is counted as late (``LossReason.LATE_STEP``).
+step is written when every live sender has reported it and no expected rank is still to
+join (a sender that has left is not waited for, but its values count), or ``wait_s`` after
+its first value; a value arriving for a step already written is counted as late
+(``LossReason.LATE_STEP``).
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ class _PendingStep:
 class Reducer:
     """Cross-sender reduction of the metrics named in ``spec``.
 
-    ``spec`` maps a metric name, or ``"*"`` for every metric, to its ops.  ``expected`` says
-    how many senders a complete step needs right now.  ``emit(name, step, time, timestamp,
+    ``spec`` maps a metric name, or ``"*"`` for every metric, to its ops.  ``live_labels``
+    is the (live, updated in place) set of labels of senders still running and ``missing``
+    counts expected ranks that have not joined yet.  ``emit(name, step, time, timestamp,
     value)`` receives each reduced point.
     """
 
@@ -49,13 +52,15 @@ class Reducer:
         spec: Mapping[str, tuple[str, ...]],
         *,
         wait_s: float,
-        expected: Callable[[], int],
+        live_labels: set[str],
+        missing: Callable[[], int],
         emit: Emit,
         losses: LossCounter,
     ) -> None:
         self.spec = dict(spec)
         self.wait_s = wait_s
-        self.expected = expected
+        self.live_labels = live_labels
+        self.missing = missing
         self.emit = emit
         self.losses = losses
         self._pending: dict[tuple[str, int], _PendingStep] = {}
@@ -79,14 +84,17 @@ class Reducer:
         pending.values[label] = value
         pending.time = max(pending.time, time)
         pending.timestamp = max(pending.timestamp, timestamp)
-        if len(pending.values) >= self.expected():
+        # The length test is a cheap filter; the subset test is the rule.
+        if len(pending.values) >= len(self.live_labels) and self._complete(pending):
             self._write(key, pending)
+
+    def _complete(self, pending: _PendingStep) -> bool:
+        return self.live_labels <= pending.values.keys() and not self.missing()
 
     def tick(self, now: float) -> None:
         """Write the steps that are complete or have waited long enough."""
-        expected = self.expected()
         for key, pending in list(self._pending.items()):
-            if len(pending.values) >= expected or now - pending.first_seen >= self.wait_s:
+            if self._complete(pending) or now - pending.first_seen >= self.wait_s:
                 self._write(key, pending)
 
     def finish(self) -> None:

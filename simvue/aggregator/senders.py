@@ -58,6 +58,7 @@ class SenderTable:
         self.by_id: dict[bytes, SenderState] = {}
         self.ranks_seen: set[int] = set()
         self.never_joined: list[int] = []
+        self.live_labels: set[str] = set()  # updated in place; the reducer reads it
         self._workers = 0
 
     def hello(self, sender_id: bytes, info: dict[str, Any], now: float) -> SenderState:
@@ -89,6 +90,7 @@ class SenderTable:
             last_seen=now,
         )
         self.by_id[sender_id] = state
+        self.live_labels.add(label)
         return state
 
     def accept(self, state: SenderState, seq: int, now: float) -> bool:
@@ -107,6 +109,7 @@ class SenderTable:
         state.exit_status = status
         if state.state == LIVE:
             state.state = DONE
+            self.live_labels.discard(state.label)
 
     def mark_lost(self, state: SenderState, reason: str) -> None:
         """Declare ``state`` lost: its further messages are still accepted but it is no
@@ -114,6 +117,7 @@ class SenderTable:
         if state.state == LIVE:
             state.state = LOST
             state.reason = reason
+            self.live_labels.discard(state.label)
 
     def tick(self, now: float) -> list[SenderState]:
         """Senders that have just gone silent for longer than the timeout."""
@@ -126,11 +130,6 @@ class SenderTable:
 
     def live(self) -> list[SenderState]:
         return [s for s in self.by_id.values() if s.state == LIVE]
-
-    def live_count(self) -> int:
-        """How many senders a complete step needs: live ones plus ranks not yet joined."""
-        live = sum(1 for s in self.by_id.values() if s.state == LIVE)
-        return live + self.missing_ranks_count()
 
     def missing_ranks_count(self) -> int:
         if self.expected_ranks <= 1:

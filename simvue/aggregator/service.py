@@ -95,7 +95,8 @@ class Aggregator:
         self._reducer = Reducer(
             settings.reduce,
             wait_s=settings.reduce_wait_s,
-            expected=self._table.live_count,
+            live_labels=self._table.live_labels,
+            missing=self._table.missing_ranks_count,
             emit=self._emit_reduced,
             losses=self.losses,
         )
@@ -107,6 +108,7 @@ class Aggregator:
         self._close_requested = threading.Event()
         self._finished = threading.Event()
         self._bound = threading.Event()
+        self._local_done = threading.Event()
         self._lock = threading.Condition()
         self._flush_requested = False
         self._flush_round = 0
@@ -140,16 +142,26 @@ class Aggregator:
                 self._lock.wait(min(left, 0.05))
         return True
 
-    def close(self, status: str | None, timeout_s: float | None = None) -> bool:
+    def close(self, status: str | None, timeout_s: float | None = None, *, wait_for_ranks: bool = True) -> bool:
         """End the local process's part and wait for the run to finish.
 
-        Blocks while other ranks are still alive and working (they are part of the run);
-        returns False if ``timeout_s`` passed first.
+        With ``wait_for_ranks`` it blocks while other MPI ranks are still alive (they are
+        part of the run); without, it returns once the local records are committed and
+        every pool worker has drained, leaving the thread to finish when the ranks leave.
+        Returns False if ``timeout_s`` passed first.
         """
         if not self._close_requested.is_set():
             self._local_status = status
             self._close_requested.set()
-        return self._finished.wait(timeout_s)
+        if wait_for_ranks:
+            return self._finished.wait(timeout_s)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self._finished.is_set():
+            if self._local_done.wait(0.05):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+        return True
 
     @property
     def finished(self) -> bool:
@@ -240,9 +252,15 @@ class Aggregator:
                     closing_since = now
                     self._table.bye(self._local, self._local_status, now)
                     self._request_drains(sock, now)
+                    self._ingest(self._local, _drain(self.local_buffer))
+                    self._commit()
                 if self._ready_to_finish(now, closing_since):
                     self._finish()
                     return
+                if not self._local_done.is_set() and all(
+                    state.role == "rank" for state in self._table.waiting_for(workers_drained_ok=True)
+                ):
+                    self._local_done.set()
 
     def _ready_to_finish(self, now: float, closing_since: float) -> bool:
         if self._table.missing_ranks_count():

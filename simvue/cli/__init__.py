@@ -1,0 +1,173 @@
+"""The ``simvue`` command: browse and export runs in the local store.
+
+    simvue runs list [--status S] [--folder F] [--json]
+    simvue runs show NAME
+    simvue export NAME [--format json|csv] [--output FILE]
+
+``--store DIR`` (or ``$SIMVUE_STORE``) selects the store; the default is ``./.simvue``.
+NAME is a run's name (the newest run of that name) or its id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..config import Settings
+from ..store import RunNotFound, Store
+from ..store.sqlite import DATABASE_FILE
+from ..validation import format_timestamp
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    directory = Path(args.store) if args.store else Settings().store_path()
+    if not (directory / DATABASE_FILE).exists():
+        print(f"simvue: no store at {directory} (run something first, or pass --store DIR)", file=sys.stderr)
+        return 1
+    store = Store(directory)
+    try:
+        return args.handler(store, args, sys.stdout)
+    except RunNotFound as exc:
+        print(f"simvue: {exc.args[0]}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    finally:
+        store.close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="simvue", description="Browse and export tracked runs.")
+    parser.add_argument("--store", help="store directory (default: $SIMVUE_STORE or ./.simvue)")
+    commands = parser.add_subparsers(title="commands")
+
+    runs = commands.add_parser("runs", help="list and inspect runs").add_subparsers(title="runs commands")
+    listing = runs.add_parser("list", help="list runs, oldest first")
+    listing.add_argument("--status", help="only runs with this status")
+    listing.add_argument("--folder", help="only runs in this folder or below")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(handler=_runs_list)
+    show = runs.add_parser("show", help="show one run")
+    show.add_argument("name", help="run name or id")
+    show.set_defaults(handler=_runs_show)
+
+    export = commands.add_parser("export", help="export a run as JSON or CSV")
+    export.add_argument("name", help="run name or id")
+    export.add_argument("--format", choices=("json", "csv"), default="json")
+    export.add_argument("--output", "-o", help="file to write (default: standard output)")
+    export.set_defaults(handler=_export)
+    return parser
+
+
+def _iso(seconds: float | None) -> str | None:
+    return None if seconds is None else format_timestamp(seconds)
+
+
+def _runs_list(store: Store, args: argparse.Namespace, out: TextIO) -> int:
+    runs = store.runs(status=args.status, folder=args.folder)
+    if args.json:
+        json.dump([_run_summary(run) for run in runs], out, indent=2)
+        out.write("\n")
+        return 0
+    rows = [("NAME", "STATUS", "FOLDER", "CREATED", "ID")]
+    rows += [(r["name"], r["status"], r["folder"], _iso(r["created"])[:19], r["id"]) for r in runs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
+    return 0
+
+
+def _run_summary(run: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": run["name"],
+        "id": run["id"],
+        "status": run["status"],
+        "folder": run["folder"],
+        "tags": run["tags"],
+        "created": _iso(run["created"]),
+    }
+
+
+def _runs_show(store: Store, args: argparse.Namespace, out: TextIO) -> int:
+    run = store.run(args.name)
+    counts = store.metric_counts(run["id"])
+    events = store.events(run["id"])
+    out.write(f"name:        {run['name']}\n")
+    out.write(f"id:          {run['id']}\n")
+    out.write(f"status:      {run['status']}\n")
+    out.write(f"folder:      {run['folder']}\n")
+    out.write(f"description: {run['description'] or ''}\n")
+    out.write(f"tags:        {', '.join(run['tags'])}\n")
+    out.write(f"created:     {_iso(run['created'])}\n")
+    out.write(f"ended:       {_iso(run['ended']) or ''}\n")
+    out.write("metadata:\n")
+    for line in json.dumps(run["metadata"], indent=2, sort_keys=True).splitlines():
+        out.write(f"  {line}\n")
+    out.write(f"metrics ({len(counts)} series, {sum(counts.values())} points):\n")
+    for name, count in counts.items():
+        series = store.metric_series(run["id"], name)
+        out.write(f"  {name}: {count} points, last step {series['steps'][-1]} = {series['values'][-1]:g}\n")
+    out.write(f"events ({len(events)}):\n")
+    for event in events[-10:]:
+        first_line = event["message"].splitlines()[0] if event["message"] else ""
+        out.write(f"  {_iso(event['timestamp'])}  {event['level']:<7} {first_line}\n")
+    return 0
+
+
+def export_run(store: Store, name: str) -> dict[str, Any]:
+    """One run as a JSON-ready document (the format of ``simvue export --format json``)."""
+    run = store.run(name)
+    metrics = {}
+    for metric in store.metric_names(run["id"]):
+        series = store.metric_series(run["id"], metric)
+        metrics[metric] = [list(point) for point in zip(series["steps"], series["times"], series["values"])]
+    return {
+        "name": run["name"],
+        "id": run["id"],
+        "status": run["status"],
+        "folder": run["folder"],
+        "description": run["description"],
+        "tags": run["tags"],
+        "metadata": run["metadata"],
+        "system": run["system"],
+        "created": _iso(run["created"]),
+        "started": _iso(run["started"]),
+        "ended": _iso(run["ended"]),
+        "folder_details": store.folder(run["folder"]),
+        "events": [
+            {"message": e["message"], "timestamp": _iso(e["timestamp"]), "level": e["level"]}
+            for e in store.events(run["id"])
+        ],
+        "metrics": metrics,
+    }
+
+
+def _export(store: Store, args: argparse.Namespace, out: TextIO) -> int:
+    target = open(args.output, "w", newline="") if args.output else out
+    try:
+        if args.format == "json":
+            json.dump(export_run(store, args.name), target, indent=1)
+            target.write("\n")
+        else:
+            run = store.run(args.name)
+            writer = csv.writer(target)
+            writer.writerow(["metric", "step", "time", "timestamp", "value"])
+            for metric in store.metric_names(run["id"]):
+                series = store.metric_series(run["id"], metric)
+                for step, t, ts, value in zip(series["steps"], series["times"], series["timestamps"], series["values"]):
+                    writer.writerow([metric, step, repr(t), format_timestamp(ts), repr(value)])
+    finally:
+        if args.output:
+            target.close()
+    return 0
