@@ -210,7 +210,7 @@ class Run:
         if buffer is None:
             buffer = self._process_buffer("log_metrics")
             if buffer is None:
-                return False
+                return self._state == DISABLED
         if (
             metrics.__class__ is not dict
             or not metrics
@@ -391,7 +391,7 @@ class Run:
         if buffer is None:
             buffer = self._process_buffer(call)
             if buffer is None:
-                return False
+                return self._state == DISABLED
         buffer.append(record)
         return True
 

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install simvue with its test extras into .venv and run every test: the serial suite, then
+# the MPI suite under mpiexec with 2 and 4 ranks (MPICH from PyPI; no system MPI needed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --disable-pip-version-check -e ".[mpi,test]" mpich
+
+export PYTEST_ADDOPTS="-p no:cacheprovider --color=no"
+python -m pytest -q --timeout=180 tests "$@"
+
+for n in 2 4; do
+    rm -rf .mpi-pytest-logs
+    rc=0
+    timeout -k 10 600 mpiexec -n "$n" python tests/mpi_pytest.py -q --timeout=120 --timeout-method=thread \
+        --only-mpi tests/mpi || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "MPI tests failed with $n ranks (rc=$rc); logs of the other ranks:"
+        tail -n 80 .mpi-pytest-logs/rank*.log || true
+        exit 1
+    fi
+done

@@ -1,0 +1,115 @@
+"""The wire between senders and the aggregator: authentication, sequence numbers,
+acknowledged close, and spilling when no aggregator answers.  Real ZeroMQ sockets."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import zmq
+
+from simvue import Run
+from simvue.losses import LossCounter
+from simvue.transport import protocol, spill
+from simvue.transport.sender import Sender
+from simvue.transport.spill import SpillFile
+
+from conftest import read_run
+
+
+def raw_dealer(address: str) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    return sock
+
+
+def recv_ack(sock: zmq.Socket, key: bytes, timeout_ms: int = 5000) -> dict:
+    assert sock.poll(timeout_ms), "no ACK from the aggregator"
+    kind, _, body = protocol.decode(key, sock.recv_multipart())
+    assert kind == protocol.ACK
+    return body
+
+
+def test_forged_and_garbage_frames_are_dropped_and_counted(store_dir):
+    with Run() as run:
+        run.init(name="forged")
+        address = run._address
+        sock = raw_dealer(address.address)
+        sock.send_multipart([b"not a mac", b"junk"])
+        sock.send_multipart(protocol.encode(b"wrong key" * 4, protocol.HELLO, 1, {"role": "worker"}))
+        sock.send(b"one frame only")
+        run.log_metrics({"a": 1.0})
+        time.sleep(0.3)
+        sock.close()
+    exported = read_run(store_dir, "forged")
+    assert exported["metadata"]["simvue"]["losses"]["bad_frame"] == 3
+    assert exported["status"] == "completed"
+    assert exported["metrics"]["a"][0][2] == 1.0
+
+
+def test_a_replayed_message_is_stored_once_and_bye_is_acknowledged(store_dir):
+    with Run() as run:
+        run.init(name="replay")
+        key = run._address.key
+        sock = raw_dealer(run._address.address)
+        sock.send_multipart(protocol.encode(key, protocol.HELLO, 1, {"role": "worker", "pid": 1, "host": "h"}))
+        assert recv_ack(sock, key)["run"]["name"] == "replay"
+        data = protocol.encode(key, protocol.DATA, 2, [[protocol.METRICS, 0, 0.0, time.time(), {"x": 1.5}]])
+        sock.send_multipart(data)
+        sock.send_multipart(data)
+        sock.send_multipart(protocol.encode(key, protocol.BYE, 3, {"status": None, "dropped": {}}))
+        assert recv_ack(sock, key)["seq"] == 3
+        sock.close()
+    exported = read_run(store_dir, "replay")
+    assert exported["metrics"]["worker0/x"] == [[0, 0.0, 1.5]]
+    assert exported["metadata"]["simvue"]["losses"]["duplicate"] == 1
+    assert exported["status"] == "completed"
+
+
+def test_a_sender_close_is_acknowledged_after_everything_arrived(store_dir):
+    with Run() as run:
+        run.init(name="acked")
+        address = run._address
+        losses = LossCounter()
+        sender = Sender(
+            address.address,
+            address.key,
+            {"role": "worker", "pid": 2, "host": "h"},
+            flush_interval_s=0.05,
+            heartbeat_interval_s=1.0,
+            close_timeout_s=10.0,
+            spill=SpillFile(store_dir / "spill" / "unused.msgpack", losses),
+            losses=losses,
+        )
+        for step in range(20_000):
+            sender.buffer.append((protocol.METRICS, step, 0.0, 0.0, {"v": float(step)}))
+        assert sender.close(None, {}, 10.0) is True
+        assert losses.snapshot() == {}
+    exported = read_run(store_dir, "acked")
+    assert [p[0] for p in exported["metrics"]["worker0/v"]] == list(range(20_000))
+
+
+def test_without_an_aggregator_records_are_spilled_to_disk_and_counted(tmp_path):
+    port = zmq.Context.instance().socket(zmq.ROUTER).bind_to_random_port("tcp://127.0.0.1")  # bound, never read
+    losses = LossCounter()
+    path = tmp_path / "spill.msgpack"
+    sender = Sender(
+        f"tcp://127.0.0.1:{port + 1 if port < 65535 else port - 1}",
+        b"k" * 32,
+        {"role": "worker"},
+        flush_interval_s=0.02,
+        heartbeat_interval_s=0.1,
+        close_timeout_s=0.5,
+        spill=SpillFile(path, losses),
+        losses=losses,
+    )
+    for step in range(100):
+        sender.buffer.append((protocol.METRICS, step, 0.0, 0.0, {"v": float(step)}))
+    started = time.monotonic()
+    assert sender.close(None, {}, 5.0) is False
+    assert time.monotonic() - started < 5.0
+    assert losses.snapshot()["spilled"] == 100
+    steps = [record[1] for kind, _, body in spill.read(path) if kind == protocol.DATA for record in body]
+    assert steps == list(range(100))
