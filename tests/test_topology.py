@@ -1,0 +1,83 @@
+"""Reading the job's shape from launcher variables, and the rendezvous file."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+
+from simvue.topology import Topology, detect
+from simvue.transport import rendezvous
+from simvue.transport.rendezvous import AggregatorAddress
+
+
+def test_no_launcher_is_a_single_process():
+    topo = detect({})
+    assert (topo.rank, topo.size, topo.is_mpi) == (0, 1, False)
+
+
+def test_mpich_hydra_variables():
+    topo = detect({"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "3", "MPI_LOCALNRANKS": "4"})
+    assert (topo.rank, topo.size, topo.local_rank, topo.launcher) == (3, 4, 3, "mpich")
+    assert topo.is_mpi and topo.single_node
+    assert topo.job_id.startswith("mpich-")  # Hydra exports no job id: the shared parent stands in
+
+
+def test_open_mpi_with_pmix_namespace():
+    env = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "PMIX_RANK": "1", "PMIX_NAMESPACE": "prterun-n1-123@1"}
+    topo = detect(env)
+    assert (topo.rank, topo.size, topo.launcher, topo.job_id) == (1, 8, "openmpi", "pmix-prterun-n1-123@1")
+    assert not topo.single_node
+
+
+def test_slurm_step_but_not_a_bare_batch_script():
+    step = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "42",
+            "SLURM_STEP_ID": "0"}
+    assert detect(step).job_id == "slurm-42.0"
+    batch = {k: v for k, v in step.items() if k != "SLURM_STEP_ID"}
+    assert detect(batch).is_mpi is False
+
+
+def test_garbage_values_fall_back_to_a_single_process():
+    assert detect({"PMI_RANK": "x", "PMI_SIZE": "4"}).size == 1
+    assert detect({"PMI_RANK": "7", "PMI_SIZE": "4"}).size == 1
+
+
+def test_mpiexec_n_1_is_not_a_multi_rank_job():
+    assert detect({"PMI_RANK": "0", "PMI_SIZE": "1"}).is_mpi is False
+
+
+def test_rendezvous_file_is_private_and_found_by_a_waiting_rank(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIMVUE_RENDEZVOUS_DIR", str(tmp_path / "rv"))
+    topo = Topology(rank=0, size=2, launcher="mpich", job_id="mpich-h-1-2")
+    path = rendezvous.file_for(topo, 1)
+    address = AggregatorAddress(address="tcp://127.0.0.1:5555", key=b"k" * 32, run_name="r", run_id="i",
+                                started=1.0, pid=1)
+    found = []
+    waiter = threading.Thread(target=lambda: found.append(rendezvous.find_file(path, timeout_s=10)))
+    waiter.start()
+    time.sleep(0.1)
+    rendezvous.publish_file(path, address)
+    waiter.join(10)
+    assert found == [address]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert rendezvous.file_for(topo, 2) != path  # the second run of the job has its own file
+
+
+def test_finding_no_rendezvous_file_gives_up_in_bounded_time(tmp_path):
+    started = time.monotonic()
+    assert rendezvous.find_file(tmp_path / "never.json", timeout_s=0.3) is None
+    assert time.monotonic() - started < 2.0
+
+
+def test_a_process_never_joins_the_run_it_exported_itself(monkeypatch):
+    address = AggregatorAddress(address="tcp://127.0.0.1:1", key=b"k" * 32, pid=os.getpid())
+    rendezvous.export(address)
+    try:
+        assert rendezvous.inherited() is None
+    finally:
+        rendezvous.export(None)
+    monkeypatch.setenv(rendezvous.INHERITED_ENV, AggregatorAddress(address="tcp://x:1", key=b"k", pid=-5).to_json())
+    assert rendezvous.inherited().address == "tcp://x:1"
