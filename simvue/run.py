@@ -57,7 +57,11 @@ class Run:
         debug: bool = False,
     ) -> None:
         self._lock = threading.RLock()
-        self._settings: Settings = from_environment()
+        try:
+            self._settings: Settings = from_environment()
+            environment_error = None
+        except SimvueError as exc:
+            self._settings, environment_error = Settings(), exc
         self._errors = ErrorPolicy(self._settings.suppress_errors)
         self._state = NEW
         self._mode = mode
@@ -67,6 +71,8 @@ class Run:
         self._address: AggregatorAddress | None = None
         self._t0 = _now()
         self._reset_process_state()
+        if environment_error is not None:
+            self._fail("config", environment_error)
         if mode not in MODES:
             self._fail("mode", SimvueValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}"))
         elif mode == "disabled":

@@ -161,10 +161,14 @@ def description(value: Any) -> str | None:
     return value
 
 
-def status(value: Any) -> str:
-    if value not in RUN_STATUSES:
-        raise SimvueValueError(f"invalid status {value!r}; choose one of {', '.join(RUN_STATUSES)}")
+def _choice(value: Any, choices: tuple[str, ...], what: str) -> str:
+    if value not in choices:
+        raise SimvueValueError(f"invalid {what} {value!r}; choose one of {', '.join(choices)}")
     return value
+
+
+def status(value: Any) -> str:
+    return _choice(value, RUN_STATUSES, "status")
 
 
 def event_message(value: Any) -> str:
@@ -178,6 +182,4 @@ def event_message(value: Any) -> str:
 
 
 def event_level(value: Any) -> str:
-    if value not in EVENT_LEVELS:
-        raise SimvueValueError(f"invalid log level {value!r}; choose one of {', '.join(EVENT_LEVELS)}")
-    return value
+    return _choice(value, EVENT_LEVELS, "log level")
