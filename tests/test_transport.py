@@ -113,3 +113,30 @@ def test_without_an_aggregator_records_are_spilled_to_disk_and_counted(tmp_path)
     assert losses.snapshot()["spilled"] == 100
     steps = [record[1] for kind, _, body in spill.read(path) if kind == protocol.DATA for record in body]
     assert steps == list(range(100))
+
+
+def test_a_sender_that_never_falls_silent_still_gets_acknowledged(store_dir):
+    with Run() as run:
+        run.init(name="busy")
+        address = run._address
+        losses = LossCounter()
+        sender = Sender(
+            address.address,
+            address.key,
+            {"role": "worker", "pid": 3, "host": "h"},
+            flush_interval_s=0.005,
+            heartbeat_interval_s=0.05,
+            close_timeout_s=10.0,
+            spill=SpillFile(store_dir / "spill" / "busy.msgpack", losses),
+            losses=losses,
+        )
+        deadline = time.monotonic() + 1.5
+        step = 0
+        while time.monotonic() < deadline:  # a record every millisecond: never 50 ms of silence
+            sender.buffer.append((protocol.METRICS, step, 0.0, 0.0, {"v": 1.0}))
+            step += 1
+            time.sleep(0.001)
+        assert len(sender._unacked) < 100  # acknowledged as it goes, not kept until close
+        assert sender.close(None, {}, 10.0) is True
+        assert losses.snapshot() == {}
+    assert len(read_run(store_dir, "busy")["metrics"]["worker0/v"]) == step

@@ -43,18 +43,17 @@ FINAL_STATUSES = ("completed", "failed", "terminated", "lost")
 
 
 class _Reduced:
-    """Stands in for a series in the ingest loop: appending a point hands it to the reducer."""
+    """Stands in for a series in the ingest loop: a point added here goes to the reducer."""
 
     __slots__ = ("reducer", "label", "name", "also")
 
     def __init__(self, reducer: Reducer, label: str, name: str, also: SeriesChunk | None) -> None:
         self.reducer, self.label, self.name, self.also = reducer, label, name, also
 
-    def append(self, point: tuple[int, float, float, float]) -> None:
-        step, t, ts, value = point
+    def add(self, step: int, t: float, ts: float, value: float) -> None:
         self.reducer.add(self.label, self.name, step, t, ts, value, time.monotonic())
         if self.also is not None:
-            self.also.append(point)
+            self.also.append(step, t, ts, value)
 
 
 class Aggregator:
@@ -228,6 +227,8 @@ class Aggregator:
                     except zmq.Again:
                         break
                     self._on_message(sock, frames)
+                    if time.monotonic() >= next_commit:
+                        break  # keep commits (and the local buffer's draining) on schedule
             if self.local_buffer:
                 self._ingest(self._local, _drain(self.local_buffer))
             now = time.monotonic()
@@ -335,31 +336,43 @@ class Aggregator:
     # -- records ------------------------------------------------------------------------
 
     def _ingest(self, state: SenderState, records: list) -> None:
+        # The per-point work: one cache lookup and four array appends through bound methods.
         series = state.series
         for record in records:
             try:
                 if record[0] == protocol.METRICS:
                     _, step, t, ts, values = record
                     for name, value in values.items():
-                        chunk = series.get(name)
-                        if chunk is None:
-                            chunk = self._series_for(state, name)
-                        chunk.append((step, t, ts, value))
+                        target = series.get(name)
+                        if target is None:
+                            target = self._series_for(state, name)
+                        if target.__class__ is tuple:
+                            add_step, add_time, add_timestamp, add_value = target
+                            add_step(step)
+                            add_time(t)
+                            add_timestamp(ts)
+                            add_value(value)
+                        else:
+                            target.add(step, t, ts, value)
                 else:
                     self._control(state, record)
             except Exception:  # noqa: BLE001 - one bad record must not stop the others
                 self.losses.record(LossReason.BAD_RECORD)
+                for chunk in self._batch.metrics.values():
+                    chunk.repair()
 
     def _series_for(self, state: SenderState, name: str) -> Any:
+        """The ingest target of ``name`` from ``state`` until the next commit: the appenders
+        of its namespaced series, or a ``_Reduced``."""
         ops = self._reducer.ops_for(name)
         full_name = state.prefix + name
         if ops is None:
-            chunk = self._chunk(full_name)
+            target: Any = self._chunk(full_name).appenders()
         else:
             also = self._chunk(full_name) if "namespace" in ops and state.prefix else None
-            chunk = _Reduced(self._reducer, state.label, name, also)
-        state.series[name] = chunk
-        return chunk
+            target = _Reduced(self._reducer, state.label, name, also)
+        state.series[name] = target
+        return target
 
     def _chunk(self, full_name: str) -> SeriesChunk:
         chunk = self._batch.metrics.get(full_name)
@@ -368,7 +381,7 @@ class Aggregator:
         return chunk
 
     def _emit_reduced(self, name: str, step: int, t: float, ts: float, value: float) -> None:
-        self._chunk(name).append((step, t, ts, value))
+        self._chunk(name).append(step, t, ts, value)
 
     def _control(self, state: SenderState, record: list) -> None:
         kind = record[0]

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +98,38 @@ def new_id() -> str:
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(22))
 
 
-class SeriesChunk(list):
-    """New points of one metric: a list of ``(step, time, timestamp, value)`` tuples.
+class SeriesChunk:
+    """New points of one metric, column-wise: the arrays the store writes as they are.
 
-    Appending one tuple per point is the cheapest thing the aggregator can do per point; the
-    store turns the rows into columns once per commit.
+    The aggregator appends to the four columns through bound ``append`` methods
+    (``appenders()``), which creates no object per point.
     """
+
+    __slots__ = ("steps", "times", "timestamps", "values")
+
+    def __init__(self) -> None:
+        self.steps = array("q")
+        self.times = array("d")
+        self.timestamps = array("d")
+        self.values = array("d")
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def append(self, step: int, time: float, timestamp: float, value: float) -> None:
+        self.steps.append(step)
+        self.times.append(time)
+        self.timestamps.append(timestamp)
+        self.values.append(value)
+
+    def appenders(self) -> tuple:
+        return (self.steps.append, self.times.append, self.timestamps.append, self.values.append)
+
+    def repair(self) -> None:
+        """Cut the columns back to equal length after an append failed half-way."""
+        length = min(len(self.steps), len(self.times), len(self.timestamps), len(self.values))
+        for column in (self.steps, self.times, self.timestamps, self.values):
+            del column[length:]
 
 
 @dataclasses.dataclass
@@ -129,11 +155,12 @@ class StoreBatch:
         return sum(len(chunk) for chunk in self.metrics.values())
 
 
-def _pack(kind: str, values: Iterable) -> bytes:
-    packed = array(kind, values)
-    if not _LITTLE:
-        packed.byteswap()
-    return packed.tobytes()
+def _pack(column: array) -> bytes:
+    if _LITTLE:
+        return column.tobytes()
+    swapped = array(column.typecode, column)
+    swapped.byteswap()
+    return swapped.tobytes()
 
 
 def _unpack(kind: str, blob: bytes) -> array:
@@ -215,17 +242,16 @@ class Store:
                 for name, chunk in batch.metrics.items():
                     if not chunk:
                         continue
-                    steps, times, timestamps, values = zip(*chunk)
                     rows.append(
                         (
                             self._metric_id(db, run_id, name),
                             len(chunk),
-                            min(steps),
-                            max(steps),
-                            _pack("q", steps),
-                            _pack("d", times),
-                            _pack("d", timestamps),
-                            _pack("d", values),
+                            min(chunk.steps),
+                            max(chunk.steps),
+                            _pack(chunk.steps),
+                            _pack(chunk.times),
+                            _pack(chunk.timestamps),
+                            _pack(chunk.values),
                         )
                     )
                 db.executemany(

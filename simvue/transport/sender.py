@@ -135,7 +135,7 @@ class Sender:
         try:
             sock.connect(self._address)
             self._queue(protocol.HELLO, self._hello)
-            last_sent = time.monotonic()
+            last_heartbeat = time.monotonic()
             while True:
                 closing = self._closing.is_set()
                 if not closing:
@@ -143,12 +143,12 @@ class Sender:
                     self._wake.clear()
                 with self._acked:
                     flush_requested, self._flush_requested = self._flush_requested, False
-                if self._send_buffered():
-                    last_sent = time.monotonic()
-                if flush_requested or time.monotonic() - last_sent >= self._heartbeat_interval_s:
-                    # A heartbeat is answered with an ACK of everything processed so far.
+                self._send_buffered()
+                if flush_requested or time.monotonic() - last_heartbeat >= self._heartbeat_interval_s:
+                    # A heartbeat is answered with an ACK of everything processed so far, so a
+                    # sender that never falls silent still gets its messages acknowledged.
                     self._outbox.append((self._sent_seq, self._frames(protocol.HEARTBEAT, self._sent_seq, None)))
-                    last_sent = time.monotonic()
+                    last_heartbeat = time.monotonic()
                 if flush_requested:
                     with self._acked:
                         self._flush_target = self._sent_seq
