@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Protocol
@@ -36,6 +37,7 @@ class Closable(Protocol):
 _live: weakref.WeakSet[Closable] = weakref.WeakSet()
 _fork_callbacks: list[Callable[[], None]] = []
 _process_hooks_pid: int | None = None
+_closing_pid: int | None = None  # set while _close_all runs in that process
 _lock = threading.Lock()
 # Objects inherited through fork that must never be finalised in the child (see module doc).
 _inherited_leftovers: list[object] = []
@@ -77,8 +79,10 @@ def _after_fork_in_child() -> None:
 
 
 def _close_all(status: str | None = None) -> None:
+    global _closing_pid
     if _process_hooks_pid != os.getpid():
         return
+    _closing_pid = os.getpid()
     for obj in list(_live):
         try:
             obj._close_at_exit(status)
@@ -100,6 +104,11 @@ def _at_exit() -> None:
 def _on_sigterm(signum: int, frame: object) -> None:
     # A pool worker is terminated on purpose once its work is done; a rank or a plain
     # process receiving SIGTERM was stopped from outside.
+    if _closing_pid == os.getpid() and in_worker_process():
+        # The worker is already closing in its exit hook (Pool.terminate() signals workers
+        # that its sentinel has just told to exit).  A second close nested here would die
+        # mid-flush or wait on locks the interrupted one holds; the worker exits anyway.
+        return
     _close_all(None if in_worker_process() else "terminated")
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
@@ -120,8 +129,44 @@ def _ensure_process_hooks() -> None:
             try:
                 if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
                     signal.signal(signal.SIGTERM, _on_sigterm)
+                if in_worker_process() and signal.getsignal(signal.SIGTERM) is _on_sigterm:
+                    _watch_for_unhandled_sigterm()
             except (ValueError, OSError):
                 pass
+
+
+def _watch_for_unhandled_sigterm() -> None:
+    """Pool workers: deliver SIGTERM to the main thread again if its handler never ran.
+
+    Python runs the handler on the main thread between bytecodes.  A SIGTERM that lands just
+    before the main thread blocks on a lock (a worker about to wait for its next task while
+    ``Pool.terminate()`` holds the task queue's lock) is recorded but never handled: the
+    worker, and ``terminate()`` joining it, hang.  The C-level handler also writes the signal
+    number to the wakeup fd; this thread reads it and, if the handler has not started within
+    a moment, signals the main thread again, which interrupts its wait.  Main thread only;
+    does nothing if the program set a wakeup fd of its own.
+    """
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    if previous != -1:
+        signal.set_wakeup_fd(previous)
+        os.close(read_fd)
+        os.close(write_fd)
+        return
+    main_ident = threading.main_thread().ident
+    pid = os.getpid()
+
+    def watch() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        while os.getpid() == pid:
+            data = os.read(read_fd, 512)
+            if signal.SIGTERM in data:
+                time.sleep(0.5)
+                if _closing_pid != pid:
+                    signal.pthread_kill(main_ident, signal.SIGTERM)
+
+    threading.Thread(target=watch, name="simvue-sigterm-watch", daemon=True).start()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

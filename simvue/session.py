@@ -85,7 +85,8 @@ class Membership:
         self.steps = itertools.count()
         self.closed = False
         self.handles: weakref.WeakSet = weakref.WeakSet()
-        self._lock = threading.Lock()
+        # Re-entrant: a SIGTERM handler may call close() on the thread already inside it.
+        self._lock = threading.RLock()
         _active[self._key()] = self
         lifecycle.track(self)
 
