@@ -11,7 +11,7 @@ fi
 python -m pip install -q --disable-pip-version-check -e ".[mpi,test]" mpich
 
 export PYTEST_ADDOPTS="-p no:cacheprovider --color=no"
-python -m pytest -q --timeout=180 tests "$@"
+python -m pytest -q --timeout=180 --ignore=tests/mpi tests "$@"
 
 for n in 2 4; do
     rm -rf .mpi-pytest-logs
