@@ -114,8 +114,10 @@ class Membership:
         return bool(done)
 
     def _after_fork_in_child(self) -> None:
+        # The parent's part, not this child's: never flushed, closed or waited for here.
         lifecycle.keep_inherited(self.pipe)
         self.closed = True
+        self.is_aggregator = False
 
     def _close_at_exit(self, status: str | None) -> None:
         if not self.closed:
