@@ -32,6 +32,22 @@ def recv_ack(sock: zmq.Socket, key: bytes, timeout_ms: int = 5000) -> dict:
     return body
 
 
+def make_sender(address: str, key: bytes, spill_path, *, flush_interval_s=0.05, heartbeat_interval_s=1.0,
+                close_timeout_s=10.0) -> tuple[Sender, LossCounter]:
+    losses = LossCounter()
+    sender = Sender(
+        address,
+        key,
+        {"role": "worker", "pid": 2, "host": "h"},
+        flush_interval_s=flush_interval_s,
+        heartbeat_interval_s=heartbeat_interval_s,
+        close_timeout_s=close_timeout_s,
+        spill=SpillFile(spill_path, losses),
+        losses=losses,
+    )
+    return sender, losses
+
+
 def test_forged_and_garbage_frames_are_dropped_and_counted(store_dir):
     with Run() as run:
         run.init(name="forged")
@@ -72,17 +88,7 @@ def test_a_sender_close_is_acknowledged_after_everything_arrived(store_dir):
     with Run() as run:
         run.init(name="acked")
         address = run._address
-        losses = LossCounter()
-        sender = Sender(
-            address.address,
-            address.key,
-            {"role": "worker", "pid": 2, "host": "h"},
-            flush_interval_s=0.05,
-            heartbeat_interval_s=1.0,
-            close_timeout_s=10.0,
-            spill=SpillFile(store_dir / "spill" / "unused.msgpack", losses),
-            losses=losses,
-        )
+        sender, losses = make_sender(address.address, address.key, store_dir / "spill" / "unused.msgpack")
         for step in range(20_000):
             sender.buffer.append((protocol.METRICS, step, 0.0, 0.0, {"v": float(step)}))
         assert sender.close(None, {}, 10.0) is True
@@ -93,17 +99,14 @@ def test_a_sender_close_is_acknowledged_after_everything_arrived(store_dir):
 
 def test_without_an_aggregator_records_are_spilled_to_disk_and_counted(tmp_path):
     port = zmq.Context.instance().socket(zmq.ROUTER).bind_to_random_port("tcp://127.0.0.1")  # bound, never read
-    losses = LossCounter()
     path = tmp_path / "spill.msgpack"
-    sender = Sender(
+    sender, losses = make_sender(
         f"tcp://127.0.0.1:{port + 1 if port < 65535 else port - 1}",
         b"k" * 32,
-        {"role": "worker"},
+        path,
         flush_interval_s=0.02,
         heartbeat_interval_s=0.1,
         close_timeout_s=0.5,
-        spill=SpillFile(path, losses),
-        losses=losses,
     )
     for step in range(100):
         sender.buffer.append((protocol.METRICS, step, 0.0, 0.0, {"v": float(step)}))
@@ -119,16 +122,9 @@ def test_a_sender_that_never_falls_silent_still_gets_acknowledged(store_dir):
     with Run() as run:
         run.init(name="busy")
         address = run._address
-        losses = LossCounter()
-        sender = Sender(
-            address.address,
-            address.key,
-            {"role": "worker", "pid": 3, "host": "h"},
-            flush_interval_s=0.005,
+        sender, losses = make_sender(
+            address.address, address.key, store_dir / "spill" / "busy.msgpack", flush_interval_s=0.005,
             heartbeat_interval_s=0.05,
-            close_timeout_s=10.0,
-            spill=SpillFile(store_dir / "spill" / "busy.msgpack", losses),
-            losses=losses,
         )
         deadline = time.monotonic() + 1.5
         step = 0
