@@ -49,10 +49,6 @@ def track(obj: Closable) -> None:
     _ensure_process_hooks()
 
 
-def untrack(obj: Closable) -> None:
-    _live.discard(obj)
-
-
 def keep_inherited(obj: object) -> None:
     """Hold on to an object a forked child inherited, so that it is never closed there."""
     _inherited_leftovers.append(obj)

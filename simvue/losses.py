@@ -37,7 +37,3 @@ class LossCounter:
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counts)
-
-    def merge(self, counts: dict[str, int]) -> None:
-        with self._lock:
-            self._counts.update({k: int(v) for k, v in counts.items() if isinstance(v, int)})

@@ -166,10 +166,6 @@ class Aggregator:
     def finished(self) -> bool:
         return self._finished.is_set()
 
-    def abandon_in_child(self) -> None:
-        """In a forked child: drop references without closing anything (see lifecycle)."""
-        self.local_buffer = deque()
-
     # -- the thread ---------------------------------------------------------------------
 
     def _run(self) -> None:

@@ -69,7 +69,6 @@ class Sender:
         self._flush_target = 0
         self._acked_seq = 0
         self._sent_seq = 0
-        self._aggregator_closed = False
         self._unacked: deque[tuple[int, bytes]] = deque()
         self._outbox: deque[tuple[int, list[bytes]]] = deque()
         self._dropped_at_close: dict[str, int] = {}
@@ -117,10 +116,6 @@ class Sender:
             self._wake.set()
         self._thread.join(timeout_s)
         return self._finished.is_set() and not self._unacked and self._acked_seq >= self._sent_seq
-
-    @property
-    def aggregator_closed(self) -> bool:
-        return self._aggregator_closed
 
     # -- flush thread -------------------------------------------------------------------
 
@@ -217,7 +212,6 @@ class Sender:
                 self.welcome = body["run"]
                 self.welcomed.set()
             seq = int(body.get("seq", 0))
-            self._aggregator_closed = bool(body.get("closed"))
             while self._unacked and self._unacked[0][0] <= seq:
                 self._unacked.popleft()
             with self._acked:
