@@ -380,8 +380,7 @@ class Run:
         self._closed_here = True
 
     def _report_spilled(self) -> None:
-        pipe = self._pipe
-        spill = getattr(getattr(pipe, "sender", None), "spill", None) or getattr(pipe, "spill", None)
+        spill = self._pipe.spill if self._pipe is not None else None
         if spill is not None and spill.records:
             warnings.warn(
                 f"simvue: {spill.records} records of run {self._name!r} could not reach the aggregator and were"

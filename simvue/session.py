@@ -48,6 +48,7 @@ class Pipe(Protocol):
     """Where a ``Run`` handle's records go in this process."""
 
     buffer: deque
+    spill: SpillFile | None  # where undeliverable records went, if this pipe can spill
 
     def buffer_full(self, limit: int) -> None: ...
 
@@ -144,6 +145,7 @@ class LocalPipe:
     def __init__(self, aggregator: Aggregator) -> None:
         self.aggregator = aggregator
         self.buffer = aggregator.local_buffer
+        self.spill = None
 
     def buffer_full(self, limit: int) -> None:
         deadline = time.monotonic() + 1.0
@@ -165,6 +167,7 @@ class SenderPipe:
     def __init__(self, sender: Sender) -> None:
         self.sender = sender
         self.buffer = sender.buffer
+        self.spill = sender.spill
 
     def buffer_full(self, limit: int) -> None:
         self.sender.buffer_full(limit)
@@ -249,7 +252,7 @@ def join(address: AggregatorAddress, settings: Settings, topology: Topology, *, 
     known = _joined.get(key)
     if known is not None and not known.closed:
         return known
-    if role == "rank" and _in_multiprocessing_child():
+    if role == "rank" and lifecycle.in_worker_process():
         role = "worker"
     losses = LossCounter()
     label = f"rank{topology.rank}" if role == "rank" else f"pid{os.getpid()}"
@@ -357,12 +360,6 @@ def _bind_address(address: str) -> str:
     scheme, _, rest = address.partition("://")
     port = rest.rsplit(":", 1)[-1]
     return f"{scheme}://*:{port}" if scheme == "tcp" else address
-
-
-def _in_multiprocessing_child() -> bool:
-    import multiprocessing
-
-    return multiprocessing.parent_process() is not None
 
 
 def _hello(topology: Topology, role: str, started: float | None) -> dict[str, Any]:
