@@ -48,6 +48,10 @@ class Settings:
     reduce_wait_s: float = 10.0
     run_heartbeat_timeout_s: float = 30.0
     max_buffered_records: int = 100_000
+    upload_interval_s: float = 1.0
+    server_heartbeat_interval_s: float = 60.0
+    abort_poll_interval_s: float = 10.0
+    retry_max_interval_s: float = 30.0
     reduce: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 

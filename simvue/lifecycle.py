@@ -15,6 +15,7 @@ This is the only module that registers them.  Objects that hold per-process reso
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import multiprocessing
 import multiprocessing.util
@@ -57,6 +58,12 @@ def keep_inherited(obj: object) -> None:
 def on_fork_in_child(callback: Callable[[], None]) -> None:
     """Call ``callback`` in every child created by ``fork`` (module-level state resets)."""
     _fork_callbacks.append(callback)
+
+
+def interrupt_main() -> None:
+    """Raise ``KeyboardInterrupt`` in the main thread: how an abort from the server stops a
+    job, so that ``finally`` blocks and ``with Run()`` run as they would on Ctrl-C."""
+    _thread.interrupt_main()
 
 
 def in_worker_process() -> bool:

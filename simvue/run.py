@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import lifecycle, session, topology, validation
+from .api import config as api_config
 from .config import Settings, from_environment, normalise_reduce
 from .errors import ErrorPolicy, SimvueError, SimvueRunError, SimvueValueError, SimvueWarning
 from .names import random_name
@@ -50,13 +51,20 @@ class Run:
 
     def __init__(
         self,
-        mode: str = "offline",
+        mode: str | None = None,
         abort_callback: Any = None,
         server_token: str | None = None,
         server_url: str | None = None,
         debug: bool = False,
     ) -> None:
+        """``mode``: ``online`` (the default; the local store alone when no server is
+        configured), ``offline`` or ``disabled``; unset, ``$SIMVUE_MODE`` or the config file
+        decide.  ``abort_callback(run)`` is called when the server asks the run to stop."""
         self._lock = threading.RLock()
+        self._abort_callback = abort_callback
+        self._server_url = server_url
+        self._server_token = server_token
+        self._aborted = False
         try:
             self._settings: Settings = from_environment()
             environment_error = None
@@ -73,7 +81,7 @@ class Run:
         self._reset_process_state()
         if environment_error is not None:
             self._fail("config", environment_error)
-        if mode not in MODES:
+        if mode is not None and mode not in MODES:
             self._fail("mode", SimvueValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}"))
         elif mode == "disabled":
             self._state = DISABLED
@@ -98,6 +106,11 @@ class Run:
             self.close()
             return
         status = "terminated" if issubclass(exc_type, KeyboardInterrupt) else "failed"
+        if self._aborted and issubclass(exc_type, KeyboardInterrupt):
+            self._close(status)
+            # Exit with a status instead of dying by SIGINT: an MPI launcher kills the whole
+            # job when one rank dies by a signal, and rank 0 still has the run to finish.
+            raise SystemExit(f"simvue: run {self._name!r} stopped: the server asked it to abort") from None
         if self._state == ACTIVE:
             message = "".join(traceback.format_exception(exc_type, exc, tb))
             self._record((protocol.EVENT, _now(), f"{exc_type.__name__}: {exc}\n{message}", "error"))
@@ -166,7 +179,15 @@ class Run:
             except SimvueError as exc:
                 return self._fail("init", exc)
             try:
-                membership = session.open_run(fields, self._settings, topology.detect())
+                server = api_config.resolve(self._mode, self._server_url, self._server_token)
+            except SimvueError as exc:
+                self._fail("config", exc)
+                server = api_config.ServerConfig()
+            if server.mode == "disabled":
+                self._state = DISABLED
+                return True
+            try:
+                membership = session.open_run(fields, self._settings, topology.detect(), server)
             except Exception as exc:  # noqa: BLE001 - e.g. an unwritable store
                 self._state = DISABLED
                 return self._fail("init", SimvueRunError(f"could not start the run: {exc}"))
@@ -195,6 +216,11 @@ class Run:
     def id(self) -> str | None:
         """The run's id in the store."""
         return self._id
+
+    @property
+    def aborted(self) -> bool:
+        """True once the server has asked this run to stop (every rank and worker sees it)."""
+        return self._aborted
 
     # -- the hot path ---------------------------------------------------------------------
 
@@ -400,6 +426,29 @@ class Run:
         buffer.append(record)
         return True
 
+    # -- abort requests from the server (see session.Membership.abort) -------------------
+
+    def _on_abort(self) -> None:
+        self._aborted = True
+        if self._abort_callback is not None:
+            try:
+                self._abort_callback(self)
+            except Exception as exc:  # noqa: BLE001 - the user's callback must not stop the abort
+                warnings.warn(f"simvue: the abort callback raised {exc!r}", SimvueWarning, stacklevel=2)
+
+    def _abort_action(self) -> str:
+        """``abort_on_alert``: ``terminate`` (default; stop the process, the run ends
+        ``terminated``), ``run`` (end the run, let the process go on) or ``ignore``."""
+        action = self._settings.extra.get("abort_on_alert", "terminate")
+        if action is True:
+            return "terminate"
+        if action is False:
+            return "ignore"
+        return action if action in ("terminate", "run", "ignore") else "terminate"
+
+    def _record_status(self, status: str) -> None:
+        self._record((protocol.STATUS, status), "set_status")
+
     def _fail(self, kind: str, error: SimvueError) -> bool:
         self._errors.report(kind, error)
         return False
@@ -438,6 +487,9 @@ class Run:
         self._folder = state["folder"]
         self._address = AggregatorAddress.from_json(state["address"]) if state["address"] else None
         self._t0 = state["t0"]
+        self._abort_callback = None
+        self._server_url = self._server_token = None
+        self._aborted = False
         self._reset_process_state()
         lifecycle.track(self)
 

@@ -31,10 +31,12 @@ from typing import Any, Protocol
 
 from . import lifecycle
 from .aggregator.service import Aggregator
+from .api.config import ServerConfig
 from .config import Settings
 from .errors import SimvueWarning
 from .losses import LossCounter
 from .sinks.offline import OfflineSink
+from .sinks.rest import RestSink
 from .topology import Topology, initialised_mpi
 from .transport import rendezvous
 from .transport.rendezvous import AggregatorAddress
@@ -85,6 +87,7 @@ class Membership:
         self.cleanup_path = cleanup_path
         self.steps = itertools.count()
         self.closed = False
+        self.aborted = False
         self.handles: weakref.WeakSet = weakref.WeakSet()
         # Re-entrant: a SIGTERM handler may call close() on the thread already inside it.
         self._lock = threading.RLock()
@@ -113,6 +116,29 @@ class Membership:
             if membership is self:
                 del _joined[key]
         return bool(done)
+
+    def abort(self) -> None:
+        """The server asked the run to stop.  Called on a transport thread: the handles'
+        callbacks and the configured action run on a thread of their own."""
+        if self.aborted:
+            return
+        self.aborted = True
+        threading.Thread(target=self._act_on_abort, name="simvue-abort", daemon=True).start()
+
+    def _act_on_abort(self) -> None:
+        handles = list(self.handles)
+        for handle in handles:
+            handle._on_abort()
+        action = handles[0]._abort_action() if handles else "terminate"
+        if action == "ignore":
+            return
+        if handles:
+            handles[0]._record_status("terminated")
+        if action == "run":
+            for handle in handles:
+                handle.close()
+        elif not lifecycle.in_worker_process():
+            lifecycle.interrupt_main()  # the pool's parent (or each rank) stops its workers
 
     def _after_fork_in_child(self) -> None:
         # The parent's part, not this child's: never flushed, closed or waited for here.
@@ -212,18 +238,23 @@ def _next_ordinal() -> int:
     return _ordinal
 
 
-def open_run(run_fields: dict[str, Any], settings: Settings, topology: Topology) -> Membership:
-    """Create the run (aggregator) or join it (sender), as this process's place dictates."""
+def open_run(
+    run_fields: dict[str, Any], settings: Settings, topology: Topology, server: ServerConfig | None = None
+) -> Membership:
+    """Create the run (aggregator) or join it (sender), as this process's place dictates.
+    ``server``, when online, is where the aggregator sends the run besides the local store."""
     ordinal = _next_ordinal()
     inherited = rendezvous.inherited()
     if inherited is not None:
         return join(inherited, settings, topology, role="worker")
     if not topology.is_mpi:
-        return _aggregate(run_fields, settings, topology, expected_ranks=1, namespace=False, role="process")
+        return _aggregate(
+            run_fields, settings, topology, server, expected_ranks=1, namespace=False, role="process"
+        )
     explicit = rendezvous.explicit()
     if topology.rank == 0:
         membership = _aggregate(
-            run_fields, settings, topology, expected_ranks=topology.size, namespace=True, role="rank",
+            run_fields, settings, topology, server, expected_ranks=topology.size, namespace=True, role="rank",
             bind_address=_bind_address(explicit[0]) if explicit else None,
             key=_explicit_key(explicit) if explicit else None,
         )
@@ -291,6 +322,7 @@ def join(address: AggregatorAddress, settings: Settings, topology: Topology, *, 
         address=address,
         is_aggregator=False,
     )
+    sender.on_abort = membership.abort
     _joined[key] = membership
     return membership
 
@@ -299,6 +331,7 @@ def _aggregate(
     run_fields: dict[str, Any],
     settings: Settings,
     topology: Topology,
+    server: ServerConfig | None,
     *,
     expected_ranks: int,
     namespace: bool,
@@ -306,7 +339,10 @@ def _aggregate(
     bind_address: str | None = None,
     key: bytes | None = None,
 ) -> Membership:
-    sink = OfflineSink(settings.store_path())
+    if server is not None and server.online:
+        sink: OfflineSink | RestSink = RestSink(settings.store_path(), server, settings)
+    else:
+        sink = OfflineSink(settings.store_path())
     run_fields = {**run_fields, "system": system_info(), "heartbeat_timeout_s": settings.run_heartbeat_timeout_s}
     local = topology.single_node or not topology.is_mpi
     aggregator = Aggregator(
@@ -323,7 +359,7 @@ def _aggregate(
     )
     address = aggregator.start()
     rendezvous.export(address)
-    return Membership(
+    membership = Membership(
         LocalPipe(aggregator),
         name=aggregator.run_name,
         run_id=aggregator.run_id,
@@ -331,6 +367,12 @@ def _aggregate(
         address=address,
         is_aggregator=True,
     )
+    aggregator.on_abort = membership.abort
+    if isinstance(sink, RestSink):
+        sink.on_abort = aggregator.abort
+        if sink.abort_requested:
+            aggregator.abort()
+    return membership
 
 
 def _spill_only(name: str | None, settings: Settings, topology: Topology) -> Membership:

@@ -27,6 +27,8 @@ def _isolated(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SIMVUE_STORE", str(base / "store"))
     monkeypatch.setenv("SIMVUE_RENDEZVOUS_DIR", str(base / "rendezvous"))
     monkeypatch.delenv("SIMVUE_AGGREGATOR", raising=False)
+    for name in ("SIMVUE_URL", "SIMVUE_TOKEN", "SIMVUE_MODE", "SIMTRACK_URL", "SIMTRACK_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
     yield
 
 

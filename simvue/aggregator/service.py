@@ -115,6 +115,9 @@ class Aggregator:
         self._bind_error: BaseException | None = None
         self.final_status: str | None = None
         self.address: AggregatorAddress | None = None
+        self.aborted = False
+        self._abort_announced = False
+        self.on_abort: Any = None  # called once when the server asks the run to stop
         self._thread = threading.Thread(target=self._run, name="simvue-aggregator", daemon=True)
 
     # -- called from the run's own threads ----------------------------------------------
@@ -161,6 +164,15 @@ class Aggregator:
             if deadline is not None and time.monotonic() >= deadline:
                 return False
         return True
+
+    def abort(self) -> None:
+        """The server asked the run to stop: tell this process now, and every other process
+        from the aggregator thread (an ABORT message)."""
+        if self.aborted:
+            return
+        self.aborted = True
+        if self.on_abort is not None:
+            self.on_abort()
 
     @property
     def finished(self) -> bool:
@@ -227,6 +239,8 @@ class Aggregator:
                         break  # keep commits (and the local buffer's draining) on schedule
             if self.local_buffer:
                 self._ingest(self._local, _drain(self.local_buffer))
+            if self.aborted and not self._abort_announced:
+                self._announce_abort(sock)
             now = time.monotonic()
             if now >= next_tick:
                 self._tick(now)
@@ -270,6 +284,13 @@ class Aggregator:
             return False
         return True
 
+    def _announce_abort(self, sock: zmq.Socket) -> None:
+        self._abort_announced = True
+        self._batch.events.append((time.time(), "the server asked this run to stop (abort)", "warning"))
+        for state in self._table.live():
+            if state.sender_id != LOCAL_SENDER_ID:
+                self._reply(sock, state.sender_id, protocol.ABORT, None)
+
     def _request_drains(self, sock: zmq.Socket, now: float) -> None:
         for state in self._table.live():
             if state.role == "worker":
@@ -297,6 +318,8 @@ class Aggregator:
             )
             run = {"name": self.run_name, "id": self.run_id, "started": self.started, "label": state.label}
             self._reply(sock, sender_id, protocol.ACK, {"seq": state.last_seq, "closed": False, "run": run})
+            if self._abort_announced:
+                self._reply(sock, sender_id, protocol.ABORT, None)
             return
         state = self._table.by_id.get(sender_id)
         if state is None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..config import Settings
+from ..server.cli import add_server_commands
 from ..store import RunNotFound, Store
 from ..store.sqlite import DATABASE_FILE
 from ..validation import format_timestamp
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
+    if getattr(args, "standalone", False):
+        return args.handler(args)
     directory = Path(args.store) if args.store else Settings().store_path()
     if not (directory / DATABASE_FILE).exists():
         print(f"simvue: no store at {directory} (run something first, or pass --store DIR)", file=sys.stderr)
@@ -67,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("json", "csv"), default="json")
     export.add_argument("--output", "-o", help="file to write (default: standard output)")
     export.set_defaults(handler=_export)
+
+    add_server_commands(commands)
     return parser
 
 

@@ -86,6 +86,20 @@ CREATE TABLE IF NOT EXISTS events (
     level TEXT NOT NULL DEFAULT 'info'
 );
 CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, id);
+CREATE TABLE IF NOT EXISTS uploads (
+    run_id TEXT NOT NULL REFERENCES runs (id),
+    server TEXT NOT NULL,
+    remote_id TEXT,
+    folder_id TEXT,
+    chunk_id INTEGER NOT NULL DEFAULT 0,
+    chunk_offset INTEGER NOT NULL DEFAULT 0,
+    event_id INTEGER NOT NULL DEFAULT 0,
+    sent TEXT NOT NULL DEFAULT '{}',
+    state TEXT NOT NULL DEFAULT 'pending',
+    error TEXT,
+    updated REAL,
+    PRIMARY KEY (run_id, server)
+);
 """
 
 
@@ -372,6 +386,61 @@ class Store:
         ).fetchall()
         return [{"timestamp": ts, "message": message, "level": level} for ts, message, level in rows]
 
+    # -- replication to a server (see simvue.sinks.rest) ------------------------------
+
+    def metric_chunks_from(self, run_id: str, chunk_id: int, limit: int) -> list[tuple]:
+        """Up to ``limit`` metric chunks of a run with id >= ``chunk_id``, in commit order, as
+        ``(chunk id, metric name, steps, times, timestamps, values)``."""
+        rows = self._db.execute(
+            "SELECT c.id, m.name, c.steps, c.times, c.timestamps, c.vals FROM metric_chunks c"
+            " JOIN metrics m ON m.id = c.metric_id WHERE m.run_id=? AND c.id>=? ORDER BY c.id LIMIT ?",
+            (run_id, chunk_id, limit),
+        ).fetchall()
+        return [
+            (cid, name, _unpack("q", steps), _unpack("d", times), _unpack("d", stamps), _unpack("d", values))
+            for cid, name, steps, times, stamps, values in rows
+        ]
+
+    def metric_points_from(self, run_id: str, chunk_id: int) -> int:
+        """How many metric points of a run are in chunks with id >= ``chunk_id``."""
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(c.count), 0) FROM metric_chunks c JOIN metrics m ON m.id = c.metric_id"
+            " WHERE m.run_id=? AND c.id>=?",
+            (run_id, chunk_id),
+        ).fetchone()
+        return row[0]
+
+    def events_after(self, run_id: str, event_id: int, limit: int) -> list[tuple[int, float, str, str]]:
+        """Up to ``limit`` events of a run with id > ``event_id``: ``(id, timestamp, message, level)``."""
+        return self._db.execute(
+            "SELECT id, timestamp, message, level FROM events WHERE run_id=? AND id>? ORDER BY id LIMIT ?",
+            (run_id, event_id, limit),
+        ).fetchall()
+
+    def upload(self, run_id: str, server: str) -> dict | None:
+        """How far run ``run_id`` has been sent to ``server`` (None: not started)."""
+        row = self._db.execute(
+            f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE run_id=? AND server=?", (run_id, server)
+        ).fetchone()
+        return None if row is None else _upload_dict(row)
+
+    def uploads(self) -> list[dict]:
+        """Every run's upload state, for every server it was meant for."""
+        rows = self._db.execute(f"SELECT {_UPLOAD_COLUMNS} FROM uploads ORDER BY updated").fetchall()
+        return [_upload_dict(row) for row in rows]
+
+    def save_upload(self, run_id: str, server: str, **fields: Any) -> None:
+        """Create or update the upload state of ``run_id`` for ``server``."""
+        if "sent" in fields:
+            fields["sent"] = json.dumps(fields["sent"])
+        fields["updated"] = time.time()
+        with self._transaction() as db:
+            db.execute("INSERT OR IGNORE INTO uploads (run_id, server) VALUES (?, ?)", (run_id, server))
+            db.execute(
+                f"UPDATE uploads SET {', '.join(f'{name}=?' for name in fields)} WHERE run_id=? AND server=?",
+                (*fields.values(), run_id, server),
+            )
+
     def folder(self, path: str) -> dict | None:
         row = self._db.execute(
             "SELECT path, description, metadata, tags FROM folders WHERE path=?", (path,)
@@ -385,6 +454,15 @@ _RUN_COLUMNS = (
     "id, name, folder, description, status, metadata, tags, system, created, started, ended, heartbeat,"
     " heartbeat_timeout_s"
 )
+
+
+_UPLOAD_COLUMNS = "run_id, server, remote_id, folder_id, chunk_id, chunk_offset, event_id, sent, state, error, updated"
+
+
+def _upload_dict(row: tuple) -> dict:
+    upload = dict(zip(_UPLOAD_COLUMNS.split(", "), row))
+    upload["sent"] = json.loads(upload["sent"])
+    return upload
 
 
 def _run_dict(row: tuple, now: float) -> dict:

@@ -34,6 +34,8 @@ ACK        body: map {seq: highest seq processed, closed: bool, run: map|absent}
            spilled.  The answer to HELLO carries ``run``: {name, id, started}.
 DRAIN      body: nil.  Sent to workers when the run is ending: send everything buffered,
            then a HEARTBEAT, without waiting for the process to exit.
+ABORT      body: nil.  The server asked the run to stop; every process acts on it as its
+           ``abort_on_alert`` setting says.  Sent to every live sender, and to later joiners.
 =========  =============================================================================
 
 Records (arrays; the first element is the record kind):
@@ -58,8 +60,10 @@ import msgpack
 
 PROTOCOL_VERSION = 1
 
-HELLO, DATA, HEARTBEAT, BYE, ACK, DRAIN = 1, 2, 3, 4, 5, 6
-KIND_NAMES = {HELLO: "hello", DATA: "data", HEARTBEAT: "heartbeat", BYE: "bye", ACK: "ack", DRAIN: "drain"}
+HELLO, DATA, HEARTBEAT, BYE, ACK, DRAIN, ABORT = 1, 2, 3, 4, 5, 6, 7
+KIND_NAMES = {
+    HELLO: "hello", DATA: "data", HEARTBEAT: "heartbeat", BYE: "bye", ACK: "ack", DRAIN: "drain", ABORT: "abort"
+}
 
 METRICS, EVENT, METADATA, TAGS, STATUS, FOLDER = 0, 1, 2, 3, 4, 5
 

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -74,6 +75,8 @@ class Sender:
         self._dropped_at_close: dict[str, int] = {}
         self.welcome: dict[str, Any] | None = None
         self.welcomed = threading.Event()
+        self.on_abort: Callable[[], None] = lambda: None  # called once, on the sender thread
+        self.aborted = False
         self._thread = threading.Thread(target=self._run, name="simvue-sender", daemon=True)
         self._thread.start()
 
@@ -200,6 +203,11 @@ class Sender:
             try:
                 kind, _, body = protocol.decode(self._key, sock.recv_multipart(zmq.NOBLOCK))
             except (protocol.BadFrame, zmq.Again):
+                continue
+            if kind == protocol.ABORT:
+                if not self.aborted:
+                    self.aborted = True
+                    self.on_abort()
                 continue
             if kind == protocol.DRAIN:
                 with self._acked:

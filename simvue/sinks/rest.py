@@ -1,0 +1,411 @@
+"""Sending runs to a Simvue server.  The online sink and ``simvue push`` share one replicator.
+
+The local store is the spool: the aggregator always commits to it first, and a replicator
+copies a run from the store to the server, remembering in the store's ``uploads`` table how
+far it got (a metric chunk cursor, an event cursor, and the run fields last sent).  So
+
+* a server that is down or answers 5xx/429 costs nothing but time: the replicator backs off
+  and resumes from its cursor, in the order the data was committed;
+* ``simvue push`` after the job ends, or after an interrupted push, sends only what is left;
+* metric and event batches carry an ``Idempotency-Key`` so a server that honours it (ours
+  does) never applies one twice, even if the answer to a request was lost.
+
+A run's final status is sent only after all of its data.  Requests per run are bounded:
+one pass every ``upload_interval_s`` with at most one metrics and one events request unless
+there is a backlog (then back-to-back batches of up to ``MAX_POINTS_PER_REQUEST`` points),
+a heartbeat every ``server_heartbeat_interval_s`` and an abort poll every
+``abort_poll_interval_s``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..api.config import ServerConfig
+from ..api.connection import Backoff, Connection, ServerRejected, ServerUnavailable
+from ..config import Settings
+from ..errors import SimvueWarning
+from ..store import Store, StoreBatch
+from ..validation import format_timestamp
+from .offline import OfflineSink
+
+MAX_POINTS_PER_REQUEST = 100_000
+MAX_EVENTS_PER_REQUEST = 16_000
+CHUNKS_PER_READ = 512
+FINAL_STATUSES = ("completed", "failed", "terminated", "lost")
+MIN_SERVER_HEARTBEAT_TIMEOUT_S = 180.0
+
+
+class Replicator:
+    """Copies one run from a local store to a server, resumably.  One thread at a time."""
+
+    def __init__(self, store: Store, connection: Connection, run_id: str) -> None:
+        self.store = store
+        self.connection = connection
+        self.run_id = run_id
+        self.server = connection.config.url or ""
+        self.state = store.upload(run_id, self.server) or {
+            "remote_id": None,
+            "folder_id": None,
+            "chunk_id": 0,
+            "chunk_offset": 0,
+            "event_id": 0,
+            "sent": {},
+            "state": "pending",
+            "error": None,
+        }
+        self._iso: dict[float, str] = {}
+
+    @property
+    def remote_id(self) -> str | None:
+        return self.state["remote_id"]
+
+    @property
+    def complete(self) -> bool:
+        return self.state["state"] == "sent"
+
+    def _save(self, **fields: Any) -> None:
+        self.state.update(fields)
+        self.store.save_upload(self.run_id, self.server, **fields)
+
+    def reject(self, error: str) -> None:
+        """Record that the server refused this run; it stays local until pushed again."""
+        self._save(state="rejected", error=error)
+
+    def create(self, heartbeat_interval_s: float) -> str:
+        """Create the run (and its folder) on the server, once."""
+        if self.remote_id is not None:
+            return self.remote_id
+        run = self.store.run(self.run_id)
+        folder = self.connection.request("POST", "/folders", json={"path": run["folder"]}, conflict_ok=True) or {}
+        status = "created" if run["status"] == "created" else "running"
+        timeout = max(run["heartbeat_timeout_s"] or 0.0, 3 * heartbeat_interval_s, MIN_SERVER_HEARTBEAT_TIMEOUT_S)
+        body = {
+            "name": run["name"],
+            "folder": run["folder"],
+            "status": status,
+            "description": run["description"],
+            "tags": run["tags"],
+            "metadata": run["metadata"],
+            "system": run["system"],
+            "heartbeat_timeout": timeout,
+            "ttl": None,
+            "alerts": [],
+            "notifications": {"state": "none"},
+            "visibility": {"tenant": False, "public": False, "users": []},
+        }
+        answer = self.connection.request("POST", "/runs", json=body, conflict_ok=True)
+        if not isinstance(answer, dict) or not answer.get("id"):
+            raise ServerRejected("POST", "/runs", 200, f"the answer has no run id: {answer!r}")
+        sent = {"status": status, "metadata": run["metadata"], "tags": run["tags"], "description": run["description"]}
+        self._save(remote_id=answer["id"], folder_id=folder.get("id"), sent=sent, state="sending", error=None)
+        return answer["id"]
+
+    def send_metrics(self) -> int:
+        """Send the next batch of metric points; returns how many were sent (0: caught up)."""
+        chunk_id, offset = self.state["chunk_id"], self.state["chunk_offset"]
+        rows = self.store.metric_chunks_from(self.run_id, chunk_id, CHUNKS_PER_READ)
+        if not rows:
+            return 0
+        entries: list[tuple[tuple, dict]] = []
+        open_entries: dict[tuple, dict] = {}
+        budget = MAX_POINTS_PER_REQUEST
+        cursor = (chunk_id, offset)
+        for cid, name, steps, times, stamps, values in rows:
+            start = offset if cid == chunk_id else 0
+            stop = min(len(values), start + budget)
+            for i in range(start, stop):
+                key = (steps[i], times[i], stamps[i])
+                entry = open_entries.get(key)
+                if entry is None or name in entry:  # one entry per logging call, as clients send
+                    entry = open_entries[key] = {}
+                    entries.append((key, entry))
+                entry[name] = values[i]
+            budget -= stop - start
+            cursor = (cid, stop) if stop < len(values) else (cid + 1, 0)
+            if budget <= 0:
+                break
+        sent = MAX_POINTS_PER_REQUEST - budget
+        if sent:
+            body = {
+                "run": self.remote_id,
+                "metrics": [
+                    {"time": t, "timestamp": self._timestamp(ts), "step": step, "values": values}
+                    for (step, t, ts), values in entries
+                ],
+            }
+            self._post("/metrics", body, f"{self.run_id}/metrics/{chunk_id}.{offset}")
+        self._save(chunk_id=cursor[0], chunk_offset=cursor[1])
+        return sent
+
+    def send_events(self) -> int:
+        """Send the next batch of events; returns how many were sent (0: caught up)."""
+        after = self.state["event_id"]
+        rows = self.store.events_after(self.run_id, after, MAX_EVENTS_PER_REQUEST)
+        if not rows:
+            return 0
+        body = {
+            "run": self.remote_id,
+            "events": [
+                {"message": message, "log_level": level, "timestamp": self._timestamp(ts)}
+                for _, ts, message, level in rows
+            ],
+        }
+        self._post("/events", body, f"{self.run_id}/events/{after}")
+        self._save(event_id=rows[-1][0])
+        return len(rows)
+
+    def send_changes(self, run: dict[str, Any]) -> bool:
+        """Send what changed in the run's fields since last time; ``run`` must have been read
+        before the data was drained, so a final status is never sent ahead of data.
+        Returns True once the run's final status is on the server."""
+        sent = dict(self.state["sent"])
+        update: dict[str, Any] = {}
+        for field in ("metadata", "tags", "description"):
+            if run[field] != sent.get(field):
+                update[field] = run[field]
+        status = run["status"]
+        if status != sent.get("status"):
+            update["status"] = status
+            if status in FINAL_STATUSES:
+                update["endtime"] = format_timestamp(run["ended"] or time.time())
+        if update:
+            self.connection.request("PUT", f"/runs/{self.remote_id}", json=update)
+            sent.update({key: value for key, value in update.items() if key != "endtime"})
+            self._save(sent=sent)
+        folder = self.store.folder(run["folder"])
+        details = folder and {key: folder[key] for key in ("metadata", "tags", "description")}
+        if details and (details["metadata"] or details["tags"] or details["description"]) and details != sent.get(
+            "folder"
+        ):
+            if self.state["folder_id"]:
+                self.connection.request("PUT", f"/folders/{self.state['folder_id']}", json=details)
+            sent["folder"] = details
+            self._save(sent=sent)
+        if status in FINAL_STATUSES:
+            self._save(state="sent", error=None)
+            return True
+        return False
+
+    def sync(self, heartbeat_interval_s: float, progress: Callable[[int], None] | None = None) -> bool:
+        """Send everything the store holds for the run now.  True when the run is complete
+        on the server (its final status sent)."""
+        self.create(heartbeat_interval_s)
+        run = self.store.run(self.run_id)
+        while sent := self.send_metrics():
+            if progress:
+                progress(sent)
+        while self.send_events():
+            pass
+        return self.send_changes(run)
+
+    def points_left(self) -> int:
+        return self.store.metric_points_from(self.run_id, self.state["chunk_id"]) - self.state["chunk_offset"]
+
+    def heartbeat(self) -> None:
+        self.connection.request("PUT", f"/runs/{self.remote_id}/heartbeat")
+
+    def abort_requested(self) -> bool:
+        answer = self.connection.request("GET", f"/runs/{self.remote_id}/abort")
+        return bool(isinstance(answer, dict) and answer.get("status"))
+
+    def _post(self, path: str, body: dict, key: str) -> None:
+        self.connection.request("POST", path, packed=body, headers={"Idempotency-Key": key})
+
+    def _timestamp(self, seconds: float) -> str:
+        text = self._iso.get(seconds)
+        if text is None:
+            if len(self._iso) > 100_000:
+                self._iso.clear()
+            text = self._iso[seconds] = format_timestamp(seconds)
+        return text
+
+
+class Uploader:
+    """The aggregator's background thread that keeps a server in step with the store."""
+
+    def __init__(
+        self,
+        directory: Path,
+        config: ServerConfig,
+        run_id: str,
+        run_name: str,
+        settings: Settings,
+        on_abort: Callable[[], None],
+    ) -> None:
+        self.directory = directory
+        self.config = config
+        self.run_name = run_name
+        self.settings = settings
+        self.on_abort = on_abort
+        self.connection = Connection(config)
+        self.store = Store(directory)
+        self.replicator = Replicator(self.store, self.connection, run_id)
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._done = threading.Event()
+        self._passes = threading.Condition()
+        self._clean_passes = 0
+        self._warned_unreachable = False
+        self.error: ServerRejected | None = None
+        self._thread = threading.Thread(target=self._run, name="simvue-uploader", daemon=True)
+
+    def create(self) -> None:
+        """First contact, on the thread that starts the run: the version handshake and the
+        run's creation.  ``ServerUnavailable`` leaves it to the thread; ``ServerRejected``
+        is for the caller to report."""
+        self.connection.check_version()
+        self.replicator.create(self.settings.server_heartbeat_interval_s)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until everything committed before this call has reached the server."""
+        with self._passes:
+            target = self._clean_passes + 2  # a pass that began after this call has ended
+            self._wake.set()
+            return self._passes.wait_for(
+                lambda: self._clean_passes >= target or self._done.is_set(), timeout_s
+            ) and self.error is None and self._clean_passes >= target
+
+    def finish(self, timeout_s: float) -> bool:
+        """Send the rest, including the final status; False if the server did not take it
+        all within ``timeout_s`` (the run then stays in the store, ready for ``simvue push``)."""
+        self._closing.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+        complete = self.replicator.complete
+        if not complete:
+            reason = str(self.error) if self.error else f"{self.config.url} could not be reached"
+            store = self.directory
+            hint = "" if store == Path(".simvue").absolute() else f" --store {store}"
+            os.write(
+                2,
+                f"simvue: run '{self.run_name}' was not fully sent ({reason}); it is kept in {store}."
+                f" Send it with: simvue push{hint} {self.run_name}\n".encode(),
+            )
+        return complete
+
+    def _run(self) -> None:
+        settings = self.settings
+        backoff = Backoff(cap_s=settings.retry_max_interval_s)
+        next_heartbeat = next_abort_poll = 0.0
+        retry_at = 0.0
+        aborted = False
+        try:
+            while True:
+                if retry_at:
+                    wait = retry_at - time.monotonic()
+                else:
+                    wait = 0.0 if self._closing.is_set() else settings.upload_interval_s
+                if wait > 0:
+                    self._wake.wait(wait)
+                    self._wake.clear()
+                if retry_at and time.monotonic() < retry_at:
+                    continue  # woken during a backoff: keep waiting it out
+                closing = self._closing.is_set()
+                try:
+                    complete = self.replicator.sync(settings.server_heartbeat_interval_s)
+                    now = time.monotonic()
+                    if not complete and now >= next_heartbeat:
+                        self.replicator.heartbeat()
+                        next_heartbeat = now + settings.server_heartbeat_interval_s
+                    if not complete and not aborted and now >= next_abort_poll:
+                        next_abort_poll = now + settings.abort_poll_interval_s
+                        if self.replicator.abort_requested():
+                            aborted = True
+                            self.on_abort()
+                except ServerUnavailable as exc:
+                    retry_at = time.monotonic() + backoff.next_delay(exc.retry_after)
+                    if not self._warned_unreachable:
+                        self._warned_unreachable = True
+                        os.write(
+                            2,
+                            f"simvue: {exc}; keeping run '{self.run_name}' in the local store and retrying\n".encode(),
+                        )
+                    continue
+                retry_at = 0.0
+                backoff.reset()
+                with self._passes:
+                    self._clean_passes += 1
+                    self._passes.notify_all()
+                if complete or closing:
+                    return
+        except ServerRejected as exc:
+            self.error = exc
+            self.replicator.reject(str(exc))
+            os.write(2, f"simvue: {exc}; run '{self.run_name}' stays in the local store\n".encode())
+        except Exception:  # noqa: BLE001 - the upload must never take the job down
+            os.write(2, ("simvue: uploader failed:\n" + traceback.format_exc()).encode())
+        finally:
+            self._done.set()
+            with self._passes:
+                self._passes.notify_all()
+            self.store.close()
+            self.connection.close()
+
+
+class RestSink:
+    """The local store plus an ``Uploader`` that copies the run to a Simvue server."""
+
+    def __init__(self, directory: Path, config: ServerConfig, settings: Settings) -> None:
+        self._offline = OfflineSink(directory)
+        self.directory = directory
+        self.config = config
+        self.settings = settings
+        self.location = f"{config.url} (spooled in {self._offline.location})"
+        self.on_abort: Callable[[], None] = lambda: None
+        self.abort_requested = False
+        self._uploader: Uploader | None = None
+
+    def start_run(self, run: dict[str, Any]) -> str:
+        run_id = self._offline.start_run(run)
+        uploader = Uploader(self.directory, self.config, run_id, run["name"], self.settings, self._abort)
+        try:
+            uploader.create()
+        except ServerUnavailable as exc:
+            os.write(2, f"simvue: {exc}; run '{run['name']}' is kept locally and sent when the server answers\n".encode())
+        except ServerRejected as exc:
+            uploader.replicator.reject(str(exc))
+            if not self.settings.suppress_errors:
+                self._offline.write(StoreBatch(status="failed", ended=time.time()))
+                self._offline.close(0)
+                raise
+            warnings.warn(
+                f"simvue: {exc}; the run is recorded in the local store only (send it later with simvue push)",
+                SimvueWarning,
+                stacklevel=2,
+            )
+            return run_id
+        self._uploader = uploader
+        uploader.start()
+        return run_id
+
+    def _abort(self) -> None:
+        self.abort_requested = True
+        self.on_abort()
+
+    def write(self, batch: StoreBatch) -> None:
+        self._offline.write(batch)
+        if self._uploader is not None and (batch.status is not None or batch.ended is not None):
+            self._uploader.wake()
+
+    def flush(self, timeout_s: float) -> bool:
+        return self._uploader.flush(timeout_s) if self._uploader is not None else False
+
+    def close(self, timeout_s: float) -> bool:
+        self._offline.close(timeout_s)
+        if self._uploader is None:
+            return False
+        return self._uploader.finish(timeout_s)
