@@ -1,11 +1,15 @@
-"""The ``simvue`` command: browse and export runs in the local store.
+"""The ``simvue`` command: browse, export and send runs; run a server.
 
     simvue runs list [--status S] [--folder F] [--json]
     simvue runs show NAME
     simvue export NAME [--format json|csv] [--output FILE]
+    simvue push [RUN ...]
+    simvue server [...] / simvue server token [...]
 
-``--store DIR`` (or ``$SIMVUE_STORE``) selects the store; the default is ``./.simvue``.
-NAME is a run's name (the newest run of that name) or its id.
+``runs`` and ``export`` read from the configured server (``SIMVUE_URL``/``SIMVUE_TOKEN`` or a
+config file) when there is one, else, or with ``--offline``, from the local store:
+``--store DIR`` (or ``$SIMVUE_STORE``), default ``./.simvue``.  NAME is a run's name (the
+newest run of that name) or its id.
 """
 
 from __future__ import annotations
@@ -18,11 +22,16 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..api import config as api_config
+from ..api.connection import Connection, ServerError
+from ..api.remote import RemoteStore
 from ..config import Settings
+from ..errors import SimvueError
 from ..server.cli import add_server_commands
 from ..store import RunNotFound, Store
 from ..store.sqlite import DATABASE_FILE
 from ..validation import format_timestamp
+from .push import add_push_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,15 +42,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if getattr(args, "standalone", False):
         return args.handler(args)
-    directory = Path(args.store) if args.store else Settings().store_path()
-    if not (directory / DATABASE_FILE).exists():
-        print(f"simvue: no store at {directory} (run something first, or pass --store DIR)", file=sys.stderr)
+    try:
+        server = api_config.resolve("offline" if args.offline or not getattr(args, "reads", False) else None)
+    except SimvueError as exc:
+        print(f"simvue: {exc}", file=sys.stderr)
         return 1
-    store = Store(directory)
+    if server.online:
+        store: Store | RemoteStore = RemoteStore(Connection(server))
+    else:
+        directory = Path(args.store) if args.store else Settings().store_path()
+        if not (directory / DATABASE_FILE).exists():
+            print(f"simvue: no store at {directory} (run something first, or pass --store DIR)", file=sys.stderr)
+            return 1
+        store = Store(directory)
     try:
         return args.handler(store, args, sys.stdout)
     except RunNotFound as exc:
         print(f"simvue: {exc.args[0]}", file=sys.stderr)
+        return 1
+    except ServerError as exc:
+        print(f"simvue: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -53,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="simvue", description="Browse and export tracked runs.")
     parser.add_argument("--store", help="store directory (default: $SIMVUE_STORE or ./.simvue)")
+    parser.add_argument("--offline", action="store_true", help="read the local store even if a server is configured")
     commands = parser.add_subparsers(title="commands")
 
     runs = commands.add_parser("runs", help="list and inspect runs").add_subparsers(title="runs commands")
@@ -60,17 +81,18 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--status", help="only runs with this status")
     listing.add_argument("--folder", help="only runs in this folder or below")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    listing.set_defaults(handler=_runs_list)
+    listing.set_defaults(handler=_runs_list, reads=True)
     show = runs.add_parser("show", help="show one run")
     show.add_argument("name", help="run name or id")
-    show.set_defaults(handler=_runs_show)
+    show.set_defaults(handler=_runs_show, reads=True)
 
     export = commands.add_parser("export", help="export a run as JSON or CSV")
     export.add_argument("name", help="run name or id")
     export.add_argument("--format", choices=("json", "csv"), default="json")
     export.add_argument("--output", "-o", help="file to write (default: standard output)")
-    export.set_defaults(handler=_export)
+    export.set_defaults(handler=_export, reads=True)
 
+    add_push_command(commands)
     add_server_commands(commands)
     return parser
 
@@ -86,7 +108,7 @@ def _runs_list(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         out.write("\n")
         return 0
     rows = [("NAME", "STATUS", "FOLDER", "CREATED", "ID")]
-    rows += [(r["name"], r["status"], r["folder"], _iso(r["created"])[:19], r["id"]) for r in runs]
+    rows += [(r["name"], r["status"], r["folder"], (_iso(r["created"]) or "")[:19], r["id"]) for r in runs]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")

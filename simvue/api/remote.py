@@ -1,0 +1,111 @@
+"""Reading runs from a server with the same calls as the local ``Store``.
+
+The ``simvue`` command lists, shows and exports runs through this when a server is
+configured.  Runs, events and folders are read through the Simvue API's collections; metric
+values through ``GET /api/runs/{id}/metrics``, the bulk read that ``simvue server`` offers.
+"""
+
+from __future__ import annotations
+
+import json
+from array import array
+from typing import Any
+
+from ..store import RunNotFound
+from ..validation import timestamp as parse_timestamp
+from .connection import Connection, ServerRejected
+
+PAGE = 100
+
+
+class RemoteStore:
+    """The read side of ``simvue.store.Store``, answered by a server."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.path = connection.base
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def runs(self, *, status: str | None = None, folder: str | None = None) -> list[dict]:
+        filters = [f"status == {status}"] if status else []
+        runs = [_run_dict(run) for run in self._all("/runs", {"filters": json.dumps(filters)} if filters else {})]
+        if folder is not None:
+            prefix = folder.rstrip("/") + "/"
+            runs = [r for r in runs if r["folder"] == folder or r["folder"].startswith(prefix)]
+        return sorted(runs, key=lambda r: r["created"] or 0.0)
+
+    def run(self, name_or_id: str) -> dict:
+        try:
+            return _run_dict(self.connection.request("GET", f"/runs/{name_or_id}"))
+        except ServerRejected as exc:
+            if exc.status not in (400, 404, 422):
+                raise
+        found = self._all("/runs", {"filters": json.dumps([f"name == {name_or_id}"])})
+        if not found:
+            raise RunNotFound(f"no run named {name_or_id!r} on {self.path}")
+        return max((_run_dict(run) for run in found), key=lambda r: r["created"] or 0.0)
+
+    def metric_names(self, run_id: str) -> list[str]:
+        return sorted(self.connection.request("GET", f"/runs/{run_id}/metrics/names") or [])
+
+    def metric_series(self, run_id: str, name: str) -> dict[str, array]:
+        data = (self.connection.request("GET", f"/runs/{run_id}/metrics", params={"names": json.dumps([name])}) or {})
+        series = data.get("data", {}).get(name, {})
+        return {
+            "steps": array("q", series.get("steps", [])),
+            "times": array("d", series.get("times", [])),
+            "timestamps": array("d", [parse_timestamp(ts) for ts in series.get("timestamps", [])]),
+            "values": array("d", series.get("values", [])),
+        }
+
+    def metric_counts(self, run_id: str) -> dict[str, int]:
+        data = (self.connection.request("GET", f"/runs/{run_id}/metrics") or {}).get("data", {})
+        return {name: len(series.get("values", [])) for name, series in sorted(data.items())}
+
+    def events(self, run_id: str) -> list[dict]:
+        return [
+            {"timestamp": parse_timestamp(e["timestamp"]), "message": e["message"], "level": e.get("log_level", "info")}
+            for e in self._all("/events", {"run": run_id})
+        ]
+
+    def folder(self, path: str) -> dict | None:
+        found = self._all("/folders", {"filters": json.dumps([f"path == {path}"])})
+        for folder in found:
+            if folder.get("path") == path:
+                return {key: folder.get(key) for key in ("path", "description", "metadata", "tags")}
+        return None
+
+    def _all(self, path: str, params: dict[str, Any]) -> list[dict]:
+        items: list[dict] = []
+        while True:
+            page = self.connection.request("GET", path, params={**params, "start": len(items), "count": PAGE}) or {}
+            data = page.get("data", []) if isinstance(page, dict) else page
+            items.extend(data)
+            if len(data) < PAGE:
+                return items
+
+
+def _run_dict(run: dict) -> dict:
+    """A server's run object in the shape ``Store.run`` returns."""
+
+    def seconds(key: str) -> float | None:
+        value = run.get(key)
+        return parse_timestamp(value) if isinstance(value, str) and value else None
+
+    return {
+        "id": run["id"],
+        "name": run.get("name", ""),
+        "folder": run.get("folder", "/"),
+        "description": run.get("description"),
+        "status": run.get("status", ""),
+        "metadata": run.get("metadata") or {},
+        "tags": run.get("tags") or [],
+        "system": run.get("system") or {},
+        "created": seconds("created"),
+        "started": seconds("started"),
+        "ended": seconds("endtime"),
+        "heartbeat": seconds("heartbeat"),
+        "heartbeat_timeout_s": run.get("heartbeat_timeout"),
+    }

@@ -1,0 +1,106 @@
+"""``simvue push``: send runs from the local store to the configured server.
+
+Pushing is the online sink's replicator run to completion: it resumes where the last push
+(or the job's own uploader) stopped, so pushing twice sends nothing twice, and an
+interrupted push is finished by the next one.  Runs still being written by a live job are
+left to that job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import TextIO
+
+from ..api import config as api_config
+from ..api.connection import Backoff, Connection, ServerRejected, ServerUnavailable, retrying
+from ..config import from_environment
+from ..sinks.rest import Replicator
+from ..store import Store
+
+PROGRESS_INTERVAL_S = 0.2
+
+
+def add_push_command(commands: argparse._SubParsersAction) -> None:
+    push = commands.add_parser("push", help="send runs from the local store to the server")
+    push.add_argument("runs", nargs="*", metavar="RUN", help="run names or ids (default: every run not yet sent)")
+    push.add_argument(
+        "--timeout", type=float, default=300.0, help="give up after retrying an unreachable server this long (s)"
+    )
+    push.set_defaults(handler=push_runs)
+
+
+def push_runs(store: Store, args: argparse.Namespace, out: TextIO) -> int:
+    server = api_config.resolve("online")
+    if not server.online:
+        print("simvue: no server configured: set SIMVUE_URL and SIMVUE_TOKEN (or simvue.toml [server])", file=sys.stderr)
+        return 1
+    connection = Connection(server)
+    deadline = time.monotonic() + args.timeout
+    try:
+        retrying(connection.check_version, deadline)
+        runs = [store.run(name) for name in args.runs] if args.runs else _unsent(store, server.url or "")
+        failed = 0
+        for run in runs:
+            if run["status"] == "running":
+                out.write(f"{run['name']}: still running; its job sends it (push it once it has ended)\n")
+                continue
+            replicator = Replicator(store, connection, run["id"])
+            if replicator.complete:
+                out.write(f"{run['name']}: already sent as {replicator.remote_id}\n")
+                continue
+            try:
+                _push_one(replicator, run["name"], deadline, out)
+            except ServerRejected as exc:
+                replicator.reject(str(exc))
+                print(f"simvue: {run['name']}: {exc}", file=sys.stderr)
+                failed += 1
+        return 1 if failed else 0
+    except ServerUnavailable as exc:
+        print(f"simvue: {exc}; gave up after {args.timeout:g} s. Nothing is lost: run simvue push again.", file=sys.stderr)
+        return 1
+    except ServerRejected as exc:
+        print(f"simvue: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+
+
+def _unsent(store: Store, server: str) -> list[dict]:
+    sent = {u["run_id"] for u in store.uploads() if u["server"] == server and u["state"] == "sent"}
+    return [run for run in store.runs() if run["id"] not in sent]
+
+
+def _push_one(replicator: Replicator, name: str, deadline: float, out: TextIO) -> None:
+    progress = Progress(name, replicator.points_left(), sys.stderr)
+    heartbeat_interval_s = from_environment().server_heartbeat_interval_s
+    retrying(lambda: replicator.sync(heartbeat_interval_s, progress.add), deadline, Backoff())
+    progress.done()
+    out.write(f"{name}: sent as {replicator.remote_id}\n")
+
+
+class Progress:
+    """A one-line progress bar on a terminal; silent otherwise."""
+
+    WIDTH = 30
+
+    def __init__(self, name: str, total: int, stream: TextIO) -> None:
+        self.name, self.total, self.stream = name, max(total, 1), stream
+        self.sent = 0
+        self.shown_at = 0.0
+        self.active = stream.isatty() and total > 0
+
+    def add(self, points: int) -> None:
+        self.sent += points
+        now = time.monotonic()
+        if self.active and now - self.shown_at >= PROGRESS_INTERVAL_S:
+            self.shown_at = now
+            filled = min(self.WIDTH, self.WIDTH * self.sent // self.total)
+            bar = "#" * filled + "-" * (self.WIDTH - filled)
+            self.stream.write(f"\r{self.name} [{bar}] {min(self.sent, self.total):,}/{self.total:,} points")
+            self.stream.flush()
+
+    def done(self) -> None:
+        if self.active and self.shown_at:
+            self.stream.write("\n")
