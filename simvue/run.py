@@ -446,6 +446,11 @@ class Run:
             return "ignore"
         return action if action in ("terminate", "run", "ignore") else "terminate"
 
+    def _end_quietly(self) -> None:
+        """Close, and ignore later calls without warnings (the ``run`` abort action)."""
+        self.close()
+        self._state = DISABLED
+
     def _record_status(self, status: str) -> None:
         self._record((protocol.STATUS, status), "set_status")
 

@@ -120,9 +120,10 @@ class Membership:
     def abort(self) -> None:
         """The server asked the run to stop.  Called on a transport thread: the handles'
         callbacks and the configured action run on a thread of their own."""
-        if self.aborted:
-            return
-        self.aborted = True
+        with self._lock:
+            if self.aborted:
+                return
+            self.aborted = True
         threading.Thread(target=self._act_on_abort, name="simvue-abort", daemon=True).start()
 
     def _act_on_abort(self) -> None:
@@ -136,7 +137,7 @@ class Membership:
             handles[0]._record_status("terminated")
         if action == "run":
             for handle in handles:
-                handle.close()
+                handle._end_quietly()
         elif not lifecycle.in_worker_process():
             lifecycle.interrupt_main()  # the pool's parent (or each rank) stops its workers
 
@@ -323,6 +324,8 @@ def join(address: AggregatorAddress, settings: Settings, topology: Topology, *, 
         is_aggregator=False,
     )
     sender.on_abort = membership.abort
+    if sender.aborted:  # the ABORT came with the welcome, before the line above
+        membership.abort()
     _joined[key] = membership
     return membership
 

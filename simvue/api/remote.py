@@ -24,6 +24,7 @@ class RemoteStore:
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         self.path = connection.base
+        self._metric_cache: dict[str, dict[str, dict[str, list]]] = {}
 
     def close(self) -> None:
         self.connection.close()
@@ -48,11 +49,10 @@ class RemoteStore:
         return max((_run_dict(run) for run in found), key=lambda r: r["created"] or 0.0)
 
     def metric_names(self, run_id: str) -> list[str]:
-        return sorted(self.connection.request("GET", f"/runs/{run_id}/metrics/names") or [])
+        return sorted(self._metrics(run_id))
 
     def metric_series(self, run_id: str, name: str) -> dict[str, array]:
-        data = (self.connection.request("GET", f"/runs/{run_id}/metrics", params={"names": json.dumps([name])}) or {})
-        series = data.get("data", {}).get(name, {})
+        series = self._metrics(run_id).get(name, {})
         return {
             "steps": array("q", series.get("steps", [])),
             "times": array("d", series.get("times", [])),
@@ -61,8 +61,14 @@ class RemoteStore:
         }
 
     def metric_counts(self, run_id: str) -> dict[str, int]:
-        data = (self.connection.request("GET", f"/runs/{run_id}/metrics") or {}).get("data", {})
-        return {name: len(series.get("values", [])) for name, series in sorted(data.items())}
+        return {name: len(series.get("values", [])) for name, series in sorted(self._metrics(run_id).items())}
+
+    def _metrics(self, run_id: str) -> dict[str, dict[str, list]]:
+        """Every series of a run, read in one request and kept for this object's life."""
+        if run_id not in self._metric_cache:
+            answer = self.connection.request("GET", f"/runs/{run_id}/metrics") or {}
+            self._metric_cache[run_id] = answer.get("data", {})
+        return self._metric_cache[run_id]
 
     def events(self, run_id: str) -> list[dict]:
         return [

@@ -1,0 +1,359 @@
+"""Runs sent to a real ``simvue server`` process over real HTTP: every point arrives, in
+order, through outages, injected failures and pushes, from one process per job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import mpiexec, read_run, run_script
+from simvue.server.local import ServerProcess
+from simvue.store import Store
+
+FAST = {
+    "SIMVUE_UPLOAD_INTERVAL_S": "0.2",
+    "SIMVUE_ABORT_POLL_INTERVAL_S": "0.3",
+    "SIMVUE_RETRY_MAX_INTERVAL_S": "1",
+    "SIMVUE_CLOSE_TIMEOUT_S": "30",
+}
+
+LOGGING_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    from simvue import Run
+    name, steps, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    with Run() as run:
+        run.init(name=name, folder="/online/tests", tags=["a"], metadata={"steps": steps})
+        run.set_folder_details(metadata={"project": "x"}, description="online tests")
+        for step in range(steps):
+            run.log_metrics({"loss": 1.0 / (step + 1), "x": float(step)})
+            if step % 100 == 0:
+                run.log_event(f"step {step}")
+            if pause:
+                time.sleep(pause)
+        run.update_tags(["b"])
+        run.update_metadata({"done": True})
+    print("PID", os.getpid())
+    """
+)
+
+
+@pytest.fixture
+def server(tmp_path):
+    process = ServerProcess(tmp_path / "server-data")
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def client_env(server: ServerProcess, **extra: str) -> dict[str, str]:
+    return {**FAST, **server.env, **extra}
+
+
+def assert_complete(server: ServerProcess, name: str, steps: int, status: str = "completed") -> dict:
+    run = server.wait_for_status(name)
+    assert run["status"] == status, run
+    metrics = server.metrics(run["id"])
+    assert metrics["loss"]["values"] == [1.0 / (step + 1) for step in range(steps)]
+    assert metrics["x"]["values"] == [float(step) for step in range(steps)]
+    assert metrics["x"]["steps"] == list(range(steps))
+    events = [e["message"] for e in server.events(run["id"])]
+    assert events == [f"step {step}" for step in range(0, steps, 100)]
+    return run
+
+
+def test_a_run_arrives_through_the_api_from_one_process(server):
+    result = run_script(LOGGING_SCRIPT, "online-one", "3000", "0", env=client_env(server))
+    assert result.returncode == 0, result.stderr
+    run = assert_complete(server, "online-one", 3000)
+    assert run["folder"] == "/online/tests"
+    assert sorted(run["tags"]) == ["a", "b"]
+    assert run["metadata"]["steps"] == 3000 and run["metadata"]["done"] is True
+    folders = server.get("/folders", filters=json.dumps(["path == /online/tests"]))["data"]
+    assert folders[0]["metadata"] == {"project": "x"} and folders[0]["description"] == "online tests"
+    pid = result.stdout.split("PID")[1].strip()
+    assert [client.split(":")[1] for client in server.stats()["clients"]] == [pid]
+    # The local store holds the same run, marked as sent.
+    store = Store(Path(os.environ["SIMVUE_STORE"]))
+    try:
+        local = store.run("online-one")
+        assert store.upload(local["id"], server.url)["state"] == "sent"
+    finally:
+        store.close()
+
+
+def test_mpi_job_sends_every_rank_through_one_process(server, tmp_path):
+    example = Path(__file__).parents[1] / "examples" / "mpi_sim.py"
+    env = client_env(server, MPI_SIM_NAME="online-mpi", MPI_SIM_STEPS="300")
+    result = mpiexec(4, sys.executable, str(example), env=env, timeout=150)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = server.wait_for_status("online-mpi")
+    assert run["status"] == "completed"
+    metrics = server.metrics(run["id"])
+    for rank in range(4):
+        assert metrics[f"rank{rank}/loss"]["steps"] == list(range(300)), rank
+    assert metrics["residual.count"]["values"] == [4.0] * 300
+    messages = {e["message"] for e in server.events(run["id"])}
+    assert {f"[rank{rank}] rank {rank} finished" for rank in range(1, 4)} <= messages
+    clients = server.stats()["clients"]
+    assert len(clients) == 1, clients
+    assert clients[0].split(":")[1] == str(run["metadata"]["simvue"]["processes"]["rank0"]["pid"])
+
+
+def test_server_down_mid_run_loses_nothing_and_keeps_order(server):
+    env = client_env(server)
+    script = subprocess.Popen(
+        [sys.executable, "-c", LOGGING_SCRIPT, "online-outage", "2500", "0.002"],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(2.0)
+    server.stop()
+    time.sleep(4.0)
+    server.start()
+    out, err = script.communicate(timeout=120)
+    assert script.returncode == 0, err
+    assert "retrying" in err
+    assert_complete(server, "online-outage", 2500)
+
+
+def test_injected_500s_and_429s_are_retried(tmp_path):
+    server = ServerProcess(
+        tmp_path / "server-data", "POST /api/metrics=500x3", "POST /api/events=429x2", "PUT /api/runs=503x2"
+    )
+    try:
+        result = run_script(LOGGING_SCRIPT, "online-faults", "1500", "0.001", env=client_env(server))
+        assert result.returncode == 0, result.stderr
+        assert_complete(server, "online-faults", 1500)
+        requests_seen = server.stats()["requests"]
+        assert requests_seen.get("POST /api/metrics", 0) >= 4
+    finally:
+        server.stop()
+
+
+def test_bad_token_is_a_clear_error_and_the_run_can_be_pushed_later(server):
+    bad = client_env(server, SIMVUE_TOKEN="not-a-token")
+    strict = run_script(
+        "from simvue import Run\nrun = Run()\nrun.config(suppress_errors=False)\nrun.init(name='bad-token')\n",
+        env=bad,
+    )
+    assert strict.returncode != 0
+    assert "SimvueRunError" in strict.stderr and "401" in strict.stderr, strict.stderr
+
+    lenient = run_script(LOGGING_SCRIPT, "bad-token-kept", "500", "0", env=bad)
+    assert lenient.returncode == 0, lenient.stderr
+    assert lenient.stderr.count("401") == 1, lenient.stderr
+    assert "simvue push" in lenient.stderr
+    local = read_run(Path(os.environ["SIMVUE_STORE"]), "bad-token-kept")
+    assert len(local["metrics"]["x"]) == 500 and local["status"] == "completed"
+
+    pushed = subprocess.run(
+        [sys.executable, "-m", "simvue.cli", "push", "bad-token-kept"],
+        env={**os.environ, **server.env}, capture_output=True, text=True, timeout=120,
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    assert_complete(server, "bad-token-kept", 500)
+
+
+def push(server: ServerProcess, *names: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "simvue.cli", "push", *names],
+        env={**os.environ, **server.env}, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_close_with_server_down_tells_how_to_push_and_push_is_idempotent(server):
+    env = client_env(server, SIMVUE_CLOSE_TIMEOUT_S="2")
+    server.stop()
+    result = run_script(LOGGING_SCRIPT, "online-later", "800", "0", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Send it with: simvue push" in result.stderr and "online-later" in result.stderr
+    server.start()
+    first = push(server)
+    assert first.returncode == 0, first.stderr
+    assert "online-later: sent as" in first.stdout
+    run = assert_complete(server, "online-later", 800)
+    counts = server.stats()["requests"]
+    for again in (push(server), push(server, "online-later")):
+        assert again.returncode == 0, again.stderr
+        assert "already sent" in again.stdout or "online-later" not in again.stdout
+    assert server.stats()["requests"].get("POST /api/metrics") == counts.get("POST /api/metrics")
+    assert len(server.metrics(run["id"])["x"]["values"]) == 800
+
+
+def test_interrupted_push_resumes_without_duplicates(server):
+    steps = 400_000
+    offline = run_script(
+        LOGGING_SCRIPT.replace("with Run() as run", "with Run(mode='offline') as run"),
+        "big-push", str(steps), "0", env=client_env(server), timeout=300,
+    )
+    assert offline.returncode == 0, offline.stderr
+    process = subprocess.Popen(
+        [sys.executable, "-m", "simvue.cli", "push", "big-push"],
+        env={**os.environ, **server.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while server.stats()["requests"].get("POST /api/metrics", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait(30)
+    posted_before = server.stats()["requests"]["POST /api/metrics"]
+    finished = push(server, "big-push", timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    run = server.wait_for_status("big-push")
+    assert run["status"] == "completed"
+    metrics = server.metrics(run["id"])
+    assert metrics["x"]["values"] == [float(step) for step in range(steps)]
+    assert metrics["x"]["steps"] == list(range(steps))
+    # Two metrics per step, 100,000 points per request: 8 requests in all, none repeated
+    # more than the one in flight when the first push was killed.
+    total = server.stats()["requests"]["POST /api/metrics"]
+    assert posted_before >= 1 and total <= 8 + 1
+
+
+ABORT_SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing, os, sys, time
+    from simvue import Run
+
+    def work(run):
+        deadline = time.time() + 60
+        while not run.aborted and time.time() < deadline:
+            run.log_metrics({"w": 1.0})
+            time.sleep(0.01)
+        return run.aborted
+
+    if __name__ == "__main__":
+        seen = []
+        run = Run(abort_callback=lambda r: seen.append(os.getpid()))
+        run.config(abort_on_alert="run")
+        run.init(name="abort-pool")
+        print("READY", flush=True)
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            results = pool.map(work, [run, run])
+        print("RESULTS", results, run.aborted, seen == [os.getpid()], flush=True)
+        run.close()
+    """
+)
+
+
+def request_abort_when_running(server: ServerProcess, name: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            run = server.run_named(name)
+            server.put(f"/runs/{run['id']}/abort", {"reason": "test"})
+            return
+        except AssertionError:
+            time.sleep(0.1)
+    raise AssertionError(f"run {name} never appeared")
+
+
+def test_abort_reaches_the_parent_and_every_pool_worker(server):
+    script = subprocess.Popen(
+        [sys.executable, "-c", ABORT_SCRIPT], env={**os.environ, **client_env(server)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert script.stdout.readline().strip() == "READY"
+    time.sleep(0.5)
+    request_abort_when_running(server, "abort-pool")
+    out, err = script.communicate(timeout=90)
+    assert script.returncode == 0, err
+    assert "RESULTS [True, True] True True" in out, out + err
+    run = server.wait_for_status("abort-pool")
+    assert run["status"] == "terminated"
+
+
+def test_abort_terminates_a_single_process_cleanly(server):
+    code = textwrap.dedent(
+        """
+        import time
+        from simvue import Run
+        with Run() as run:
+            run.init(name="abort-one")
+            for step in range(100_000):
+                run.log_metrics({"x": float(step)})
+                time.sleep(0.01)
+        """
+    )
+    script = subprocess.Popen(
+        [sys.executable, "-c", code], env={**os.environ, **client_env(server)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(1.0)
+    request_abort_when_running(server, "abort-one")
+    out, err = script.communicate(timeout=60)
+    assert script.returncode == 1, err
+    assert "the server asked it to abort" in err and "Traceback" not in err, err
+    run = server.wait_for_status("abort-one")
+    assert run["status"] == "terminated"
+    steps = server.metrics(run["id"])["x"]["steps"]
+    assert steps == list(range(len(steps))) and steps
+
+
+def test_abort_stops_every_mpi_rank(server, tmp_path):
+    code = tmp_path / "abort_mpi.py"
+    code.write_text(
+        textwrap.dedent(
+            """
+            import os, time
+            from simvue import Run
+            rank = os.environ["PMI_RANK"]
+            with Run(abort_callback=lambda run: print(f"ABORTED {rank}", flush=True)) as run:
+                run.init(name="abort-mpi")
+                for step in range(100_000):
+                    run.log_metrics({"x": float(step)})
+                    time.sleep(0.01)
+            """
+        )
+    )
+    outcome: dict = {}
+    thread = threading.Thread(
+        target=lambda: outcome.update(result=mpiexec(4, sys.executable, str(code), env=client_env(server), timeout=120))
+    )
+    thread.start()
+    time.sleep(2.0)
+    request_abort_when_running(server, "abort-mpi")
+    thread.join(150)
+    result = outcome["result"]
+    assert sorted(line for line in result.stdout.splitlines() if line.startswith("ABORTED")) == [
+        f"ABORTED {rank}" for rank in range(4)
+    ], result.stdout + result.stderr
+    run = server.wait_for_status("abort-mpi")
+    assert run["status"] == "terminated"
+    metrics = server.metrics(run["id"])
+    assert sorted(metrics) == [f"rank{rank}/x" for rank in range(4)]
+
+
+def test_cli_reads_runs_from_the_configured_server(server):
+    result = run_script(LOGGING_SCRIPT, "online-cli", "300", "0", env=client_env(server))
+    assert result.returncode == 0, result.stderr
+    server.wait_for_status("online-cli")
+    env = {**os.environ, **server.env}
+    listing = subprocess.run(
+        [sys.executable, "-m", "simvue.cli", "runs", "list", "--json"], env=env, capture_output=True, text=True
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert [run["name"] for run in json.loads(listing.stdout)] == ["online-cli"]
+    exports = [
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "simvue.cli", *flags, "export", "online-cli"],
+                env=env, capture_output=True, text=True, check=True,
+            ).stdout
+        )
+        for flags in ([], ["--offline"])
+    ]
+    remote, local = exports
+    assert remote["metrics"] == local["metrics"]
+    assert [e["message"] for e in remote["events"]] == [e["message"] for e in local["events"]]
+    assert (remote["status"], remote["tags"]) == (local["status"], local["tags"])
