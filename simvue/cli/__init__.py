@@ -138,6 +138,11 @@ def _runs_show(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     out.write(f"tags:        {', '.join(run['tags'])}\n")
     out.write(f"created:     {_iso(run['created'])}\n")
     out.write(f"ended:       {_iso(run['ended']) or ''}\n")
+    if isinstance(store, Store):
+        for upload in store.uploads():
+            if upload["run_id"] == run["id"]:
+                state = {"sent": "sent", "rejected": f"rejected: {upload['error']}"}.get(upload["state"], "not fully sent")
+                out.write(f"server:      {upload['server']} ({state}; remote id {upload['remote_id'] or '-'})\n")
     out.write("metadata:\n")
     for line in json.dumps(run["metadata"], indent=2, sort_keys=True).splitlines():
         out.write(f"  {line}\n")
