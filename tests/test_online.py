@@ -357,3 +357,19 @@ def test_cli_reads_runs_from_the_configured_server(server):
     assert remote["metrics"] == local["metrics"]
     assert [e["message"] for e in remote["events"]] == [e["message"] for e in local["events"]]
     assert (remote["status"], remote["tags"]) == (local["status"], local["tags"])
+
+
+def test_a_rejected_batch_stops_the_upload_but_keeps_everything_for_push(tmp_path):
+    server = ServerProcess(tmp_path / "server-data", "POST /api/metrics=422x1")
+    try:
+        result = run_script(LOGGING_SCRIPT, "online-rejected", "600", "0", env=client_env(server))
+        assert result.returncode == 0, result.stderr
+        assert "rejected POST /metrics with 422" in result.stderr, result.stderr
+        assert "Send it with: simvue push" in result.stderr
+        local = read_run(Path(os.environ["SIMVUE_STORE"]), "online-rejected")
+        assert local["status"] == "completed" and len(local["metrics"]["x"]) == 600
+        pushed = push(server, "online-rejected")
+        assert pushed.returncode == 0, pushed.stderr
+        assert_complete(server, "online-rejected", 600)
+    finally:
+        server.stop()

@@ -11,9 +11,9 @@ class Sink(Protocol):
     """Receives one run's merged data from the aggregator thread.
 
     ``start_run`` is called once, on the thread that calls ``init``, and may raise to reject
-    the run.  ``write`` is called on the aggregator thread with one commit's worth of data.
-    ``flush`` and ``close`` block for at most ``timeout_s`` and return whether everything
-    written so far is durable.
+    the run.  ``write`` is called on the aggregator thread with one commit's worth of data;
+    each write is durable in the local store when it returns.  ``close`` blocks for at most
+    ``timeout_s`` and returns whether everything written reached its destination.
     """
 
     location: str
@@ -21,7 +21,5 @@ class Sink(Protocol):
     def start_run(self, run: dict[str, Any]) -> str: ...
 
     def write(self, batch: StoreBatch) -> None: ...
-
-    def flush(self, timeout_s: float) -> bool: ...
 
     def close(self, timeout_s: float) -> bool: ...

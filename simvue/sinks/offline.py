@@ -24,9 +24,6 @@ class OfflineSink:
         assert self.run_id is not None, "start_run must come first"
         self.store.write(self.run_id, batch)
 
-    def flush(self, timeout_s: float) -> bool:
-        return True  # every write is committed before it returns
-
     def close(self, timeout_s: float) -> bool:
         self.store.close()
         return True

@@ -250,9 +250,6 @@ class Uploader:
         self.replicator = Replicator(self.store, self.connection, run_id)
         self._wake = threading.Event()
         self._closing = threading.Event()
-        self._done = threading.Event()
-        self._passes = threading.Condition()
-        self._clean_passes = 0
         self._warned_unreachable = False
         self.error: ServerRejected | None = None
         self._thread = threading.Thread(target=self._run, name="simvue-uploader", daemon=True)
@@ -269,15 +266,6 @@ class Uploader:
 
     def wake(self) -> None:
         self._wake.set()
-
-    def flush(self, timeout_s: float) -> bool:
-        """Wait until everything committed before this call has reached the server."""
-        with self._passes:
-            target = self._clean_passes + 2  # a pass that began after this call has ended
-            self._wake.set()
-            return self._passes.wait_for(
-                lambda: self._clean_passes >= target or self._done.is_set(), timeout_s
-            ) and self.error is None and self._clean_passes >= target
 
     def finish(self, timeout_s: float) -> bool:
         """Send the rest, including the final status; False if the server did not take it
@@ -337,9 +325,6 @@ class Uploader:
                     continue
                 retry_at = 0.0
                 backoff.reset()
-                with self._passes:
-                    self._clean_passes += 1
-                    self._passes.notify_all()
                 if complete or closing:
                     return
         except ServerRejected as exc:
@@ -349,9 +334,6 @@ class Uploader:
         except Exception:  # noqa: BLE001 - the upload must never take the job down
             os.write(2, ("simvue: uploader failed:\n" + traceback.format_exc()).encode())
         finally:
-            self._done.set()
-            with self._passes:
-                self._passes.notify_all()
             self.store.close()
             self.connection.close()
 
@@ -400,9 +382,6 @@ class RestSink:
         self._offline.write(batch)
         if self._uploader is not None and (batch.status is not None or batch.ended is not None):
             self._uploader.wake()
-
-    def flush(self, timeout_s: float) -> bool:
-        return self._uploader.flush(timeout_s) if self._uploader is not None else False
 
     def close(self, timeout_s: float) -> bool:
         self._offline.close(timeout_s)
