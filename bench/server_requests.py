@@ -66,10 +66,39 @@ def measure(server: ServerProcess, processes: int, seconds: float, rate: float, 
     return {"processes": processes, "elapsed": elapsed, "counts": counts, "points": points}
 
 
+OFFLINE_JOB = textwrap.dedent(
+    """
+    import sys
+    from simvue import Run
+    with Run(mode="offline") as run:
+        run.init(name=sys.argv[2])
+        for call in range(int(sys.argv[1])):
+            run.log_metrics({"a": 1.0, "b": 2.0, "c": 3.0, "d": float(call)})
+            if call % 100 == 0:
+                run.log_event(f"call {call}")
+    """
+)
+
+
+def measure_push(server: ServerProcess, calls: int, workdir: Path) -> dict:
+    """Time ``simvue push`` of an offline run of ``calls`` x 4 points."""
+    env = {**os.environ, **server.env, "SIMVUE_STORE": str(workdir / "store-push")}
+    subprocess.run([sys.executable, "-c", OFFLINE_JOB, str(calls), "bench-push"], env=env, check=True, timeout=600)
+    before = server.stats()["requests"]
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "simvue.cli", "push", "bench-push"], env=env, check=True, timeout=600,
+                   stdout=subprocess.DEVNULL)
+    elapsed = time.monotonic() - started
+    after = server.stats()["requests"]
+    return {"points": 4 * calls, "elapsed": elapsed, "metrics_requests": after["POST /api/metrics"] - before.get(
+        "POST /api/metrics", 0)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=float, default=2000.0, help="log_metrics calls per second per process")
+    parser.add_argument("--push-calls", type=int, default=250_000, help="size of the pushed offline run, in calls")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -77,6 +106,7 @@ def main() -> None:
         try:
             results = [measure(server, n, args.seconds, args.rate, workdir) for n in (1, 4)]
             clients = server.stats()["clients"]
+            pushed = measure_push(server, args.push_calls, workdir)
         finally:
             server.stop()
     kinds = sorted({kind for result in results for kind in result["counts"]})
@@ -90,6 +120,10 @@ def main() -> None:
         f"{r['points'] / max(1, r['counts'].get('POST /api/metrics', 0)):>10,.0f}" for r in results
     ))
     print(f"distinct client processes seen by the server over both jobs: {len(clients)}")
+    print(
+        f"simvue push of {pushed['points']:,} points: {pushed['elapsed']:.1f} s "
+        f"({pushed['points'] / pushed['elapsed']:,.0f} points/s, {pushed['metrics_requests']} metrics requests)"
+    )
 
 
 if __name__ == "__main__":
