@@ -373,3 +373,28 @@ def test_a_rejected_batch_stops_the_upload_but_keeps_everything_for_push(tmp_pat
         assert_complete(server, "online-rejected", 600)
     finally:
         server.stop()
+
+
+def test_batches_cut_anywhere_keep_every_series_in_order(server, monkeypatch):
+    """Batches of 25 points end in the middle of the store's chunks (about 10 points per
+    metric each); each metric's points must still reach the server in logging order."""
+    from simvue.api.config import ServerConfig
+    from simvue.api.connection import Connection
+    from simvue.sinks import rest
+
+    result = run_script(
+        LOGGING_SCRIPT.replace("with Run() as run", "with Run(mode='offline') as run"),
+        "small-batches", "200", "0.02", env=client_env(server),
+    )
+    assert result.returncode == 0, result.stderr
+    monkeypatch.setattr(rest, "MAX_POINTS_PER_REQUEST", 25)
+    store = Store(Path(os.environ["SIMVUE_STORE"]))
+    connection = Connection(ServerConfig(url=server.url, token=server.token, mode="online"))
+    try:
+        replicator = rest.Replicator(store, connection, store.run("small-batches")["id"])
+        assert replicator.sync(60.0)
+    finally:
+        connection.close()
+        store.close()
+    assert_complete(server, "small-batches", 200)
+    assert server.stats()["requests"]["POST /api/metrics"] >= 400 // 25

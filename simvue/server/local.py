@@ -5,6 +5,11 @@ Used by the test suite and the benchmarks, and handy in a notebook::
     from simvue.server.local import ServerProcess
     server = ServerProcess(Path("server-data"))
     os.environ.update(server.env)      # runs of this process now go to it
+
+or, stopped for certain at the end of a block::
+
+    with ServerProcess(tmp / "server", options=["--max-body-mb", "1"]) as server:
+        server.api.get(f"{server.url}/api/runs")        # an authorised requests.Session
 """
 
 from __future__ import annotations
@@ -15,59 +20,98 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import requests
 
 LISTENING = re.compile(r"listening on (http://\S+)")
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
 
 
 class ServerProcess:
-    """``python -m simvue.cli server`` on a data directory; restarts keep the same port."""
+    """``python -m simvue.cli server`` on a data directory; restarts keep the same port.
 
-    def __init__(self, data: Path, *faults: str) -> None:
+    ``faults`` are ``--fault`` rules; ``options`` other command-line options; ``env`` extra
+    environment for the server (``SIMVUE_SERVER_FAULTS`` is not inherited from this process).
+    Everything the server prints is kept in ``output``.
+    """
+
+    def __init__(
+        self, data: Path, *faults: str, options: Sequence[str] = (), env: dict[str, str] | None = None
+    ) -> None:
         self.data = data
         self.faults = list(faults)
+        self.options = list(options)
+        self.extra_env = dict(env or {})
         self.url: str | None = None
         self.port = 0
         self.process: subprocess.Popen | None = None
+        self.output: list[str] = []
         self.start()
-        self.token = subprocess.run(
-            [sys.executable, "-m", "simvue.cli", "server", "token", "--data", str(data)],
-            capture_output=True, text=True, check=True, timeout=60,
-        ).stdout.strip().splitlines()[-1]
+        try:
+            self.token = subprocess.run(
+                [sys.executable, "-m", "simvue.cli", "server", "token", "--data", str(data)],
+                capture_output=True, text=True, check=True, timeout=60,
+            ).stdout.strip().splitlines()[-1]
+        except BaseException:
+            self.stop()
+            raise
+        self.api = requests.Session()
+        self.api.headers["Authorization"] = f"Bearer {self.token}"
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
     def start(self, *faults: str) -> None:
         command = [sys.executable, "-m", "simvue.cli", "server", "--port", str(self.port), "--data", str(self.data)]
         for fault in faults or self.faults:
             command += ["--fault", fault]
+        command += self.options
         env = {key: value for key, value in os.environ.items() if not key.startswith("SIMVUE_SERVER_FAULTS")}
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        deadline = time.monotonic() + 60
-        lines = []
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env | self.extra_env
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        first_line = len(self.output)
         while time.monotonic() < deadline:
             line = self.process.stdout.readline()
             if not line:
                 break
-            lines.append(line)
+            self.output.append(line)
             match = LISTENING.search(line)
             if match:
                 self.url = match.group(1)
                 self.port = int(self.url.rsplit(":", 1)[1])
+                # keep reading, or a server that logs a lot would block on a full pipe
+                threading.Thread(target=self._keep_output, args=(self.process,), daemon=True).start()
                 return
         self.stop()
-        raise RuntimeError("simvue server did not start:\n" + "".join(lines))
+        raise RuntimeError("simvue server did not start:\n" + "".join(self.output[first_line:]))
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+    def _keep_output(self, process: subprocess.Popen) -> None:
+        for line in process.stdout:
+            self.output.append(line)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """Stop the server with ``sig`` (killing it if it does not stop); its exit status."""
+        process, self.process = self.process, None
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(sig)
             try:
-                self.process.wait(15)
+                process.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(15)
-        self.process = None
+                process.kill()
+                process.wait(STOP_TIMEOUT_S)
+        return process.returncode
 
     @property
     def env(self) -> dict[str, str]:

@@ -115,20 +115,26 @@ class Replicator:
         if not rows:
             return 0
         entries: list[tuple[tuple, dict]] = []
-        open_entries: dict[tuple, dict] = {}
+        open_entries: dict[tuple, int] = {}  # (step, time, timestamp) -> index in entries
+        last_index: dict[str, int] = {}  # where each metric's latest point went
         budget = MAX_POINTS_PER_REQUEST
         cursor = (chunk_id, offset)
         for cid, name, steps, times, stamps, values in rows:
             start = offset if cid == chunk_id else 0
             stop = min(len(values), start + budget)
+            after = last_index.get(name, -1)
             for key, value in zip(
                 zip(steps[start:stop], times[start:stop], stamps[start:stop]), values[start:stop]
             ):
-                entry = open_entries.get(key)
-                if entry is None or name in entry:  # one entry per logging call, as clients send
-                    entry = open_entries[key] = {}
-                    entries.append((key, entry))
-                entry[name] = value
+                # Share the entry of another metric logged by the same call, unless that
+                # would put this point before the metric's previous one.
+                index = open_entries.get(key, -1)
+                if index <= after or name in entries[index][1]:
+                    index = open_entries[key] = len(entries)
+                    entries.append((key, {}))
+                entries[index][1][name] = value
+                after = index
+            last_index[name] = after
             budget -= stop - start
             cursor = (cid, stop) if stop < len(values) else (cid + 1, 0)
             if budget <= 0:

@@ -1,0 +1,149 @@
+"""The server's database: the local store's tables plus the tables only a server needs.
+
+The server keeps everything in one SQLite file, ``DIR/simvue.db``: runs, folders, metrics and
+events in the store's own schema (written through :class:`simvue.store.Store`, so the
+``simvue`` command can browse a server's data directory like any store), and beside them the
+``server_*`` tables below for what the store has no notion of: folder and alert ids, alerts,
+artifacts, abort requests and the idempotency keys of ingest requests.  The store's writes only
+add and merge, so the routes replace a run's tags, rename, move and delete runs, and edit
+folders, with SQL of their own on the store's tables.
+
+Request handlers run on a thread pool and each borrows a :class:`Handle` (a ``Store`` and a
+connection) for the length of one request.  Every write is a ``BEGIN IMMEDIATE`` transaction,
+which waits (up to ``BUSY_TIMEOUT_S``) for the previous writer instead of failing with
+"database is locked".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..store import Store
+from ..store.sqlite import BUSY_TIMEOUT_S, DATABASE_FILE
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS server_folders (
+    id TEXT PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS server_runs (
+    run_id TEXT PRIMARY KEY,
+    ttl INTEGER,
+    visibility TEXT NOT NULL DEFAULT '{}',
+    notifications TEXT NOT NULL DEFAULT '{"state": "none"}',
+    abort_requested INTEGER NOT NULL DEFAULT 0,
+    abort_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS server_alerts (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    definition TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS server_alerts_by_name ON server_alerts (name);
+CREATE TABLE IF NOT EXISTS server_run_alerts (
+    run_id TEXT NOT NULL,
+    alert_id TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'ok',
+    PRIMARY KEY (run_id, alert_id)
+);
+CREATE TABLE IF NOT EXISTS server_artifacts (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    original_path TEXT NOT NULL DEFAULT '',
+    size INTEGER,
+    mime_type TEXT,
+    checksum TEXT NOT NULL,
+    metadata TEXT NOT NULL DEFAULT 'null',
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS server_artifacts_by_checksum ON server_artifacts (checksum);
+CREATE TABLE IF NOT EXISTS server_run_artifacts (
+    run_id TEXT NOT NULL,
+    artifact_id TEXT NOT NULL,
+    category TEXT NOT NULL,
+    PRIMARY KEY (run_id, artifact_id)
+);
+CREATE TABLE IF NOT EXISTS server_applied_keys (
+    run_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    applied REAL NOT NULL,
+    PRIMARY KEY (run_id, key)
+);
+"""
+
+
+class Handle:
+    """A ``Store`` and a plain connection to the same database, used by one request at a time."""
+
+    def __init__(self, directory: Path) -> None:
+        self.store = Store(directory)  # opening a Store creates the store's schema
+        self.db = sqlite3.connect(
+            directory / DATABASE_FILE, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """The connection inside one write transaction (commit, or roll back on error)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.store.close()
+        self.db.close()
+
+
+class ServerData:
+    """One data directory's database, handed out as a pool of :class:`Handle`.
+
+    Handlers run on worker threads that come and go, so handles are pooled rather than kept
+    per thread: the pool grows to the number of requests served at once and no further.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._idle: list[Handle] = []
+        self._lock = threading.Lock()
+        with self.checkout() as handle:
+            handle.db.executescript(SCHEMA)
+
+    @contextlib.contextmanager
+    def checkout(self) -> Iterator[Handle]:
+        """A handle for the exclusive use of the caller until the ``with`` block ends."""
+        with self._lock:
+            handle = self._idle.pop() if self._idle else None
+        if handle is None:
+            handle = Handle(self.directory)
+        try:
+            yield handle
+        finally:
+            with self._lock:
+                self._idle.append(handle)
+
+    def close(self) -> None:
+        """Close the idle handles; call once the server has stopped serving."""
+        with self._lock:
+            for handle in self._idle:
+                handle.close()
+            self._idle.clear()
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` merged into ``base``: nested dicts merge, other values replace (the store's rule)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = merge(base[key], value)
+        else:
+            base[key] = value
+    return base

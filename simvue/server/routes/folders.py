@@ -1,0 +1,158 @@
+"""``/api/folders``: create, list, read and edit folders.
+
+A folder's description, metadata and tags live in the store's ``folders`` table (keyed by
+path); its API id lives in ``server_folders``.  Creating a path that exists answers 409 with
+the existing folder's ``id``, which Simvue clients treat as success.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+from ...store import new_id
+from ..db import Handle, merge
+from ..query import QueryError, dotted, order, page, parse_filters, parse_sorting, select
+from . import DataHandle, FolderPath, Metadata, Tag, bad_request, iso, not_found
+
+router = APIRouter()
+
+_COLUMNS = "f.id, f.path, f.created, s.description, s.metadata, s.tags"
+_FROM = "server_folders f JOIN folders s ON s.path = f.path"
+
+
+class FolderUpdate(BaseModel):
+    """Partial update: metadata is merged into the folder's, tags replace its tags."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    description: str | None = None
+    metadata: Metadata | None = None
+    tags: list[Tag] | None = None
+
+
+class FolderCreate(FolderUpdate):
+    path: FolderPath
+
+
+def ensure_folder(handle: Handle, path: str) -> tuple[str, bool]:
+    """The id of the folder at ``path``, creating it if needed; and whether it was created."""
+    with handle.transaction() as db:
+        row = db.execute("SELECT id FROM server_folders WHERE path=?", (path,)).fetchone()
+        if row is not None:
+            return row[0], False
+        folder_id = new_id()
+        db.execute("INSERT INTO server_folders (id, path, created) VALUES (?,?,?)", (folder_id, path, time.time()))
+        db.execute("INSERT OR IGNORE INTO folders (path) VALUES (?)", (path,))
+        return folder_id, True
+
+
+def adopt_store_folders(handle: Handle) -> None:
+    """Give an id to every folder the store has but the API does not know yet.
+
+    Runs written by a local ``simvue`` session into the same directory create folders
+    through the store alone.
+    """
+    rows = handle.db.execute(
+        "SELECT path FROM folders WHERE path NOT IN (SELECT path FROM server_folders)"
+    ).fetchall()
+    for (path,) in rows:
+        ensure_folder(handle, path)
+
+
+def _record(row: tuple) -> dict:
+    folder_id, path, created, description, metadata, tags = row
+    return {
+        "id": folder_id,
+        "path": path,
+        "name": path.rstrip("/").rpartition("/")[2] or "/",
+        "description": description,
+        "metadata": json.loads(metadata),
+        "tags": json.loads(tags),
+        "created": created,
+    }
+
+
+def _response(record: dict) -> dict:
+    return record | {"created": iso(record["created"])}
+
+
+def _folder(handle: Handle, folder_id: str) -> dict:
+    row = handle.db.execute(f"SELECT {_COLUMNS} FROM {_FROM} WHERE f.id=?", (folder_id,)).fetchone()
+    if row is None:
+        raise not_found("folder", folder_id)
+    return _record(row)
+
+
+def _update(handle: Handle, path: str, changes: FolderUpdate) -> None:
+    with handle.transaction() as db:
+        metadata, tags, description = db.execute(
+            "SELECT metadata, tags, description FROM folders WHERE path=?", (path,)
+        ).fetchone()
+        if changes.metadata is not None:
+            metadata = json.dumps(merge(json.loads(metadata), changes.metadata))
+        if changes.tags is not None:
+            tags = json.dumps(list(dict.fromkeys(changes.tags)))
+        if "description" in changes.model_fields_set:
+            description = changes.description
+        db.execute(
+            "UPDATE folders SET metadata=?, tags=?, description=? WHERE path=?", (metadata, tags, description, path)
+        )
+
+
+@router.post("/folders")
+def create_folder(body: FolderCreate, handle: DataHandle):
+    folder_id, created = ensure_folder(handle, body.path)
+    if not created:
+        return JSONResponse(
+            status_code=409, content={"detail": f"folder {body.path!r} already exists", "id": folder_id}
+        )
+    _update(handle, body.path, body)
+    return _response(_folder(handle, folder_id))
+
+
+def _folder_fields(folder: dict, name: str) -> list | None:
+    if name in ("path", "name", "description", "id", "created"):
+        return [folder[name]]
+    if name == "tag":
+        return folder["tags"]
+    if name.startswith("metadata."):
+        return dotted(folder["metadata"], name.removeprefix("metadata."))
+    return None
+
+
+def _sortable(column: str) -> bool:
+    return column in ("path", "name", "created") or column.startswith("metadata.")
+
+
+@router.get("/folders")
+def list_folders(
+    handle: DataHandle,
+    filters: str | None = None,
+    sorting: str | None = None,
+    start: int = Query(0, ge=0),
+    offset: int | None = Query(None, ge=0),
+    count: int | None = Query(None, ge=0),
+):
+    rows = handle.db.execute(f"SELECT {_COLUMNS} FROM {_FROM} ORDER BY f.created").fetchall()
+    try:
+        folders = select([_record(row) for row in rows], parse_filters(filters), _folder_fields)
+        folders = order(folders, parse_sorting(sorting, _sortable), _folder_fields)
+    except QueryError as exc:
+        raise bad_request(str(exc)) from None
+    return {"data": [_response(f) for f in page(folders, offset or start, count)], "count": len(folders)}
+
+
+@router.get("/folders/{folder_id}")
+def get_folder(folder_id: str, handle: DataHandle):
+    return _response(_folder(handle, folder_id))
+
+
+@router.put("/folders/{folder_id}")
+def update_folder(folder_id: str, body: FolderUpdate, handle: DataHandle):
+    folder = _folder(handle, folder_id)
+    _update(handle, folder["path"], body)
+    return _response(_folder(handle, folder_id))

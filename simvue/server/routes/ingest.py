@@ -1,0 +1,82 @@
+"""What the two ingest routes (``POST /api/metrics`` and ``POST /api/events``) share.
+
+Their bodies are msgpack (``Content-Type: application/msgpack``, as Simvue clients send them)
+or JSON.  A request carrying ``Idempotency-Key`` is applied at most once per run: the key is
+remembered in ``server_applied_keys`` and a repeat is answered 200 without writing again, so
+a client may resend a batch whose answer it never received.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from typing import Annotated, Any, TypeVar
+
+import msgpack
+import pydantic
+from fastapi import Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+
+from ...store import StoreBatch
+from ..db import Handle
+
+Model = TypeVar("Model", bound=pydantic.BaseModel)
+
+# Check-then-write of a keyed request must not interleave with a retry of the same request.
+_KEYED_WRITES = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class Body:
+    """A request body as received; decoded on the handler's thread, not the event loop."""
+
+    content: bytes
+    content_type: str
+
+    def parse(self, model: type[Model]) -> Model:
+        """The body as ``model``: 400 if it is not msgpack/JSON, 422 if its fields are wrong."""
+        try:
+            return model.model_validate(self._decode())
+        except pydantic.ValidationError as exc:  # reported as FastAPI reports its own body errors
+            errors = [error | {"loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
+            raise RequestValidationError(errors) from None
+
+    def _decode(self) -> Any:
+        if "msgpack" in self.content_type:
+            try:
+                return msgpack.unpackb(self.content, raw=False)
+            except Exception as exc:  # msgpack raises several unrelated types for bad input
+                raise HTTPException(status_code=400, detail=f"request body is not valid msgpack: {exc}") from None
+        try:
+            return json.loads(self.content)
+        except ValueError as exc:
+            raise HTTPException(status_code=400, detail=f"request body is not valid JSON: {exc}") from None
+
+
+async def _read_body(request: Request) -> Body:
+    return Body(await request.body(), request.headers.get("content-type", ""))
+
+
+RawBody = Annotated[Body, Depends(_read_body)]
+
+
+def write_once(handle: Handle, run_id: str, key: str | None, batch: StoreBatch) -> bool:
+    """Write ``batch`` unless request ``key`` was already applied to this run; whether it wrote."""
+    if key is None:
+        handle.store.write(run_id, batch)
+        return True
+    with _KEYED_WRITES:
+        seen = handle.db.execute(
+            "SELECT 1 FROM server_applied_keys WHERE run_id=? AND key=?", (run_id, key)
+        ).fetchone()
+        if seen:
+            return False
+        handle.store.write(run_id, batch)
+        # Not in the store's transaction: a crash between the two writes makes a retry apply twice.
+        handle.db.execute(
+            "INSERT INTO server_applied_keys (run_id, key, applied) VALUES (?, ?, ?)",
+            (run_id, key, time.time()),
+        )
+        return True

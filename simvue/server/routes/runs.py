@@ -1,0 +1,299 @@
+"""``/api/runs``: create, read, list, edit and delete runs; heartbeats and abort requests.
+
+A run's core fields live in the store's ``runs`` table, so the store's rule applies: a
+``running`` run whose last heartbeat is older than its ``heartbeat_timeout`` reads ``lost``
+(``null`` means never).  Heartbeats come from ``PUT .../heartbeat`` and from every metric or
+event batch.  ``PUT`` is a partial update: metadata is merged into the run's, tags and alerts
+replace the run's.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sqlite3
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from ... import validation
+from ...names import random_name
+from ...store import StoreBatch, new_id
+from ..db import Handle
+from ..query import QueryError, dotted, order, page, parse_filters, parse_sorting, select
+from . import DataHandle, FolderPath, IsoTime, Metadata, Tag, bad_request, iso, require_run
+from .alerts import attach_alerts, run_alerts
+from .folders import ensure_folder
+
+router = APIRouter()
+
+DEFAULT_HEARTBEAT_TIMEOUT_S = 180.0
+
+RunStatus = Literal["created", "running", "completed", "failed", "terminated", "lost"]
+RunName = Annotated[str, StringConstraints(min_length=1, max_length=validation.MAX_NAME_LENGTH)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class RunFields(BaseModel):
+    """What both creating and updating a run may send (unknown keys are ignored)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: RunName | None = None
+    description: str | None = None
+    tags: list[Tag] | None = None
+    metadata: Metadata | None = None
+    system: dict[str, Any] | None = None
+    alerts: list[str] | None = None
+    ttl: int | None = None
+    notifications: dict[str, Any] | None = None
+    visibility: dict[str, Any] | None = None
+    started: IsoTime | None = None
+    endtime: IsoTime | None = None
+
+
+class RunCreate(RunFields):
+    folder: FolderPath = "/"
+    status: RunStatus = "created"
+    heartbeat_timeout: Seconds | None = DEFAULT_HEARTBEAT_TIMEOUT_S
+    created: IsoTime | None = None
+
+
+class RunUpdate(RunFields):
+    folder: FolderPath | None = None
+    status: RunStatus | None = None
+    heartbeat_timeout: Seconds | None = None
+
+
+class AbortRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    reason: str | None = None
+
+
+def _update_batch(status: str | None, endtime: float | None, metadata: dict | None) -> StoreBatch:
+    """The store's part of a run update: metadata to merge and the status.  A final status sets
+    the end time if the client did not; ``running`` counts as a heartbeat, so that a run created
+    long before it starts is not born lost."""
+    now = time.time()
+    ended = endtime if endtime is not None else now if status in validation.FINAL_STATUSES else None
+    return StoreBatch(
+        metadata=metadata or {}, status=status, ended=ended, heartbeat=now if status == "running" else None
+    )
+
+
+def _set_server_fields(db: sqlite3.Connection, run_id: str, body: RunFields) -> None:
+    db.execute("INSERT OR IGNORE INTO server_runs (run_id) VALUES (?)", (run_id,))
+    for field in sorted({"ttl", "notifications", "visibility"} & body.model_fields_set):
+        value = getattr(body, field)
+        db.execute(
+            f"UPDATE server_runs SET {field}=? WHERE run_id=?",
+            (value if field == "ttl" else json.dumps(value or {}), run_id),
+        )
+    if body.alerts is not None:
+        attach_alerts(db, run_id, body.alerts)
+
+
+def run_response(handle: Handle, run: dict) -> dict:
+    """The run object of the API, from the store's view of the run."""
+    row = handle.db.execute(
+        "SELECT ttl, visibility, notifications FROM server_runs WHERE run_id=?", (run["id"],)
+    ).fetchone()
+    ttl, visibility, notifications = row or (None, "{}", '{"state": "none"}')
+    timeout = run["heartbeat_timeout_s"]
+    return {
+        "id": run["id"],
+        "name": run["name"],
+        "folder": run["folder"],
+        "status": run["status"],
+        "description": run["description"],
+        "tags": run["tags"],
+        "metadata": run["metadata"],
+        "system": run["system"],
+        "created": iso(run["created"]),
+        "started": iso(run["started"]),
+        "endtime": iso(run["ended"]),
+        "last_heartbeat": iso(run["heartbeat"]),
+        "heartbeat_timeout": int(timeout) if timeout is not None and timeout == int(timeout) else timeout,
+        "ttl": ttl,
+        "visibility": json.loads(visibility),
+        "notifications": json.loads(notifications),
+        "alerts": run_alerts(handle.db, run["id"]),
+        "metrics": {name: {"count": n} for name, n in handle.store.metric_counts(run["id"]).items()},
+    }
+
+
+@router.post("/runs")
+def create_run(body: RunCreate, handle: DataHandle):
+    ensure_folder(handle, body.folder)
+    run_id = new_id()
+    with handle.transaction() as db:  # first: an unknown alert id (404) leaves no half-made run
+        _set_server_fields(db, run_id, body)
+    handle.store.create_run(
+        run_id=run_id,
+        name=body.name or random_name(),
+        folder=body.folder,
+        description=body.description,
+        metadata=body.metadata or {},
+        tags=body.tags or [],
+        status=body.status,
+        system=body.system or {},
+        heartbeat_timeout_s=body.heartbeat_timeout,
+        now=body.started if body.created is None else body.created,
+    )
+    # A run replayed from a client's cache is dated by the client (created no later than it
+    # started), but its heartbeat is now: it must not read "lost" while it is being replayed.
+    with handle.transaction() as db:
+        db.execute(
+            "UPDATE runs SET started=COALESCE(?, started), heartbeat=? WHERE id=?", (body.started, time.time(), run_id)
+        )
+    if body.endtime is not None or body.status in validation.FINAL_STATUSES:
+        handle.store.write(run_id, _update_batch(body.status, body.endtime, None))
+    return run_response(handle, require_run(handle, run_id))
+
+
+class _RunFields:
+    """The filter and sort fields of runs; alerts and artifacts are read only if asked for."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    @functools.cached_property
+    def _alerts(self) -> dict[str, list[tuple[str, str]]]:
+        found: dict[str, list[tuple[str, str]]] = {}
+        for run_id, name, status in self._db.execute(
+            "SELECT r.run_id, a.name, r.status FROM server_run_alerts r JOIN server_alerts a ON a.id = r.alert_id"
+        ):
+            found.setdefault(run_id, []).append((name, status))
+        return found
+
+    @functools.cached_property
+    def _artifacts(self) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for run_id, artifact_id in self._db.execute("SELECT run_id, artifact_id FROM server_run_artifacts"):
+            found.setdefault(run_id, []).append(artifact_id)
+        return found
+
+    def __call__(self, run: dict, name: str) -> list | None:
+        if name in ("id", "name", "status", "description", "folder", "created", "started"):
+            return [run[name]]
+        simple = {
+            "folder.path": run["folder"],
+            "endtime": run["ended"],
+            "ended": run["ended"],
+            "modified": run["heartbeat"] or run["created"],
+            "user": "self",  # one user per server
+        }
+        if name in simple:
+            return [simple[name]]
+        if name == "tag":
+            return run["tags"]
+        if name == "starred":
+            return []
+        for prefix in ("metadata.", "system."):
+            if name.startswith(prefix):
+                return dotted(run[prefix[:-1]], name.removeprefix(prefix))
+        if name in ("alert.name", "alert.status"):
+            return [pair[name == "alert.status"] for pair in self._alerts.get(run["id"], [])]
+        if name == "artifact.id":
+            return self._artifacts.get(run["id"], [])
+        return None
+
+
+def _sortable(column: str) -> bool:
+    return column in ("name", "created", "started", "endtime", "modified") or column.startswith("metadata.")
+
+
+@router.get("/runs")
+def list_runs(
+    handle: DataHandle,
+    filters: str | None = None,
+    sorting: str | None = None,
+    start: int = Query(0, ge=0),
+    offset: int | None = Query(None, ge=0),
+    count: int | None = Query(None, ge=0),
+):
+    """Runs matching ``filters``, newest first unless ``sorting`` says otherwise."""
+    fields = _RunFields(handle.db)
+    try:
+        runs = select(handle.store.runs()[::-1], parse_filters(filters), fields)
+        runs = order(runs, parse_sorting(sorting, _sortable), fields)
+    except QueryError as exc:
+        raise bad_request(str(exc)) from None
+    return {"data": [run_response(handle, run) for run in page(runs, offset or start, count)], "count": len(runs)}
+
+
+@router.get("/runs/{run_id}")
+def get_run(run_id: str, handle: DataHandle):
+    return run_response(handle, require_run(handle, run_id))
+
+
+@router.put("/runs/{run_id}")
+def update_run(run_id: str, body: RunUpdate, handle: DataHandle):
+    require_run(handle, run_id)
+    if body.folder is not None:
+        ensure_folder(handle, body.folder)
+    sent = body.model_fields_set
+    replaced: dict[str, Any] = {}  # columns of the store's runs table that the update replaces
+    if body.name is not None:
+        replaced["name"] = body.name
+    if "description" in sent:
+        replaced["description"] = body.description
+    if body.folder is not None:
+        replaced["folder"] = body.folder
+    if body.tags is not None:
+        replaced["tags"] = json.dumps(list(dict.fromkeys(body.tags)))
+    if body.system is not None:
+        replaced["system"] = json.dumps(body.system)
+    if "heartbeat_timeout" in sent:
+        replaced["heartbeat_timeout_s"] = body.heartbeat_timeout
+    if body.started is not None:
+        replaced["started"] = body.started
+    with handle.transaction() as db:
+        _set_server_fields(db, run_id, body)
+        if replaced:
+            assignments = ", ".join(f"{column}=?" for column in replaced)
+            db.execute(f"UPDATE runs SET {assignments} WHERE id=?", (*replaced.values(), run_id))
+    handle.store.write(run_id, _update_batch(body.status, body.endtime, body.metadata))
+    return run_response(handle, require_run(handle, run_id))
+
+
+@router.put("/runs/{run_id}/heartbeat")
+def heartbeat(run_id: str, handle: DataHandle):
+    require_run(handle, run_id)
+    handle.store.write(run_id, StoreBatch(heartbeat=time.time()))
+    return {"id": run_id}
+
+
+@router.get("/runs/{run_id}/abort")
+def get_abort(run_id: str, handle: DataHandle):
+    """Whether someone asked this run to stop; the client polls this before each heartbeat."""
+    require_run(handle, run_id)
+    row = handle.db.execute(
+        "SELECT abort_requested, abort_reason FROM server_runs WHERE run_id=?", (run_id,)
+    ).fetchone()
+    requested, reason = row or (0, None)
+    return {"status": bool(requested), "reason": reason}
+
+
+@router.put("/runs/{run_id}/abort")
+def request_abort(run_id: str, handle: DataHandle, body: AbortRequest | None = None):
+    require_run(handle, run_id)
+    reason = body.reason if body else None
+    with handle.transaction() as db:
+        db.execute("INSERT OR IGNORE INTO server_runs (run_id) VALUES (?)", (run_id,))
+        db.execute("UPDATE server_runs SET abort_requested=1, abort_reason=? WHERE run_id=?", (reason, run_id))
+    return {"id": run_id, "status": True, "reason": reason}
+
+
+@router.delete("/runs/{run_id}")
+def delete_run(run_id: str, handle: DataHandle):
+    require_run(handle, run_id)
+    with handle.transaction() as db:
+        db.execute("DELETE FROM metric_chunks WHERE metric_id IN (SELECT id FROM metrics WHERE run_id=?)", (run_id,))
+        for table, column in (
+            ("metrics", "run_id"), ("events", "run_id"), ("runs", "id"), ("server_runs", "run_id"),
+            ("server_run_alerts", "run_id"), ("server_run_artifacts", "run_id"), ("server_applied_keys", "run_id"),
+        ):
+            db.execute(f"DELETE FROM {table} WHERE {column}=?", (run_id,))
+    return {"id": run_id}

@@ -1,0 +1,28 @@
+"""The API version (what clients check at start-up) and the server's request statistics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+router = APIRouter()
+
+# The upstream client 2.6.2 requires 1.1.0 <= version < 2.0.0, and >= 1.2.16 for event log levels.
+API_VERSION = "1.3.0"
+NOSIM_VERSION = "1.0.0"
+
+
+@router.get("/version")
+async def version():
+    return {"version": API_VERSION}
+
+
+@router.get("/nosim/version")
+async def nosim_version():
+    # Answered so that the upstream sender caches a valid version instead of "None".
+    return {"version": NOSIM_VERSION}
+
+
+@router.get("/server/stats")
+async def stats(request: Request):
+    """Requests per ``METHOD /route``, distinct ``X-Simvue-Client`` values, and the start time."""
+    return request.app.state.stats.snapshot()

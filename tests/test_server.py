@@ -1,0 +1,467 @@
+"""``simvue server``: a real server process, spoken to over real HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import jwt
+import msgpack
+import pytest
+import requests
+
+from simvue.server.local import ServerProcess
+
+pytestmark = pytest.mark.timeout(60)
+
+MSGPACK = {"Content-Type": "application/msgpack"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server shared by the tests of this module that need no special options."""
+    with ServerProcess(tmp_path_factory.mktemp("shared") / "server") as running:
+        yield running
+
+
+def cli_token(data_dir: Path, *options: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "simvue.cli", "server", "token", "--data", str(data_dir), *options],
+                          capture_output=True, text=True, timeout=60, check=True)
+    return done.stdout.strip()
+
+
+def iso(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def create_run(server: ServerProcess, **fields) -> dict:
+    body = {"folder": "/tests", "status": "running"} | fields
+    response = server.api.post(f"{server.url}/api/runs", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def post_metrics(server: ServerProcess, run_id: str, points: list[dict], **headers) -> requests.Response:
+    body = msgpack.packb({"run": run_id, "metrics": points}, use_bin_type=True)
+    return server.api.post(f"{server.url}/api/metrics", data=body, headers=MSGPACK | headers)
+
+
+def post_events(server: ServerProcess, run_id: str, events: list[dict], **headers) -> requests.Response:
+    body = msgpack.packb({"run": run_id, "events": events}, use_bin_type=True)
+    return server.api.post(f"{server.url}/api/events", data=body, headers=MSGPACK | headers)
+
+
+def points(n: int, start: float = 1_790_000_000.0, **extra: float) -> list[dict]:
+    return [
+        {"time": 0.5 * i, "timestamp": iso(start + i), "step": i, "values": {"loss": 1.0 / (i + 1), **extra}}
+        for i in range(n)
+    ]
+
+
+def test_version_handshake(server):
+    assert server.api.get(f"{server.url}/api/version").json() == {"version": "1.3.0"}
+    assert server.api.get(f"{server.url}/api/nosim/version").json() == {"version": "1.0.0"}
+
+
+def test_a_request_without_a_valid_token_is_refused_with_the_reason(server):
+    secret = bytes.fromhex((server.data / "server.secret").read_text().strip())
+    now = int(time.time())
+    stranger = b"a different secret of 32 bytes!!"
+    cases = {
+        None: "missing",
+        "Basic dXNlcjpwdw==": "malformed Authorization",
+        "Bearer not-a-jwt": "malformed token",
+        "Bearer " + jwt.encode({"sub": "u", "exp": now - 10}, secret, algorithm="HS256"): "expired",
+        "Bearer " + jwt.encode({"sub": "u", "exp": now + 99}, stranger, algorithm="HS256"): "signature",
+        "Bearer " + jwt.encode({"sub": "u"}, secret, algorithm="HS256"): "'exp'",
+    }
+    for header, reason in cases.items():
+        response = requests.get(f"{server.url}/api/runs", headers={"Authorization": header} if header else {})
+        assert response.status_code == 401, header
+        assert reason in response.json()["detail"], (header, response.json())
+    assert server.api.get(f"{server.url}/api/runs").status_code == 200
+
+
+def test_issued_tokens_are_standard_jwts_with_a_future_exp(server):
+    claims = jwt.decode(server.token, options={"verify_signature": False})
+    assert claims["sub"] and claims["exp"] > time.time() + 364 * 86400
+    short = cli_token(server.data, "--days", "1")
+    assert jwt.decode(short, options={"verify_signature": False})["exp"] < time.time() + 2 * 86400
+    assert requests.get(f"{server.url}/api/version", headers={"Authorization": f"Bearer {short}"}).ok
+
+
+def test_folders_are_created_once_listed_and_edited(server):
+    created = server.api.post(f"{server.url}/api/folders", json={"path": "/proj/part1"}).json()
+    assert len(created["id"]) == 22 and created["id"].isalnum() and created["path"] == "/proj/part1"
+    again = server.api.post(f"{server.url}/api/folders", json={"path": "/proj/part1"})
+    assert again.status_code == 409 and again.json()["id"] == created["id"]
+
+    url = f"{server.url}/api/folders/{created['id']}"
+    server.api.put(url, json={"metadata": {"a": {"x": 1}}, "tags": ["t1", "t2"], "description": "d"})
+    edited = server.api.put(url, json={"metadata": {"a": {"y": 2}}, "tags": ["t3"]}).json()
+    assert edited["metadata"] == {"a": {"x": 1, "y": 2}} and edited["tags"] == ["t3"] and edited["description"] == "d"
+
+    listed = server.api.get(f"{server.url}/api/folders", params={"filters": json.dumps(["path == /proj/part1"])}).json()
+    assert listed["count"] == 1 and listed["data"][0]["id"] == created["id"]
+    assert server.api.get(f"{server.url}/api/folders/nosuchfolder").status_code == 404
+
+
+def test_run_create_read_and_partial_updates(server):
+    run = create_run(server, folder="/runs/a", tags=["x", "y"], metadata={"lr": 0.1, "model": {"depth": 2}},
+                     description="first", system={"hostname": "h"})
+    assert len(run["id"]) == 22 and run["name"] and "-" in run["name"]  # a generated name
+    assert run["status"] == "running" and run["heartbeat_timeout"] == 180
+    assert run["folder"] == "/runs/a" and run["alerts"] == [] and run["system"] == {"hostname": "h"}
+    folders = server.api.get(f"{server.url}/api/folders", params={"filters": json.dumps(["path == /runs/a"])})
+    assert folders.json()["count"] == 1  # the folder was created with the run
+
+    url = f"{server.url}/api/runs/{run['id']}"
+    server.api.put(url, json={"metadata": {"model": {"width": 8}, "extra": 42}})
+    server.api.put(url, json={"tags": ["z"], "description": "second", "name": "renamed"})
+    ended = iso(time.time())
+    final = server.api.put(url, json={"status": "completed", "endtime": ended}).json()
+    assert final["metadata"] == {"lr": 0.1, "model": {"depth": 2, "width": 8}, "extra": 42}
+    assert final["tags"] == ["z"] and final["description"] == "second" and final["name"] == "renamed"
+    assert final["status"] == "completed" and final["endtime"] == ended
+    assert server.api.get(url).json() == final
+
+
+def test_metrics_and_events_round_trip(server):
+    run = create_run(server, name="metrics-run")
+    sent = points(5, acc=0.5)
+    assert post_metrics(server, run["id"], sent[:3]).json()["stored"] == 6
+    assert post_metrics(server, run["id"], sent[3:]).json()["stored"] == 4
+    events = [{"message": f"event {i}", "log_level": "warning" if i == 2 else "info", "timestamp": iso(1.79e9 + i)}
+              for i in range(4)]
+    assert post_events(server, run["id"], events).json()["stored"] == 4
+
+    bulk = server.api.get(f"{server.url}/api/runs/{run['id']}/metrics").json()["data"]
+    assert sorted(bulk) == ["acc", "loss"]
+    assert bulk["loss"] == {
+        "steps": [p["step"] for p in sent],
+        "times": [p["time"] for p in sent],
+        "timestamps": [p["timestamp"] for p in sent],
+        "values": [p["values"]["loss"] for p in sent],
+    }
+    only_acc = server.api.get(f"{server.url}/api/runs/{run['id']}/metrics", params={"names": ["acc"]}).json()
+    assert list(only_acc["data"]) == ["acc"]
+    assert server.api.get(f"{server.url}/api/runs/{run['id']}/metrics/names").json() == ["acc", "loss"]
+
+    runs_param = json.dumps([run["id"]])
+    upstream = server.api.get(
+        f"{server.url}/api/metrics", params={"runs": runs_param, "metrics": json.dumps(["loss"]), "xaxis": "step"}
+    ).json()
+    assert [(p["step"], p["value"]) for p in upstream[run["id"]]["loss"]] == [
+        (p["step"], p["values"]["loss"]) for p in sent
+    ]
+    thinned = server.api.get(f"{server.url}/api/metrics", params={
+        "runs": runs_param, "metrics": json.dumps(["loss"]), "xaxis": "time", "max_points": 2}).json()
+    assert [p["time"] for p in thinned[run["id"]]["loss"]] == [0.0, 2.0]
+    assert server.api.get(f"{server.url}/api/metrics/names", params={"runs": runs_param}).json() == ["acc", "loss"]
+    assert server.api.get(f"{server.url}/api/runs/{run['id']}").json()["metrics"]["loss"]["count"] == 5
+
+    read = server.api.get(f"{server.url}/api/events", params={"run": run["id"], "start": 0, "count": 0}).json()
+    assert read["count"] == 4 and read["data"] == events
+    page = server.api.get(f"{server.url}/api/events", params={"run": run["id"], "start": 1, "count": 2}).json()
+    assert [e["message"] for e in page["data"]] == ["event 1", "event 2"] and page["count"] == 4
+    found = server.api.get(f"{server.url}/api/events", params={
+        "run": run["id"], "filters": json.dumps(["event.message contains 3"])}).json()
+    assert [e["message"] for e in found["data"]] == ["event 3"]
+
+
+def test_json_bodies_and_missing_timestamps_are_accepted_for_metrics(server):
+    run = create_run(server)
+    before = time.time()
+    body = {"run": run["id"], "metrics": [{"time": 1, "step": 0, "values": {"x": 2, "flag": True}}]}
+    assert server.api.post(f"{server.url}/api/metrics", json=body).status_code == 200
+    data = server.api.get(f"{server.url}/api/runs/{run['id']}/metrics").json()["data"]
+    assert data["x"]["values"] == [2.0] and data["flag"]["values"] == [1.0]
+    stamp = dt.datetime.strptime(data["x"]["timestamps"][0], "%Y-%m-%dT%H:%M:%S.%f")
+    assert stamp.replace(tzinfo=dt.timezone.utc).timestamp() >= before - 1
+
+
+def test_a_silent_run_becomes_lost_and_a_heartbeat_revives_it(server):
+    run = create_run(server, heartbeat_timeout=1)
+    never = create_run(server, heartbeat_timeout=None)
+    assert never["heartbeat_timeout"] is None
+    url = f"{server.url}/api/runs/{run['id']}"
+    assert server.api.get(url).json()["status"] == "running"
+    time.sleep(1.5)
+    assert server.api.get(url).json()["status"] == "lost"
+    assert server.api.get(f"{server.url}/api/runs/{never['id']}").json()["status"] == "running"
+    assert server.api.put(f"{url}/heartbeat").status_code == 200
+    assert server.api.get(url).json()["status"] == "running"
+    time.sleep(0.6)
+    post_metrics(server, run["id"], points(1))  # data counts as a sign of life too
+    time.sleep(0.6)
+    assert server.api.get(url).json()["status"] == "running"
+
+
+def test_abort_flag_round_trip(server):
+    run = create_run(server)
+    url = f"{server.url}/api/runs/{run['id']}/abort"
+    assert server.api.get(url).json()["status"] is False
+    assert server.api.put(url, json={"reason": "user asked"}).json()["status"] is True
+    assert server.api.get(url).json() == {"status": True, "reason": "user asked"}
+    other = create_run(server)
+    assert server.api.put(f"{server.url}/api/runs/{other['id']}/abort").status_code == 200  # no body
+    assert server.api.get(f"{server.url}/api/runs/{other['id']}/abort").json()["status"] is True
+
+
+def test_a_replayed_idempotency_key_is_not_applied_twice(server):
+    run = create_run(server)
+    batch = points(3)
+    first = post_metrics(server, run["id"], batch, **{"Idempotency-Key": "batch-1"})
+    replay = post_metrics(server, run["id"], batch, **{"Idempotency-Key": "batch-1"})
+    other = post_metrics(server, run["id"], batch[:1], **{"Idempotency-Key": "batch-2"})
+    assert first.json() == {"run": run["id"], "stored": 3, "replayed": False}
+    assert replay.status_code == 200 and replay.json()["replayed"] is True
+    assert other.json()["stored"] == 1
+    series = server.api.get(f"{server.url}/api/runs/{run['id']}/metrics").json()["data"]["loss"]
+    assert series["steps"] == [0, 1, 2, 0]
+
+    event = [{"message": "once", "timestamp": iso(time.time())}]
+    for _ in range(3):
+        assert post_events(server, run["id"], event, **{"Idempotency-Key": "ev-1"}).status_code == 200
+    assert server.api.get(f"{server.url}/api/events", params={"run": run["id"]}).json()["count"] == 1
+
+    second_run = create_run(server)  # keys are per run
+    assert post_metrics(server, second_run["id"], batch, **{"Idempotency-Key": "batch-1"}).json()["stored"] == 3
+
+
+def test_artifact_upload_with_checksum_check_and_download(server):
+    run = create_run(server)
+    content = b"hello artifact\n" * 100
+    checksum = hashlib.sha256(content).hexdigest()
+    created = server.api.post(f"{server.url}/api/artifacts", json={
+        "name": "input.txt", "original_path": "/tmp/input.txt", "size": len(content), "mime_type": "text/plain",
+        "checksum": checksum, "metadata": {"k": 1}}).json()
+    assert set(created) >= {"id", "url", "storage_id"} and created["url"].startswith(server.url + "/upload/")
+
+    early = server.api.put(f"{server.url}/api/artifacts/{created['id']}", json={"uploaded": True})
+    assert early.status_code == 400 and "no content" in early.json()["detail"]
+    bad_key = requests.put(created["url"].split("?")[0] + "?key=wrong", data=content)
+    assert bad_key.status_code == 403
+    corrupt = requests.put(created["url"], data=content + b"x")
+    assert corrupt.status_code == 400 and "sha256" in corrupt.json()["detail"]
+    assert requests.put(created["url"], data=content).status_code == 200  # raw PUT, no token
+    confirmed = server.api.put(f"{server.url}/api/artifacts/{created['id']}", json={"uploaded": True}).json()
+    assert confirmed["uploaded"] is True and confirmed["name"] == "input.txt"
+
+    link = server.api.put(f"{server.url}/api/runs/{run['id']}/artifacts/{created['id']}", json={"category": "input"})
+    assert link.status_code == 200
+    artifact = server.api.get(f"{server.url}/api/artifacts/{created['id']}").json()
+    assert artifact["name"] == "input.txt" and artifact["checksum"] == checksum and artifact["runs"] == {
+        run["id"]: "input"}
+    assert requests.get(artifact["url"]).content == content  # keyed download URL, no token
+    assert server.api.get(f"{server.url}/api/artifacts/{created['id']}/content").content == content
+
+    listed = server.api.get(f"{server.url}/api/artifacts", params={"runs": json.dumps([run["id"]])}).json()
+    assert [a["id"] for a in listed["data"]] == [created["id"]]
+    of_run = server.api.get(f"{server.url}/api/runs/{run['id']}/artifacts", params={"name": "input.txt"}).json()
+    assert [(a["id"], a["category"]) for a in of_run] == [(created["id"], "input")]
+
+    same_content = server.api.post(f"{server.url}/api/artifacts", json={
+        "name": "copy.txt", "size": len(content), "checksum": checksum, "run": run["id"], "category": "output"}).json()
+    assert same_content["url"] is None  # already stored: nothing to upload
+    assert server.api.get(f"{server.url}/api/artifacts/{same_content['id']}/content").content == content
+    bad = server.api.post(f"{server.url}/api/artifacts", json={"name": "x", "checksum": "../../etc/passwd"})
+    assert bad.status_code == 422
+
+
+def test_alerts_deduplicate_attach_and_carry_a_status_per_run(server):
+    definition = {"name": "loss-high", "source": "metrics", "notification": "none", "enabled": True,
+                  "alert": {"rule": "is above", "metric": "loss", "threshold": 10.0, "frequency": 1, "window": 1}}
+    first = server.api.post(f"{server.url}/api/alerts", params={"deduplicate": "True"}, json=definition)
+    assert first.status_code == 200
+    alert_id = first.json()["id"]
+    again = server.api.post(f"{server.url}/api/alerts", params={"deduplicate": "True"}, json=definition)
+    assert again.status_code == 409 and again.json()["id"] == alert_id
+    user = server.api.post(f"{server.url}/api/alerts", json={"name": "manual", "source": "user"}).json()
+
+    run = create_run(server, alerts=[alert_id])
+    url = f"{server.url}/api/runs/{run['id']}"
+    server.api.put(url, json={"alerts": [alert_id, user["id"]]})
+    status_url = f"{server.url}/api/alerts/{user['id']}/status/{run['id']}"
+    assert server.api.put(status_url, json={"status": "critical"}).status_code == 200
+    assert server.api.get(status_url).json()["status"] == "critical"
+    attached = {a["alert"]["id"]: (a["alert"]["name"], a["status"]) for a in server.api.get(url).json()["alerts"]}
+    assert attached == {alert_id: ("loss-high", "ok"), user["id"]: ("manual", "critical")}
+
+    fetched = server.api.get(f"{server.url}/api/alerts/{alert_id}").json()
+    assert fetched["alert"]["threshold"] == 10.0 and fetched["source"] == "metrics"
+    assert alert_id in [a["id"] for a in server.api.get(f"{server.url}/api/alerts").json()["data"]]
+    critical = server.api.get(f"{server.url}/api/runs", params={"filters": json.dumps(["alert.status == critical"])})
+    assert [r["id"] for r in critical.json()["data"]] == [run["id"]]
+    assert server.api.put(url, json={"alerts": ["nosuchalert"]}).status_code == 404
+    assert server.api.put(status_url, json={"status": "purple"}).status_code == 422
+
+
+def test_run_listing_filters_sorts_and_pages(server):
+    made = [create_run(server, name=f"list-{i}", folder="/listing", tags=["even"] if i % 2 == 0 else [],
+                       metadata={"i": i}) for i in range(5)]
+
+    def names(**params) -> list[str]:
+        response = server.api.get(f"{server.url}/api/runs", params=params)
+        assert response.status_code == 200, response.text
+        return [r["name"] for r in response.json()["data"]]
+
+    in_folder = json.dumps(["folder.path == /listing"])
+    assert names(filters=in_folder) == [f"list-{i}" for i in reversed(range(5))]  # newest first
+    assert names(filters=json.dumps(["folder.path == /listing", "has tag.even"]), sorting=json.dumps(
+        [{"id": "metadata.i", "desc": False}])) == ["list-0", "list-2", "list-4"]
+    assert names(filters=json.dumps(["metadata.i >= 3", "folder.path == /listing"])) == ["list-4", "list-3"]
+    assert names(filters=json.dumps(["name == list-1"])) == ["list-1"]
+    assert names(filters=json.dumps(["folder.path == /listing", "created < 1h"]), count=2, start=1) == [
+        "list-3", "list-2"]
+    assert names(filters=in_folder, count=2, offset=4) == ["list-0"]
+    total = server.api.get(f"{server.url}/api/runs", params={"filters": in_folder, "count": 1}).json()["count"]
+    assert total == 5
+    server.api.delete(f"{server.url}/api/runs/{made[0]['id']}")
+    assert server.api.get(f"{server.url}/api/runs/{made[0]['id']}").status_code == 404
+    assert "list-0" not in names(filters=in_folder)
+
+
+def test_malformed_requests_get_a_4xx_with_a_reason_and_the_server_keeps_serving(server):
+    run = create_run(server)
+    url = server.url
+    bad_json = server.api.post(f"{url}/api/runs", data=b'{"folder": "/x"', headers={"Content-Type": "application/json"})
+    assert bad_json.status_code == 400 and "JSON" in bad_json.json()["detail"]
+    bad_msgpack = server.api.post(f"{url}/api/metrics", data=b"\xc1\xc1\xc1", headers=MSGPACK)
+    assert bad_msgpack.status_code == 400 and "msgpack" in bad_msgpack.json()["detail"]
+    bad_json_metrics = server.api.post(f"{url}/api/events", data=b"{", headers={"Content-Type": "application/json"})
+    assert bad_json_metrics.status_code == 400
+
+    wrong_types = [
+        ("post", "/api/runs", {"tags": "not-a-list"}),
+        ("post", "/api/runs", {"folder": "no-slash"}),
+        ("post", "/api/runs", {"status": "sleeping"}),
+        ("put", f"/api/runs/{run['id']}", {"metadata": ["not", "a", "dict"]}),
+        ("post", "/api/folders", {"path": 5}),
+    ]
+    for method, path, body in wrong_types:
+        response = getattr(server.api, method)(f"{url}{path}", json=body)
+        assert response.status_code == 422, (path, body, response.text)
+        assert response.json()["detail"][0]["loc"][0] == "body"
+    wrong_metric = post_metrics(server, run["id"], [{"time": "soon", "step": -1, "values": {"bad name!": "x"}}])
+    assert wrong_metric.status_code == 422 and len(wrong_metric.json()["detail"]) >= 3
+
+    unknown = "A" * 22
+    assert "no run with id" in post_metrics(server, unknown, points(1)).json()["detail"]
+    assert post_events(server, unknown, [{"message": "m"}]).status_code == 404
+    for path in (f"/api/runs/{unknown}", f"/api/runs/{unknown}/abort", f"/api/events?run={unknown}",
+                 f"/api/artifacts/{unknown}", f"/api/alerts/{unknown}"):
+        response = server.api.get(url + path)
+        assert response.status_code == 404 and unknown in response.json()["detail"], path
+    assert server.api.put(f"{url}/api/runs/{unknown}", json={"status": "completed"}).status_code == 404
+    bad_filter = server.api.get(f"{url}/api/runs", params={"filters": json.dumps(["flavour == sweet"])})
+    assert bad_filter.status_code == 400 and "flavour" in bad_filter.json()["detail"]
+    assert server.api.get(f"{url}/api/runs", params={"filters": "not json"}).status_code == 400
+
+    assert server.api.get(f"{url}/api/version").status_code == 200
+
+
+def raw_request(url: str, head: str, body: bytes = b"") -> tuple[int, bytes]:
+    """Send a hand-written request (its headers may lie about the body); the answer's status and body."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        with contextlib.suppress(OSError):  # the server may answer and close before all is sent
+            sock.sendall(head.encode() + b"\r\n" + body)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+            headers, _, answer = received.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in headers.lower().split(b"\r\n")
+                           if line.startswith(b"content-length:")), None)
+            if length is not None and len(answer) >= length:
+                break
+    return int(received.split(b" ", 2)[1]), answer
+
+
+def test_faults_body_limit_and_stats(tmp_path):
+    env = {"SIMVUE_SERVER_FAULTS": "GET /api/version=429x1@3; PUT /api/runs=503x1"}
+    with ServerProcess(tmp_path / "server", "POST /api/metrics=500x2", options=["--max-body-mb", "1"],
+                       env=env) as server:
+        run = create_run(server)
+        statuses = [post_metrics(server, run["id"], points(1)).status_code for _ in range(3)]
+        assert statuses == [500, 500, 200]
+        limited = server.api.get(f"{server.url}/api/version")
+        assert limited.status_code == 429 and limited.headers["Retry-After"] == "3"
+        assert server.api.get(f"{server.url}/api/version").status_code == 200
+        unavailable = server.api.put(f"{server.url}/api/runs/{run['id']}/heartbeat")
+        assert unavailable.status_code == 503 and unavailable.headers["Retry-After"] == "1"
+
+        auth = f"Authorization: Bearer {server.token}\r\n"
+        status, answer = raw_request(server.url, (
+            f"POST /api/metrics HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/msgpack\r\n"
+            "Content-Length: 1000000000\r\n"), b"\x80" * 1000)
+        assert status == 413 and b"limit" in answer
+        chunked = b"".join(b"%x\r\n%s\r\n" % (65536, b"a" * 65536) for _ in range(20))
+        status, _ = raw_request(server.url, (
+            f"POST /api/events HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n"), chunked)
+        assert status == 413
+        assert server.api.get(f"{server.url}/api/version").status_code == 200
+
+        for client in ("node1:11", "node1:12", "node1:11"):
+            server.api.get(f"{server.url}/api/runs/{run['id']}", headers={"X-Simvue-Client": client})
+        stats = server.api.get(f"{server.url}/api/server/stats").json()
+        assert stats["clients"] == ["node1:11", "node1:12"]
+        assert stats["requests"]["POST /api/metrics"] == 4 and stats["requests"]["GET /api/version"] == 3
+        assert stats["requests"]["GET /api/runs/{run_id}"] == 3 and stats["started"]
+
+
+def test_many_concurrent_writers_all_succeed(server):
+    runs = [create_run(server)["id"] for _ in range(4)]
+
+    def write(i: int) -> int:
+        run_id = runs[i % len(runs)]
+        batch = [{"time": 0.0, "step": i * 10 + k, "values": {"v": float(k)}} for k in range(10)]
+        return post_metrics(server, run_id, batch).status_code
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        statuses = list(pool.map(write, range(200)))
+    assert statuses == [200] * 200
+    counts = [server.api.get(f"{server.url}/api/runs/{r}").json()["metrics"]["v"]["count"] for r in runs]
+    assert counts == [500] * 4
+
+
+def test_a_restarted_server_keeps_its_data_and_accepts_old_tokens(tmp_path):
+    data_dir = tmp_path / "server"
+    first = ServerProcess(data_dir)
+    try:
+        assert any("SIMVUE_TOKEN=" in line for line in first.output)  # the first start explains itself
+        assert json.loads((data_dir / "server.json").read_text())["url"] == first.url
+        run = create_run(first, name="survivor", tags=["keep"])
+        post_metrics(first, run["id"], points(4))
+        post_events(first, run["id"], [{"message": "before restart"}])
+        old_token = first.token
+    finally:
+        assert first.stop(signal.SIGINT) == 0  # Ctrl-C is a clean stop too
+    assert not (data_dir / "server.json").exists()
+
+    with ServerProcess(data_dir) as second:
+        assert not any("SIMVUE_TOKEN=" in line for line in second.output)
+        response = requests.get(f"{second.url}/api/runs/{run['id']}", headers={"Authorization": f"Bearer {old_token}"})
+        assert response.status_code == 200 and response.json()["tags"] == ["keep"]
+        series = second.api.get(f"{second.url}/api/runs/{run['id']}/metrics").json()["data"]["loss"]
+        assert series["steps"] == [0, 1, 2, 3]
+        assert second.api.get(f"{second.url}/api/events", params={"run": run["id"]}).json()["count"] == 1
+
+
+def test_without_the_server_extra_simvue_works_and_the_server_says_what_to_install(tmp_path):
+    blocked = "import sys; sys.modules.update(fastapi=None, uvicorn=None, jwt=None); "
+    check = blocked + "import simvue, simvue.cli; from simvue.cli import main; sys.exit(main(sys.argv[1:]))"
+    for command in (["server", "--data", str(tmp_path)], ["server", "token", "--data", str(tmp_path)]):
+        done = subprocess.run([sys.executable, "-c", check, *command], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and "pip install 'simvue[server]'" in done.stderr, done.stderr
