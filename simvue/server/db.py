@@ -70,12 +70,6 @@ CREATE TABLE IF NOT EXISTS server_run_artifacts (
     category TEXT NOT NULL,
     PRIMARY KEY (run_id, artifact_id)
 );
-CREATE TABLE IF NOT EXISTS server_applied_keys (
-    run_id TEXT NOT NULL,
-    key TEXT NOT NULL,
-    applied REAL NOT NULL,
-    PRIMARY KEY (run_id, key)
-);
 """
 
 

@@ -86,6 +86,12 @@ CREATE TABLE IF NOT EXISTS events (
     level TEXT NOT NULL DEFAULT 'info'
 );
 CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, id);
+CREATE TABLE IF NOT EXISTS applied_keys (
+    run_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    applied REAL NOT NULL,
+    PRIMARY KEY (run_id, key)
+);
 CREATE TABLE IF NOT EXISTS uploads (
     run_id TEXT NOT NULL REFERENCES runs (id),
     server TEXT NOT NULL,
@@ -246,11 +252,22 @@ class Store:
             db.execute("INSERT OR IGNORE INTO folders (path) VALUES (?)", (folder,))
         return run_id
 
-    def write(self, run_id: str, batch: StoreBatch) -> None:
-        """Apply ``batch`` to run ``run_id`` in one transaction."""
-        if batch.is_empty():
-            return
+    def write(self, run_id: str, batch: StoreBatch, *, once_key: str | None = None) -> bool:
+        """Apply ``batch`` to run ``run_id`` in one transaction.
+
+        With ``once_key``, a batch is applied at most once per run and key, atomically with
+        the key's record (a server uses this for ``Idempotency-Key``).  Returns whether the
+        batch was applied."""
+        if batch.is_empty() and once_key is None:
+            return True
         with self._transaction() as db:
+            if once_key is not None:
+                inserted = db.execute(
+                    "INSERT OR IGNORE INTO applied_keys (run_id, key, applied) VALUES (?, ?, ?)",
+                    (run_id, once_key, time.time()),
+                ).rowcount
+                if not inserted:
+                    return False
             if batch.metrics:
                 rows = []
                 for name, chunk in batch.metrics.items():
@@ -296,6 +313,7 @@ class Store:
                 db.execute("UPDATE runs SET heartbeat=? WHERE id=?", (batch.heartbeat, run_id))
             if batch.ended is not None:
                 db.execute("UPDATE runs SET ended=? WHERE id=?", (batch.ended, run_id))
+        return True
 
     def _update_folder(self, db, path, metadata, tags, description) -> None:
         db.execute("INSERT OR IGNORE INTO folders (path) VALUES (?)", (path,))

@@ -2,7 +2,7 @@
 
 Their bodies are msgpack (``Content-Type: application/msgpack``, as Simvue clients send them)
 or JSON.  A request carrying ``Idempotency-Key`` is applied at most once per run: the key is
-remembered in ``server_applied_keys`` and a repeat is answered 200 without writing again, so
+remembered in the store's ``applied_keys`` and a repeat is answered 200 without writing again, so
 a client may resend a batch whose answer it never received.
 """
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
-import time
 from typing import Annotated, Any, TypeVar
 
 import msgpack
@@ -23,10 +21,6 @@ from ...store import StoreBatch
 from ..db import Handle
 
 Model = TypeVar("Model", bound=pydantic.BaseModel)
-
-# Check-then-write of a keyed request must not interleave with a retry of the same request.
-_KEYED_WRITES = threading.Lock()
-
 
 @dataclasses.dataclass(frozen=True)
 class Body:
@@ -63,20 +57,6 @@ RawBody = Annotated[Body, Depends(_read_body)]
 
 
 def write_once(handle: Handle, run_id: str, key: str | None, batch: StoreBatch) -> bool:
-    """Write ``batch`` unless request ``key`` was already applied to this run; whether it wrote."""
-    if key is None:
-        handle.store.write(run_id, batch)
-        return True
-    with _KEYED_WRITES:
-        seen = handle.db.execute(
-            "SELECT 1 FROM server_applied_keys WHERE run_id=? AND key=?", (run_id, key)
-        ).fetchone()
-        if seen:
-            return False
-        handle.store.write(run_id, batch)
-        # Not in the store's transaction: a crash between the two writes makes a retry apply twice.
-        handle.db.execute(
-            "INSERT INTO server_applied_keys (run_id, key, applied) VALUES (?, ?, ?)",
-            (run_id, key, time.time()),
-        )
-        return True
+    """Write ``batch`` unless request ``key`` was already applied to this run; whether it wrote.
+    The key is recorded in the same transaction as the data."""
+    return handle.store.write(run_id, batch, once_key=key)

@@ -293,7 +293,7 @@ def delete_run(run_id: str, handle: DataHandle):
         db.execute("DELETE FROM metric_chunks WHERE metric_id IN (SELECT id FROM metrics WHERE run_id=?)", (run_id,))
         for table, column in (
             ("metrics", "run_id"), ("events", "run_id"), ("runs", "id"), ("server_runs", "run_id"),
-            ("server_run_alerts", "run_id"), ("server_run_artifacts", "run_id"), ("server_applied_keys", "run_id"),
+            ("server_run_alerts", "run_id"), ("server_run_artifacts", "run_id"), ("applied_keys", "run_id"),
         ):
             db.execute(f"DELETE FROM {table} WHERE {column}=?", (run_id,))
     return {"id": run_id}
