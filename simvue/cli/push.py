@@ -60,9 +60,6 @@ def push_runs(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     except ServerUnavailable as exc:
         print(f"simvue: {exc}; gave up after {args.timeout:g} s. Nothing is lost: run simvue push again.", file=sys.stderr)
         return 1
-    except ServerRejected as exc:
-        print(f"simvue: {exc}", file=sys.stderr)
-        return 1
     finally:
         connection.close()
 
