@@ -344,6 +344,16 @@ def test_cli_reads_runs_from_the_configured_server(server):
     )
     assert listing.returncode == 0, listing.stderr
     assert [run["name"] for run in json.loads(listing.stdout)] == ["online-cli"]
+    down = {**env, "SIMVUE_URL": "http://127.0.0.1:9"}
+    local_listing = subprocess.run(
+        [sys.executable, "-m", "simvue.cli", "runs", "list", "--offline", "--json"], env=down,
+        capture_output=True, text=True,
+    )
+    assert [run["name"] for run in json.loads(local_listing.stdout)] == ["online-cli"], local_listing.stderr
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "simvue.cli", "runs", "list"], env=down, capture_output=True, text=True
+    )
+    assert unreachable.returncode == 1 and "--offline" in unreachable.stderr
     exports = [
         json.loads(
             subprocess.run(

@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simvue: {exc.args[0]}", file=sys.stderr)
         return 1
     except ServerError as exc:
-        print(f"simvue: {exc}", file=sys.stderr)
+        hint = " (--offline reads the local store instead)" if server.online else ""
+        print(f"simvue: {exc}{hint}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -73,20 +74,24 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="simvue", description="Browse and export tracked runs.")
     parser.add_argument("--store", help="store directory (default: $SIMVUE_STORE or ./.simvue)")
-    parser.add_argument("--offline", action="store_true", help="read the local store even if a server is configured")
+    offline_help = "read the local store even if a server is configured"
+    parser.add_argument("--offline", action="store_true", help=offline_help)
+    # Accepted after the command too (simvue runs list --offline), without overriding the above.
+    reads = argparse.ArgumentParser(add_help=False)
+    reads.add_argument("--offline", action="store_true", default=argparse.SUPPRESS, help=offline_help)
     commands = parser.add_subparsers(title="commands")
 
     runs = commands.add_parser("runs", help="list and inspect runs").add_subparsers(title="runs commands")
-    listing = runs.add_parser("list", help="list runs, oldest first")
+    listing = runs.add_parser("list", help="list runs, oldest first", parents=[reads])
     listing.add_argument("--status", help="only runs with this status")
     listing.add_argument("--folder", help="only runs in this folder or below")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(handler=_runs_list, reads=True)
-    show = runs.add_parser("show", help="show one run")
+    show = runs.add_parser("show", help="show one run", parents=[reads])
     show.add_argument("name", help="run name or id")
     show.set_defaults(handler=_runs_show, reads=True)
 
-    export = commands.add_parser("export", help="export a run as JSON or CSV")
+    export = commands.add_parser("export", help="export a run as JSON or CSV", parents=[reads])
     export.add_argument("name", help="run name or id")
     export.add_argument("--format", choices=("json", "csv"), default="json")
     export.add_argument("--output", "-o", help="file to write (default: standard output)")
