@@ -398,6 +398,10 @@ class Run:
         except Exception as exc:  # noqa: BLE001
             return self._fail("close", SimvueRunError(f"error while closing: {exc}"))
         self._report_spilled()
+        refused = membership.pipe.aggregator.sink_error if membership.is_aggregator else None
+        if refused is not None and not self._errors.suppress_errors:
+            # Already reported on stderr as it happened; strict mode also raises it here.
+            raise SimvueRunError(f"the run was not fully sent: {refused}")
         return done
 
     def _detach(self) -> None:

@@ -370,8 +370,16 @@ def test_cli_reads_runs_from_the_configured_server(server):
 
 
 def test_a_rejected_batch_stops_the_upload_but_keeps_everything_for_push(tmp_path):
-    server = ServerProcess(tmp_path / "server-data", "POST /api/metrics=422x1")
+    server = ServerProcess(tmp_path / "server-data", "POST /api/metrics=422x2")
     try:
+        strict = run_script(
+            "from simvue import Run\nrun = Run()\nrun.config(suppress_errors=False)\nrun.init(name='strict')\n"
+            "run.log_metrics({'x': 1.0})\n"
+            "try:\n    run.close()\nexcept Exception as exc:\n    print('RAISED', type(exc).__name__, exc)\n",
+            env=client_env(server),
+        )
+        assert "RAISED SimvueRunError the run was not fully sent" in strict.stdout, strict.stdout + strict.stderr
+        assert "422" in strict.stdout
         result = run_script(LOGGING_SCRIPT, "online-rejected", "600", "0", env=client_env(server))
         assert result.returncode == 0, result.stderr
         assert "rejected POST /metrics with 422" in result.stderr, result.stderr

@@ -175,6 +175,11 @@ class Aggregator:
             self.on_abort()
 
     @property
+    def sink_error(self) -> Exception | None:
+        """What the sink's destination refused, if anything (e.g. a server's 4xx)."""
+        return getattr(self._sink, "error", None)
+
+    @property
     def finished(self) -> bool:
         return self._finished.is_set()
 

@@ -387,6 +387,11 @@ class RestSink:
         uploader.start()
         return run_id
 
+    @property
+    def error(self) -> ServerRejected | None:
+        """The server's refusal that stopped the upload, if any."""
+        return self._uploader.error if self._uploader is not None else None
+
     def _abort(self) -> None:
         self.abort_requested = True
         self.on_abort()
