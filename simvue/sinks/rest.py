@@ -24,7 +24,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from .offline import OfflineSink
 
 MAX_POINTS_PER_REQUEST = 100_000
 MAX_EVENTS_PER_REQUEST = 16_000
-CHUNKS_PER_READ = 512
+CHUNKS_PER_READ = 16
 FINAL_STATUSES = ("completed", "failed", "terminated", "lost")
 MIN_SERVER_HEARTBEAT_TIMEOUT_S = 180.0
 
@@ -111,15 +111,12 @@ class Replicator:
     def send_metrics(self) -> int:
         """Send the next batch of metric points; returns how many were sent (0: caught up)."""
         chunk_id, offset = self.state["chunk_id"], self.state["chunk_offset"]
-        rows = self.store.metric_chunks_from(self.run_id, chunk_id, CHUNKS_PER_READ)
-        if not rows:
-            return 0
         entries: list[tuple[tuple, dict]] = []
         open_entries: dict[tuple, int] = {}  # (step, time, timestamp) -> index in entries
         last_index: dict[str, int] = {}  # where each metric's latest point went
         budget = MAX_POINTS_PER_REQUEST
         cursor = (chunk_id, offset)
-        for cid, name, steps, times, stamps, values in rows:
+        for cid, name, steps, times, stamps, values in self._chunks_from(chunk_id):
             start = offset if cid == chunk_id else 0
             stop = min(len(values), start + budget)
             after = last_index.get(name, -1)
@@ -149,8 +146,19 @@ class Replicator:
                 ],
             }
             self._post("/metrics", body, f"{self.run_id}/metrics/{chunk_id}.{offset}")
-        self._save(chunk_id=cursor[0], chunk_offset=cursor[1])
+        if cursor != (chunk_id, offset):  # also past empty chunks
+            self._save(chunk_id=cursor[0], chunk_offset=cursor[1])
         return sent
+
+    def _chunks_from(self, chunk_id: int) -> Iterator[tuple]:
+        """The run's metric chunks from ``chunk_id`` on, read a few at a time (a request
+        takes only what fits in it, so reading the whole rest of the run would be waste)."""
+        while True:
+            rows = self.store.metric_chunks_from(self.run_id, chunk_id, CHUNKS_PER_READ)
+            yield from rows
+            if len(rows) < CHUNKS_PER_READ:
+                return
+            chunk_id = rows[-1][0] + 1
 
     def send_events(self) -> int:
         """Send the next batch of events; returns how many were sent (0: caught up)."""
