@@ -19,6 +19,8 @@ from typing import Any
 
 from . import lifecycle, session, topology, validation
 from .api import config as api_config
+from .artifacts import ArtifactsMixin
+from .compat import CompatMixin
 from .config import Settings, from_environment, normalise_reduce
 from .errors import ErrorPolicy, SimvueError, SimvueRunError, SimvueValueError, SimvueWarning
 from .names import random_name
@@ -41,7 +43,7 @@ def _plain_finite(values: Any) -> bool:
     return _isfinite(sum(values))
 
 
-class Run:
+class Run(CompatMixin, ArtifactsMixin):
     """A tracked run, as seen from this process.
 
     ``Run()`` does no I/O.  ``init()`` creates the run (in the aggregator's process) or joins
