@@ -180,22 +180,42 @@ class Run(CompatMixin, ArtifactsMixin):
                     self._settings = self._settings.replace(run_heartbeat_timeout_s=timeout)
             except SimvueError as exc:
                 return self._fail("init", exc)
-            try:
-                server = api_config.resolve(self._mode, self._server_url, self._server_token)
-            except SimvueError as exc:
-                self._fail("config", exc)
-                server = api_config.ServerConfig()
-            if server.mode == "disabled":
-                self._state = DISABLED
+            return self._open(fields, "init")
+
+    def reconnect(self, run_id: str) -> bool:
+        """Resume a run left in the ``created`` state (``init(running=False)``) and record
+        into it from this process; under MPI every rank calls it, as with ``init``."""
+        with self._lock:
+            if self._state == DISABLED:
                 return True
-            try:
-                membership = session.open_run(fields, self._settings, topology.detect(), server)
-            except Exception as exc:  # noqa: BLE001 - e.g. an unwritable store
-                self._state = DISABLED
-                return self._fail("init", SimvueRunError(f"could not start the run: {exc}"))
-            self._join(membership)
-            self._folder = fields["folder"]
+            if self._state != NEW:
+                return self._fail("reconnect", SimvueRunError("reconnect() needs a Run that was not started"))
+            if not isinstance(run_id, str) or not run_id:
+                return self._fail("reconnect", SimvueValueError(f"reconnect() needs a run id or name, not {run_id!r}"))
+            fields = {
+                "name": run_id, "metadata": {}, "tags": [], "description": None, "folder": "/",
+                "status": "running", "now": _now(), "resume_id": run_id,
+            }
+            return self._open(fields, "reconnect")
+
+    def _open(self, fields: dict[str, Any], call: str) -> bool:
+        """Create, resume or join the run ``fields`` describes (the end of init/reconnect)."""
+        try:
+            server = api_config.resolve(self._mode, self._server_url, self._server_token)
+        except SimvueError as exc:
+            self._fail("config", exc)
+            server = api_config.ServerConfig()
+        if server.mode == "disabled":
+            self._state = DISABLED
             return True
+        try:
+            membership = session.open_run(fields, self._settings, topology.detect(), server)
+        except Exception as exc:  # noqa: BLE001 - e.g. an unwritable store, or no such run
+            self._state = DISABLED
+            return self._fail(call, SimvueRunError(f"could not start the run: {exc}"))
+        self._join(membership)
+        self._folder = fields["folder"]
+        return True
 
     def _join(self, membership: session.Membership) -> None:
         membership.handles.add(self)

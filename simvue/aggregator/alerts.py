@@ -45,6 +45,7 @@ class AlertSpec:
     pattern: str | None = None
     notification: str = "none"
     description: str | None = None
+    trigger_abort: bool = False  # a critical state asks the run to stop, as a server abort does
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,6 +77,7 @@ def alert_spec(
     pattern: Any = None,
     notification: Any = "none",
     description: Any = None,
+    trigger_abort: Any = False,
 ) -> AlertSpec:
     """A checked ``AlertSpec``; raises ``SimvueValueError``/``SimvueTypeError`` naming the problem."""
     if not isinstance(name, str) or not name.strip():
@@ -88,7 +90,8 @@ def alert_spec(
     if isinstance(window, bool) or not isinstance(window, (int, float)) or window < 1 or window != int(window):
         raise SimvueValueError(f"alert {name!r}: window must be a whole number of evaluations >= 1, not {window!r}")
     fields: dict[str, Any] = {"name": name, "source": source, "frequency_s": frequency_s, "window": int(window),
-                              "notification": notification, "description": description}
+                              "notification": notification, "description": description,
+                              "trigger_abort": bool(trigger_abort)}
     if source == "metrics":
         if rule not in RULES:
             raise SimvueValueError(f"alert {name!r}: rule must be one of {', '.join(RULES)}, not {rule!r}")

@@ -103,6 +103,7 @@ class Aggregator:
         self._batch = StoreBatch()
         self._batch.metadata = {"simvue": {"processes": {self._local.label: self._local.describe()}}}
         self._user_status: str | None = None
+        self._status: str = run_fields.get("status", "running")  # the latest non-final status
         self._local_status: str | None = None
         self._close_requested = threading.Event()
         self._finished = threading.Event()
@@ -423,7 +424,7 @@ class Aggregator:
             if status in FINAL_STATUSES:
                 self._user_status = status
             else:
-                self._batch.status = status
+                self._batch.status = self._status = status
         elif kind == protocol.FOLDER:
             _, path, metadata, tags, description = record
             self._batch.folders.append((path, metadata, tags, description))
@@ -484,6 +485,8 @@ class Aggregator:
             status = "failed"
         elif "terminated" in statuses:
             status = "terminated"
+        elif self._status == "created":
+            status = "created"  # never started: it stays ready for Run.reconnect
         else:
             status = "completed"
         self._merge_metadata(

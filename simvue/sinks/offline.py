@@ -17,7 +17,13 @@ class OfflineSink:
         self.run_id: str | None = None
 
     def start_run(self, run: dict[str, Any]) -> str:
-        self.run_id = self.store.create_run(**run)
+        resume = run.pop("resume_id", None)
+        if resume is not None:  # Run.reconnect: the stored run's name and folder stand
+            stored = self.store.resume_run(resume, run["now"])
+            run.update(name=stored["name"], folder=stored["folder"])
+            self.run_id = stored["id"]
+        else:
+            self.run_id = self.store.create_run(**run)
         return self.run_id
 
     def write(self, batch: StoreBatch) -> None:

@@ -252,6 +252,19 @@ class Store:
             db.execute("INSERT OR IGNORE INTO folders (path) VALUES (?)", (folder,))
         return run_id
 
+    def resume_run(self, name_or_id: str, now: float | None = None) -> dict:
+        """Set a ``created`` run running again (``Run.reconnect``) and return it."""
+        run = self.run(name_or_id)
+        if run["status"] != "created":
+            raise RunNotFound(f"run {name_or_id!r} is {run['status']}; only a run in the 'created' state can be resumed")
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE runs SET status='running', started=COALESCE(started, ?), heartbeat=?, ended=NULL WHERE id=?",
+                (now, now, run["id"]),
+            )
+        return self.run(run["id"])
+
     def write(self, run_id: str, batch: StoreBatch, *, once_key: str | None = None) -> bool:
         """Apply ``batch`` to run ``run_id`` in one transaction.
 
