@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import lifecycle, session, topology, validation
+from .alerting import AlertsMixin
 from .api import config as api_config
 from .artifacts import ArtifactsMixin
 from .compat import CompatMixin
@@ -43,7 +44,7 @@ def _plain_finite(values: Any) -> bool:
     return _isfinite(sum(values))
 
 
-class Run(CompatMixin, ArtifactsMixin):
+class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
     """A tracked run, as seen from this process.
 
     ``Run()`` does no I/O.  ``init()`` creates the run (in the aggregator's process) or joins
@@ -112,7 +113,7 @@ class Run(CompatMixin, ArtifactsMixin):
             self._close(status)
             # Exit with a status instead of dying by SIGINT: an MPI launcher kills the whole
             # job when one rank dies by a signal, and rank 0 still has the run to finish.
-            raise SystemExit(f"simvue: run {self._name!r} stopped: the server asked it to abort") from None
+            raise SystemExit(f"simvue: run {self._name!r} stopped: an abort was requested (by the server or an alert)") from None
         if self._state == ACTIVE:
             message = "".join(traceback.format_exception(exc_type, exc, tb))
             self._record((protocol.EVENT, _now(), f"{exc_type.__name__}: {exc}\n{message}", "error"))

@@ -105,3 +105,13 @@ def test_bad_definitions_are_clear_errors(kwargs, error):
 def test_a_spec_round_trips_through_a_dict():
     spec = alert_spec("r", rule="is outside range", metric="m", range_low=1, range_high=2, frequency_s=0.5)
     assert AlertSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_every_transition_has_a_message():
+    for spec in (alert_spec("u", source="user"), alert_spec("e", source="events", pattern="x"),
+                 alert_spec("m", rule="is above", metric="m", threshold=0, window=1)):
+        engine = engine_with(spec)
+        engine.observe_values("m", [1.0])
+        engine.observe_event("x")
+        changes = engine.evaluate(1e9, final=True) or [engine.set_status(spec.name, CRITICAL, 1.0)]
+        assert spec.name in changes[0].message()

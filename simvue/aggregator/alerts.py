@@ -152,6 +152,8 @@ class Transition:
         spec = self.spec
         if spec.source == "events":
             return f"alert '{spec.name}' is {self.status}: an event contained {spec.pattern!r}"
+        if spec.source == "user":
+            return f"alert '{spec.name}' is {self.status}: set by the run"
         bound = spec.threshold if spec.threshold is not None else f"[{spec.range_low}, {spec.range_high}]"
         return (
             f"alert '{spec.name}' is {self.status}: {spec.metric} averaged {self.value:g}"

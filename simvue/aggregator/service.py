@@ -29,6 +29,7 @@ from ..store.sqlite import _merge as merge_dicts
 from ..transport import protocol
 from ..transport.rendezvous import AggregatorAddress
 from ..sinks import Sink
+from .alerts import CRITICAL, AlertEngine, AlertSpec, Transition
 from .merge import Reducer
 from .senders import LOST, SenderState, SenderTable
 
@@ -99,6 +100,7 @@ class Aggregator:
             emit=self._emit_reduced,
             losses=self.losses,
         )
+        self._alerts = AlertEngine()
         self._local = self._table.hello(LOCAL_SENDER_ID, local_hello, time.monotonic())
         self._batch = StoreBatch()
         self._batch.metadata = {"simvue": {"processes": {self._local.label: self._local.describe()}}}
@@ -292,7 +294,7 @@ class Aggregator:
 
     def _announce_abort(self, sock: zmq.Socket) -> None:
         self._abort_announced = True
-        self._batch.events.append((time.time(), "the server asked this run to stop (abort)", "warning"))
+        self._batch.events.append((time.time(), "this run was asked to stop (abort, from the server or an alert)", "warning"))
         for state in self._table.live():
             if state.sender_id != LOCAL_SENDER_ID:
                 self._reply(sock, state.sender_id, protocol.ABORT, None)
@@ -428,6 +430,15 @@ class Aggregator:
         elif kind == protocol.FOLDER:
             _, path, metadata, tags, description = record
             self._batch.folders.append((path, metadata, tags, description))
+        elif kind == protocol.ALERT:
+            spec = AlertSpec.from_dict(record[1])
+            if self._alerts.add(spec, time.time()):
+                self._batch.alerts[spec.name] = _alert_row(self._alerts, spec.name)
+        elif kind == protocol.ALERT_STATE:
+            _, name, status = record
+            change = self._alerts.set_status(name, status, time.time())
+            if change is not None:
+                self._on_alert(change)
         else:
             raise ValueError(f"unknown record kind {kind!r}")
 
@@ -457,7 +468,28 @@ class Aggregator:
             {"simvue": {"lost": {state.label: state.reason}, "processes": {state.label: state.describe()}}}
         )
 
-    def _commit(self) -> None:
+    def _evaluate_alerts(self, *, final: bool = False) -> None:
+        """Feed the batch about to be committed to the alerts, then evaluate those due."""
+        batch = self._batch
+        for metric in self._alerts.watched_metrics:
+            chunk = batch.metrics.get(metric)
+            if chunk:
+                self._alerts.observe_values(metric, chunk.values)
+        for _, message, _ in batch.events:
+            self._alerts.observe_event(message)
+        for change in self._alerts.evaluate(time.time(), final=final):
+            self._on_alert(change)
+
+    def _on_alert(self, change: Transition) -> None:
+        level = "error" if change.status == CRITICAL else "info"
+        self._batch.events.append((change.at, change.message(), level))
+        self._batch.alerts[change.spec.name] = _alert_row(self._alerts, change.spec.name)
+        if change.status == CRITICAL and change.spec.trigger_abort:
+            self.abort()
+
+    def _commit(self, *, final: bool = False) -> None:
+        if self._alerts.alerts:
+            self._evaluate_alerts(final=final)
         batch, self._batch = self._batch, StoreBatch()
         for state in self._table.by_id.values():
             state.series.clear()
@@ -500,8 +532,13 @@ class Aggregator:
         self._batch.ended = now
         self._batch.heartbeat = now
         self.final_status = status
-        self._commit()
+        self._commit(final=True)
         self._sink.close(self.settings.close_timeout_s)
+
+
+def _alert_row(engine: AlertEngine, name: str) -> dict[str, Any]:
+    state = engine.alerts[name]
+    return {"definition": state.spec.to_dict(), "status": state.status, "fired_at": state.fired_at}
 
 
 def _drain(buffer: deque) -> list:

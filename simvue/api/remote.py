@@ -76,6 +76,19 @@ class RemoteStore:
             for e in self._all("/events", {"run": run_id})
         ]
 
+    def alerts(self, run_id: str) -> list[dict]:
+        """The run's alerts as the server lists them on the run (definition, status)."""
+        run = self.connection.request("GET", f"/runs/{run_id}") or {}
+        alerts = []
+        for entry in run.get("alerts") or []:
+            alert = entry.get("alert", {})
+            definition = {**(alert.get("alert") or {}), "name": alert.get("name"), "source": alert.get("source")}
+            if "frequency" in definition:
+                definition["frequency_s"] = definition.pop("frequency") * 60.0
+            alerts.append({**definition, "definition": definition, "status": entry.get("status", "ok"),
+                           "fired_at": None})
+        return alerts
+
     def folder(self, path: str) -> dict | None:
         found = self._all("/folders", {"filters": json.dumps([f"path == {path}"])})
         for folder in found:

@@ -155,6 +155,12 @@ def _runs_show(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     for name, count in counts.items():
         series = store.metric_series(run["id"], name)
         out.write(f"  {name}: {count} points, last step {series['steps'][-1]} = {series['values'][-1]:g}\n")
+    alerts = store.alerts(run["id"])
+    if alerts:
+        out.write(f"alerts ({len(alerts)}):\n")
+        for alert in alerts:
+            fired = f", fired {_iso(alert['fired_at'])}" if alert["fired_at"] else ""
+            out.write(f"  {alert['name']}: {alert['status']}{fired}\n")
     out.write(f"events ({len(events)}):\n")
     for event in events[-10:]:
         first_line = event["message"].splitlines()[0] if event["message"] else ""
@@ -182,12 +188,24 @@ def export_run(store: Store, name: str) -> dict[str, Any]:
         "started": _iso(run["started"]),
         "ended": _iso(run["ended"]),
         "folder_details": store.folder(run["folder"]),
+        "alerts": [_alert_summary(alert) for alert in store.alerts(run["id"])],
         "events": [
             {"message": e["message"], "timestamp": _iso(e["timestamp"]), "level": e["level"]}
             for e in store.events(run["id"])
         ],
         "metrics": metrics,
     }
+
+
+def _alert_summary(alert: dict[str, Any]) -> dict[str, Any]:
+    fields = ("name", "source", "rule", "metric", "threshold", "range_low", "range_high", "pattern")
+    summary = {key: alert[key] for key in fields if alert.get(key) is not None}
+    if alert.get("source") == "metrics":
+        summary["window"] = alert.get("window")
+    if alert.get("source") in ("metrics", "events") and alert.get("frequency_s") is not None:
+        summary["frequency"] = alert["frequency_s"] / 60.0
+    summary.update(status=alert["status"], fired_at=_iso(alert["fired_at"]))
+    return summary
 
 
 def _export(store: Store, args: argparse.Namespace, out: TextIO) -> int:

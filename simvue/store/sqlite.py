@@ -86,6 +86,15 @@ CREATE TABLE IF NOT EXISTS events (
     level TEXT NOT NULL DEFAULT 'info'
 );
 CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, id);
+CREATE TABLE IF NOT EXISTS alerts (
+    run_id TEXT NOT NULL REFERENCES runs (id),
+    name TEXT NOT NULL,
+    definition TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'ok',
+    fired_at REAL,
+    updated REAL,
+    PRIMARY KEY (run_id, name)
+);
 CREATE TABLE IF NOT EXISTS applied_keys (
     run_id TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -161,13 +170,14 @@ class StoreBatch:
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     tags: list[str] = dataclasses.field(default_factory=list)
     folders: list[tuple[str, dict | None, list | None, str | None]] = dataclasses.field(default_factory=list)
+    alerts: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # name -> definition, status, fired_at
     status: str | None = None
     heartbeat: float | None = None
     ended: float | None = None
 
     def is_empty(self) -> bool:
         return not (
-            self.metrics or self.events or self.metadata or self.tags or self.folders
+            self.metrics or self.events or self.metadata or self.tags or self.folders or self.alerts
         ) and self.status is None and self.heartbeat is None and self.ended is None
 
     @property
@@ -317,6 +327,16 @@ class Store:
                 )
             for path, metadata, tags, description in batch.folders:
                 self._update_folder(db, path, metadata, tags, description)
+            if batch.alerts:
+                db.executemany(
+                    "INSERT INTO alerts (run_id, name, definition, status, fired_at, updated) VALUES (?,?,?,?,?,?)"
+                    " ON CONFLICT (run_id, name) DO UPDATE SET status=excluded.status,"
+                    " fired_at=COALESCE(alerts.fired_at, excluded.fired_at), updated=excluded.updated",
+                    [
+                        (run_id, name, json.dumps(alert["definition"]), alert["status"], alert["fired_at"], time.time())
+                        for name, alert in batch.alerts.items()
+                    ],
+                )
             if batch.status is not None:
                 db.execute(
                     "UPDATE runs SET status=?, started=COALESCE(started, CASE WHEN ?='running' THEN ? END) WHERE id=?",
@@ -471,6 +491,17 @@ class Store:
                 f"UPDATE uploads SET {', '.join(f'{name}=?' for name in fields)} WHERE run_id=? AND server=?",
                 (*fields.values(), run_id, server),
             )
+
+    def alerts(self, run_id: str) -> list[dict]:
+        """The run's alerts: ``{"definition", "status", "fired_at"}`` with the definition's
+        fields (``name``, ``source``, ``rule``, ...) at the top level too."""
+        rows = self._db.execute(
+            "SELECT definition, status, fired_at FROM alerts WHERE run_id=? ORDER BY rowid", (run_id,)
+        ).fetchall()
+        return [
+            {**json.loads(definition), "definition": json.loads(definition), "status": status, "fired_at": fired_at}
+            for definition, status, fired_at in rows
+        ]
 
     def folder(self, path: str) -> dict | None:
         row = self._db.execute(

@@ -47,6 +47,8 @@ METADATA   2    [2, {key: value}]            merged into the run's metadata
 TAGS       3    [3, [tag, ...]]              added to the run's tags
 STATUS     4    [4, status: str]             the run's status, as set by the user
 FOLDER     5    [5, path, metadata|nil, tags|nil, description|nil]
+ALERT      6    [6, {name, source, rule, metric, threshold, ...}]   an alert definition
+ALERT_STATE 7   [7, alert name, "ok"|"critical"]                    a user alert's state
 ==============  ==================================================================
 """
 
@@ -65,7 +67,7 @@ KIND_NAMES = {
     HELLO: "hello", DATA: "data", HEARTBEAT: "heartbeat", BYE: "bye", ACK: "ack", DRAIN: "drain", ABORT: "abort"
 }
 
-METRICS, EVENT, METADATA, TAGS, STATUS, FOLDER = 0, 1, 2, 3, 4, 5
+METRICS, EVENT, METADATA, TAGS, STATUS, FOLDER, ALERT, ALERT_STATE = 0, 1, 2, 3, 4, 5, 6, 7
 
 MAC_BYTES = 32
 
