@@ -416,3 +416,30 @@ def test_batches_cut_anywhere_keep_every_series_in_order(server, monkeypatch):
         store.close()
     assert_complete(server, "small-batches", 200)
     assert server.stats()["requests"]["POST /api/metrics"] >= 400 // 25
+
+
+def test_alerts_and_their_states_reach_the_server(server):
+    code = textwrap.dedent(
+        """
+        import time
+        from simvue import Run
+        with Run() as run:
+            run.init(name="online-alerts")
+            run.create_metric_threshold_alert("hot", "x", 5, "is above", frequency=0.005, window=1)
+            run.create_metric_range_alert("band", "x", -1, 100, "is outside range", frequency=0.005, window=1)
+            run.create_event_alert("errors", "ERROR", frequency=0.005)
+            run.create_user_alert("manual")
+            for step in range(20):
+                run.log_metrics({"x": float(step)})
+                time.sleep(0.02)
+            run.log_event("ERROR: boom")
+            run.log_alert("manual", "critical")
+        """
+    )
+    result = run_script(code, env=client_env(server))
+    assert result.returncode == 0, result.stderr
+    run = server.wait_for_status("online-alerts")
+    states = {entry["alert"]["name"]: entry["status"] for entry in server.get(f"/runs/{run['id']}")["alerts"]}
+    assert states == {"hot": "critical", "band": "ok", "errors": "critical", "manual": "critical"}
+    hot = next(e["alert"] for e in server.get(f"/runs/{run['id']}")["alerts"] if e["alert"]["name"] == "hot")
+    assert hot["source"] == "metrics" and hot["alert"]["threshold"] == 5 and hot["alert"]["rule"] == "is above"

@@ -219,7 +219,35 @@ class Replicator:
                 progress(sent)
         while self.send_events():
             pass
+        self.send_alerts()
         return self.send_changes(run)
+
+    def send_alerts(self) -> None:
+        """Define new alerts on the server, attach them to the run, and send state changes."""
+        sent = dict(self.state["sent"])
+        known: dict[str, dict] = dict(sent.get("alerts", {}))
+        alerts = self.store.alerts(self.run_id)
+        new = [alert for alert in alerts if alert["name"] not in known]
+        for alert in new:
+            answer = self.connection.request(
+                "POST", "/alerts", params={"deduplicate": "True"}, json=_alert_body(alert), conflict_ok=True
+            )
+            if not isinstance(answer, dict) or not answer.get("id"):
+                raise ServerRejected("POST", "/alerts", 200, f"the answer has no alert id: {answer!r}")
+            known[alert["name"]] = {"id": answer["id"], "status": "ok"}
+        if new:
+            ids = [entry["id"] for entry in known.values()]
+            self.connection.request("PUT", f"/runs/{self.remote_id}", json={"alerts": ids})
+        for alert in alerts:
+            entry = known[alert["name"]]
+            if alert["status"] != entry["status"]:
+                self.connection.request(
+                    "PUT", f"/alerts/{entry['id']}/status/{self.remote_id}", json={"status": alert["status"]}
+                )
+                entry["status"] = alert["status"]
+        if known != sent.get("alerts", {}):
+            sent["alerts"] = known
+            self._save(sent=sent)
 
     def points_left(self) -> int:
         return self.store.metric_points_from(self.run_id, self.state["chunk_id"]) - self.state["chunk_offset"]
@@ -247,6 +275,30 @@ class Replicator:
                 self._second_prefixes.clear()
             prefix = self._second_prefixes[whole] = format_timestamp(whole)[:-6]  # "...T12:34:56."
         return f"{prefix}{micro:06d}"
+
+
+def _alert_body(alert: dict[str, Any]) -> dict[str, Any]:
+    """An alert definition in the shape Simvue servers take (``POST /api/alerts``)."""
+    body: dict[str, Any] = {
+        "name": alert["name"],
+        "description": alert.get("description"),
+        "notification": alert.get("notification", "none"),
+        "source": alert["source"],
+        "enabled": True,
+        "abort": bool(alert.get("trigger_abort")),
+    }
+    frequency = alert["frequency_s"] / 60.0
+    if alert["source"] == "metrics":
+        rule = {"rule": alert["rule"], "frequency": frequency, "window": alert["window"], "metric": alert["metric"],
+                "aggregation": "average"}
+        if alert["rule"] in ("is above", "is below"):
+            rule["threshold"] = alert["threshold"]
+        else:
+            rule.update(range_low=alert["range_low"], range_high=alert["range_high"])
+        body["alert"] = rule
+    elif alert["source"] == "events":
+        body["alert"] = {"pattern": alert["pattern"], "frequency": frequency}
+    return body
 
 
 class Uploader:
