@@ -226,12 +226,30 @@ class Client:
         events = events[start_index or 0 :]
         return events if count_limit is None else events[:count_limit]
 
+    def get_alerts(self, run_id: str, *, critical_only: bool = False) -> list[dict[str, Any]]:
+        """The run's alerts: definition fields, ``status`` (ok/critical) and ``fired_at``."""
+        alerts = [alert_summary(alert) for alert in self._source.alerts(self.get_run(run_id).id)]
+        return [a for a in alerts if a["status"] == "critical"] if critical_only else alerts
+
     def abort_run(self, run_id: str, reason: str) -> bool:
         """Ask a running job to stop (needs a server; see docs/online.md, abort requests)."""
         if not isinstance(self._source, RemoteStore):
             raise SimvueRunError("abort_run needs a server: a local run can only be stopped by its job")
         self._source.connection.request("PUT", f"/runs/{self.get_run(run_id).id}/abort", json={"reason": reason})
         return True
+
+
+def alert_summary(alert: dict[str, Any]) -> dict[str, Any]:
+    """A stored alert as exported: its definition, ``status`` and ``fired_at`` (ISO)."""
+    fields = ("name", "source", "rule", "metric", "threshold", "range_low", "range_high", "pattern")
+    summary = {key: alert[key] for key in fields if alert.get(key) is not None}
+    if alert.get("source") == "metrics":
+        summary["window"] = alert.get("window")
+    if alert.get("source") in ("metrics", "events") and alert.get("frequency_s") is not None:
+        summary["frequency"] = alert["frequency_s"] / 60.0
+    fired_at = alert["fired_at"]
+    summary.update(status=alert["status"], fired_at=None if fired_at is None else format_timestamp(fired_at))
+    return summary
 
 
 def _run_filter(text: str):

@@ -44,6 +44,12 @@ def test_alerts_fire_or_stay_ok_and_are_exported(store_dir):
     assert alerts["too-big"]["rule"] == "is above" and alerts["too-big"]["threshold"] == 5.0
     assert alerts["too-big"]["fired_at"] and alerts["in-range"]["fired_at"] is None
     assert alerts["err"]["pattern"] == "ERROR" and alerts["older-form"]["rule"] == "is below"
+    from simvue.client import Client
+
+    with Client() as client:
+        assert [a["name"] for a in client.get_alerts("alerts-one", critical_only=True)] == [
+            "too-big", "err", "manual", "short-run"
+        ]
     fired = [e["message"] for e in run["events"] if e["message"].startswith("alert ")]
     assert sorted(message.split("'")[1] for message in fired) == ["err", "manual", "short-run", "too-big"]
 

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 from ..api import config as api_config
 from ..api.connection import Connection, ServerError
 from ..api.remote import RemoteStore
+from ..client import alert_summary
 from ..config import Settings
 from ..errors import SimvueError
 from ..server.cli import add_server_commands
@@ -188,24 +189,13 @@ def export_run(store: Store, name: str) -> dict[str, Any]:
         "started": _iso(run["started"]),
         "ended": _iso(run["ended"]),
         "folder_details": store.folder(run["folder"]),
-        "alerts": [_alert_summary(alert) for alert in store.alerts(run["id"])],
+        "alerts": [alert_summary(alert) for alert in store.alerts(run["id"])],
         "events": [
             {"message": e["message"], "timestamp": _iso(e["timestamp"]), "level": e["level"]}
             for e in store.events(run["id"])
         ],
         "metrics": metrics,
     }
-
-
-def _alert_summary(alert: dict[str, Any]) -> dict[str, Any]:
-    fields = ("name", "source", "rule", "metric", "threshold", "range_low", "range_high", "pattern")
-    summary = {key: alert[key] for key in fields if alert.get(key) is not None}
-    if alert.get("source") == "metrics":
-        summary["window"] = alert.get("window")
-    if alert.get("source") in ("metrics", "events") and alert.get("frequency_s") is not None:
-        summary["frequency"] = alert["frequency_s"] / 60.0
-    summary.update(status=alert["status"], fired_at=_iso(alert["fired_at"]))
-    return summary
 
 
 def _export(store: Store, args: argparse.Namespace, out: TextIO) -> int:
