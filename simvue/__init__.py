@@ -6,11 +6,19 @@ local store (``.simvue/`` by default), browsable with the ``simvue`` command.
 """
 
 from ._version import __version__
+from .client import Client
 from .errors import SimvueError, SimvueRunError, SimvueTypeError, SimvueValueError, SimvueWarning
+from .handler import Handler
 from .run import Run
 
+# The older ``Simvue()`` client's name for the same object (see docs/compat.md).
+Simvue = Run
+
 __all__ = [
+    "Client",
+    "Handler",
     "Run",
+    "Simvue",
     "SimvueError",
     "SimvueRunError",
     "SimvueTypeError",

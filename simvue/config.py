@@ -26,6 +26,7 @@ COMPAT_OPTIONS = {
     "system_metrics_interval",
     "disable_resources_metrics",
     "hardware_interval",
+    "log_hardware",
     "storage_id",
     "enable_emission_metrics",
     "abort_on_alert",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -325,9 +326,8 @@ def test_abort_stops_every_mpi_rank(server, tmp_path):
     request_abort_when_running(server, "abort-mpi")
     thread.join(150)
     result = outcome["result"]
-    assert sorted(line for line in result.stdout.splitlines() if line.startswith("ABORTED")) == [
-        f"ABORTED {rank}" for rank in range(4)
-    ], result.stdout + result.stderr
+    # Ranks print at the same moment: their lines may run together in mpiexec's output.
+    assert sorted(re.findall(r"ABORTED (\d)", result.stdout)) == ["0", "1", "2", "3"], result.stdout + result.stderr
     run = server.wait_for_status("abort-mpi")
     assert run["status"] == "terminated"
     metrics = server.metrics(run["id"])
