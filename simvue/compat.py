@@ -47,16 +47,6 @@ class CompatMixin:
 
     # -- the older Simvue() client (seed 001) --------------------------------------------
 
-    def log(
-        self,
-        metrics: dict[str, int | float],
-        step: int | None = None,
-        time: float | None = None,
-        timestamp: str | None = None,
-    ) -> bool:
-        """The older name of ``log_metrics``."""
-        return self.log_metrics(metrics, step, time, timestamp)
-
     def event(self, message: str | BaseException, timestamp: str | None = None) -> bool:
         """The older name of ``log_event``; an exception is recorded as ``"Type: message"``."""
         return self.log_event(message, timestamp)

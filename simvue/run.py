@@ -295,6 +295,8 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
             self._pipe.buffer_full(self._max_buffered)
         return True
 
+    log = log_metrics  # the older Simvue() client's name (seed 001), without an extra call
+
     def _checked_metrics(self, metrics: Any) -> dict | None:
         try:
             checked = validation.metrics(metrics)
