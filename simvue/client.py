@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .api import config as api_config
+from .artifacts import deserialize
 from .api.connection import Connection
 from .api.remote import RemoteStore
 from .config import Settings
@@ -230,6 +231,31 @@ class Client:
         """The run's alerts: definition fields, ``status`` (ok/critical) and ``fired_at``."""
         alerts = [alert_summary(alert) for alert in self._source.alerts(self.get_run(run_id).id)]
         return [a for a in alerts if a["status"] == "critical"] if critical_only else alerts
+
+    # -- artifacts -------------------------------------------------------------------------------
+
+    def list_artifacts(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's artifacts: ``{name, category, size, checksum, mime_type, ...}``."""
+        return self._source.artifacts(self.get_run(run_id).id)
+
+    def get_artifact(self, run_id: str, name: str, *, allow_pickle: bool = False) -> Any:
+        """An artifact's content as the object it was saved from (numpy array, dict, ...),
+        or its bytes for a file (see docs/artifacts.md)."""
+        run = self.get_run(run_id)
+        listed = {artifact["name"]: artifact for artifact in self._source.artifacts(run.id)}
+        if name not in listed:
+            raise SimvueRunError(f"run {run.name!r} has no artifact named {name!r}")
+        data = self._source.artifact_bytes(run.id, name)
+        return deserialize(data, listed[name]["mime_type"], allow_pickle=allow_pickle)
+
+    def get_artifact_as_file(self, run_id: str, name: str, output_dir: str | Path = ".") -> Path:
+        """Write an artifact's content to ``output_dir`` (under its base name); its path."""
+        run = self.get_run(run_id)
+        data = self._source.artifact_bytes(run.id, name)
+        target = Path(output_dir) / Path(name).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return target
 
     def abort_run(self, run_id: str, reason: str) -> bool:
         """Ask a running job to stop (needs a server; see docs/online.md, abort requests)."""

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from . import validation
-from .errors import SimvueError, SimvueRunError, SimvueTypeError, SimvueValueError
+from .errors import SimvueError, SimvueTypeError, SimvueValueError
 from .transport import protocol
 
 # An OpsML tag ``add_tag(key, value)`` becomes the Simvue tag ``f"{key}{TAG_SEPARATOR}{value}"``.
@@ -104,21 +104,16 @@ class CompatMixin:
     def log_artifact_from_file(
         self, name: str, local_path: str | os.PathLike, artifact_path: str | None = None
     ) -> bool:
-        """Store the file ``local_path`` as the output artifact ``name`` (``save(local_path,
-        "output", name=name)``) where this version of simvue stores artifacts; otherwise the
-        call is reported and dropped like any other unsupported call.  OpsML's
-        ``artifact_path`` is accepted and ignored."""
+        """Store the file ``local_path`` as the output artifact ``name``: ``save(local_path,
+        "output", name=name)``.  OpsML's ``artifact_path`` is accepted and ignored."""
         try:
             if not isinstance(name, str) or not name:
                 raise SimvueValueError(f"artifact name {name!r} is not a non-empty str")
             if not isinstance(local_path, (str, os.PathLike)):
                 raise SimvueTypeError(f"artifact path {local_path!r} is not a path")
-            save = getattr(self, "save", None)
-            if save is None:
-                raise SimvueRunError("this version of simvue does not store artifacts; the file was not saved")
         except SimvueError as exc:
             return self._fail("log_artifact_from_file", exc)
-        return save(os.fspath(local_path), "output", name=name)
+        return self.save(os.fspath(local_path), "output", name=name)
 
     # -- helpers -------------------------------------------------------------------------
 

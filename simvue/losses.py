@@ -20,6 +20,7 @@ class LossReason(str, enum.Enum):
     UNKNOWN_SENDER = "unknown_sender"  # data from a sender that never said hello
     STORE_FAILED = "store_failed"  # a write the store refused
     BAD_RECORD = "bad_record"  # a record the aggregator could not interpret
+    ARTIFACT_FAILED = "artifact_failed"  # a saved file or object that could not be stored
 
 
 class LossCounter:

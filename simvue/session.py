@@ -38,10 +38,12 @@ from .losses import LossCounter
 from .sinks.offline import OfflineSink
 from .sinks.rest import RestSink
 from .topology import Topology, initialised_mpi
-from .transport import rendezvous
+from .transport import protocol, rendezvous
 from .transport.rendezvous import AggregatorAddress
 from .transport.sender import Sender
 from .transport.spill import SpillFile
+from .transport.transfer import CLOSE_TIMEOUT_S as ARTIFACTS_CLOSE_TIMEOUT_S
+from .transport.transfer import ArtifactJob, ArtifactQueue, StreamToSender
 
 SPILL_DIRECTORY = "spill"
 
@@ -53,6 +55,8 @@ class Pipe(Protocol):
     spill: SpillFile | None  # where undeliverable records went, if this pipe can spill
 
     def buffer_full(self, limit: int) -> None: ...
+
+    def save_artifact(self, job: ArtifactJob) -> bool: ...
 
     def flush(self, timeout_s: float) -> bool: ...
 
@@ -107,7 +111,9 @@ class Membership:
         for handle in list(self.handles):
             handle._detach()
         done = self.pipe.close(status, dropped, None)
-        if self.cleanup_path is not None:
+        if self.cleanup_path is not None and not (self.is_aggregator and not self.pipe.aggregator.finished):
+            # Ranks still to start need the address: while the run goes on, the file stays
+            # until the aggregator has finished (see _close_at_exit).
             rendezvous.remove_file(self.cleanup_path)
         if self.is_aggregator or rendezvous.inherited() == self.address:
             rendezvous.export(None)
@@ -152,6 +158,8 @@ class Membership:
             self.close(status, {})
         if self.is_aggregator:
             self.pipe.aggregator.close(status, None)  # wait for ranks still running
+            if self.cleanup_path is not None:
+                rendezvous.remove_file(self.cleanup_path)
 
 
 _active: dict[tuple[int, int], Membership] = {}
@@ -173,16 +181,30 @@ class LocalPipe:
         self.aggregator = aggregator
         self.buffer = aggregator.local_buffer
         self.spill = None
+        self.artifacts = ArtifactQueue(self._copy_into_store, aggregator.losses)
 
     def buffer_full(self, limit: int) -> None:
         deadline = time.monotonic() + 1.0
         while len(self.buffer) >= limit and time.monotonic() < deadline and not self.aggregator.finished:
             time.sleep(0.005)
 
+    def save_artifact(self, job: ArtifactJob) -> bool:
+        self.artifacts.put(job)
+        return True
+
+    def _copy_into_store(self, job: ArtifactJob) -> None:
+        """No socket in this process: the content goes straight into the store's blobs."""
+        blobs = self.aggregator.blobs
+        checksum, size = blobs.put_file(job.path) if job.path is not None else blobs.put_bytes(job.data or b"")
+        self.buffer.append((protocol.ARTIFACT, {**job.info, "size": size, "checksum": checksum, "transfer": None}))
+
     def flush(self, timeout_s: float) -> bool:
-        return self.aggregator.flush(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        copied = self.artifacts.wait(timeout_s)
+        return self.aggregator.flush(max(0.0, deadline - time.monotonic())) and copied
 
     def close(self, status: str | None, dropped: dict[str, int], timeout_s: float | None) -> bool:
+        self.artifacts.wait(ARTIFACTS_CLOSE_TIMEOUT_S if timeout_s is None else timeout_s)
         if dropped:
             self.buffer.append((2, {"simvue": {"dropped_calls": {"main": dropped}}}))
         return self.aggregator.close(status, timeout_s, wait_for_ranks=False)
@@ -191,18 +213,26 @@ class LocalPipe:
 class SenderPipe:
     """A process that is not the aggregator: records travel through a ``Sender``."""
 
-    def __init__(self, sender: Sender) -> None:
+    def __init__(self, sender: Sender, losses: LossCounter) -> None:
         self.sender = sender
         self.buffer = sender.buffer
         self.spill = sender.spill
+        self.artifacts = ArtifactQueue(StreamToSender(sender), losses)
 
     def buffer_full(self, limit: int) -> None:
         self.sender.buffer_full(limit)
 
+    def save_artifact(self, job: ArtifactJob) -> bool:
+        self.artifacts.put(job)
+        return True
+
     def flush(self, timeout_s: float) -> bool:
-        return self.sender.flush(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        sent = self.artifacts.wait(timeout_s)
+        return self.sender.flush(max(0.0, deadline - time.monotonic())) and sent
 
     def close(self, status: str | None, dropped: dict[str, int], timeout_s: float | None) -> bool:
+        self.artifacts.wait(ARTIFACTS_CLOSE_TIMEOUT_S if timeout_s is None else timeout_s)
         return self.sender.close(status, dropped, 30.0 if timeout_s is None else timeout_s)
 
 
@@ -215,6 +245,9 @@ class SpillPipe:
 
     def buffer_full(self, limit: int) -> None:
         self._write()
+
+    def save_artifact(self, job: ArtifactJob) -> bool:
+        return False  # no aggregator to send the content to
 
     def flush(self, timeout_s: float) -> bool:
         self._write()
@@ -316,7 +349,7 @@ def join(address: AggregatorAddress, settings: Settings, topology: Topology, *, 
             )
     rendezvous.export(address)
     membership = Membership(
-        SenderPipe(sender),
+        SenderPipe(sender, losses),
         name=address.run_name,
         run_id=address.run_id,
         started=address.started or time.time(),

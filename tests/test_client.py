@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ SCRIPT = textwrap.dedent(
         for step in range(50):
             run.log_metrics({"loss": 1.0 / (step + 1), "step2": 2.0 * step})
         run.log_event("started up")
+        run.save({"name": name, "values": [1, 2, 3]}, "output", name="summary.json")
         run.log_event("something odd", log_level="warning")
     """
 )
@@ -65,11 +67,13 @@ def check_reads(client: Client) -> None:
     assert [(e["message"], e["log_level"]) for e in events] == [("started up", "info"), ("something odd", "warning")]
     assert [e["message"] for e in client.get_events(alpha.id, message_contains="odd")] == ["something odd"]
     assert client.get_folder("/study/a")["description"] == "folder of alpha"
+    assert [a["name"] for a in client.list_artifacts(alpha.id)] == ["summary.json"]
+    assert client.get_artifact(alpha.id, "summary.json") == {"name": "alpha", "values": [1, 2, 3]}
     as_dict = client.get_runs(["name == alpha"], output_format="dict")
     assert as_dict[alpha.id]["tags"] == ["one"]
 
 
-def test_client_reads_the_local_store():
+def test_client_reads_the_local_store(tmp_path):
     make_runs()
     with Client() as client:
         assert not client.online
@@ -82,6 +86,10 @@ def test_client_reads_the_local_store():
             client.get_metric_values(["loss"], "wallclock")
         with pytest.raises(SimvueRunError, match="needs a server"):
             client.abort_run("alpha", "why")
+        with pytest.raises(SimvueRunError, match="no artifact named"):
+            client.get_artifact("alpha", "missing")
+        path = client.get_artifact_as_file("alpha", "summary.json", tmp_path / "out")
+        assert json.loads(path.read_text()) == {"name": "alpha", "values": [1, 2, 3]}
 
 
 def test_client_reads_a_server_the_same_way(tmp_path):

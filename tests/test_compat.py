@@ -20,6 +20,7 @@ import pytest
 import simvue
 from simvue import Handler, Run, Simvue, SimvueRunError, SimvueTypeError, SimvueValueError, SimvueWarning
 
+from simvue.store import Store
 from conftest import ROOT, mpiexec, read_run, run_script
 
 LEVELS = ["debug", "info", "warning", "error", "critical"]
@@ -175,36 +176,21 @@ def test_seed_003_runcard_verbs_record_metrics_parameters_and_tags(store_dir):
     assert exported["tags"] == ["team=cfd", "stage=train", "version=2"]
 
 
-def test_log_artifact_from_file_maps_onto_save(tmp_path):
-    calls = []
-
-    class RunWithSave(Run):
-        def save(self, *args, **kwargs):
-            calls.append((args, kwargs))
-            return True
-
+def test_log_artifact_from_file_stores_an_output_artifact(store_dir, tmp_path):
     path = tmp_path / "artifact.txt"
     path.write_text("This is a test")
-    run = RunWithSave()
-    run.config(suppress_errors=False)
-    run.init(name="artifact-mapping")
-    assert run.log_artifact_from_file("artifact", path) is True
-    run.close()
-    assert calls == [((str(path), "output"), {"name": "artifact"})]
-
-
-@pytest.mark.skipif(hasattr(Run, "save"), reason="this version stores artifacts")
-def test_log_artifact_from_file_without_artifact_support_is_reported_not_silent(store_dir, tmp_path):
     with Run() as run:
-        run.init(name="no-artifacts")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            assert run.log_artifact_from_file("artifact", tmp_path / "x.txt") is False
-        assert any("does not store artifacts" in str(w.message) for w in caught)
-        assert run.log_metric("after", 1.0) is True
-    exported = read_run(store_dir, "no-artifacts")
-    assert exported["metadata"]["simvue"]["dropped_calls"]["main"]["log_artifact_from_file"] == 1
-    assert _values(exported, "after") == [(0, 1.0)]
+        run.config(suppress_errors=False)
+        run.init(name="artifact-mapping")
+        assert run.log_artifact_from_file("artifact", path) is True
+    exported = read_run(store_dir, "artifact-mapping")
+    [artifact] = exported["artifacts"]
+    assert (artifact["name"], artifact["category"], artifact["size"]) == ("artifact", "output", 14)
+    store = Store(store_dir)
+    try:
+        assert store.artifact_bytes(exported["id"], "artifact") == b"This is a test"
+    finally:
+        store.close()
 
 
 # -- bad input: the same error policy as every Run call ----------------------------------------

@@ -25,6 +25,7 @@ import zmq
 from ..config import Settings
 from ..losses import LossCounter, LossReason
 from ..store import SeriesChunk, StoreBatch
+from ..store.blobs import ARTIFACTS_DIRECTORY, BlobStore, BlobWriter
 from ..store.sqlite import _merge as merge_dicts
 from ..transport import protocol
 from ..transport.rendezvous import AggregatorAddress
@@ -85,6 +86,9 @@ class Aggregator:
         self._advertise_host = advertise_host
         self._bind_address = bind_address
         self.local_buffer: deque[tuple] = deque()
+        self.blobs = BlobStore(settings.store_path() / ARTIFACTS_DIRECTORY)
+        # Artifact transfers from senders, by (sender id, transfer id); None once broken.
+        self._transfers: dict[tuple[bytes, int], BlobWriter | None] = {}
         self._table = SenderTable(
             expected_ranks=expected_ranks,
             namespace_ranks=namespace_ranks,
@@ -434,6 +438,10 @@ class Aggregator:
             spec = AlertSpec.from_dict(record[1])
             if self._alerts.add(spec, time.time()):
                 self._batch.alerts[spec.name] = _alert_row(self._alerts, spec.name)
+        elif kind == protocol.ARTIFACT_CHUNK:
+            self._artifact_chunk(state, record)
+        elif kind == protocol.ARTIFACT:
+            self._artifact(state, record[1])
         elif kind == protocol.ALERT_STATE:
             _, name, status = record
             change = self._alerts.set_status(name, status, time.time())
@@ -441,6 +449,58 @@ class Aggregator:
                 self._on_alert(change)
         else:
             raise ValueError(f"unknown record kind {kind!r}")
+
+    # -- artifacts (see protocol.py) ----------------------------------------------------
+
+    def _artifact_chunk(self, state: SenderState, record: list) -> None:
+        _, transfer, offset, data = record
+        key = (state.sender_id, transfer)
+        writer = self._transfers.get(key, ...)
+        if writer is ...:
+            writer = self._transfers[key] = self.blobs.writer() if offset == 0 else None
+        if writer is None:
+            return
+        if offset != writer.size:  # a chunk went missing: the content cannot be trusted
+            writer.discard()
+            self._transfers[key] = None
+            return
+        writer.write(data)
+
+    def _artifact(self, state: SenderState, info: dict) -> None:
+        name = state.prefix + str(info["name"])
+        transfer = info.get("transfer")
+        if transfer is not None:
+            writer = self._transfers.pop((state.sender_id, transfer), None)
+            if info.get("size") == 0 and writer is None:
+                writer = self.blobs.writer()  # empty content comes with no chunk
+            problem = info.get("error")
+            if problem is None and (
+                writer is None or writer.size != info.get("size") or writer.checksum() != info.get("checksum")
+            ):
+                problem = "its content arrived incomplete"
+            if problem is not None:
+                if writer is not None:
+                    writer.discard()
+                self._artifact_failed(state, name, problem)
+                return
+            self.blobs.commit(writer)
+        row = {key: info.get(key) for key in ("category", "size", "checksum", "mime_type", "original_path", "metadata", "created")}
+        row["name"] = name
+        self._batch.artifacts.append(row)
+
+    def _artifact_failed(self, state: SenderState, name: str, problem: str) -> None:
+        self.losses.record(LossReason.ARTIFACT_FAILED)
+        self._batch.events.append((time.time(), f"artifact {name!r} from {state.label} was not saved: {problem}", "error"))
+
+    def _drop_unfinished_transfers(self) -> None:
+        for (sender_id, _), writer in list(self._transfers.items()):
+            if writer is not None:
+                writer.discard()
+            state = self._table.by_id.get(sender_id)
+            label = state.label if state is not None else "a sender"
+            self.losses.record(LossReason.ARTIFACT_FAILED)
+            self._batch.events.append((time.time(), f"an artifact from {label} never finished arriving", "error"))
+        self._transfers.clear()
 
     def _merge_metadata(self, update: Mapping[str, Any]) -> None:
         self._batch.metadata = merge_dicts(self._batch.metadata, dict(update))
@@ -507,6 +567,7 @@ class Aggregator:
 
     def _finish(self, crashed: bool = False) -> None:
         self._reducer.finish()
+        self._drop_unfinished_transfers()
         lost = [s.label for s in self._table.by_id.values() if s.state == LOST] + [
             f"rank{r}" for r in self._table.never_joined
         ]

@@ -89,6 +89,38 @@ class RemoteStore:
                            "fired_at": None})
         return alerts
 
+    def artifacts(self, run_id: str) -> list[dict]:
+        """The run's artifacts (``GET /api/artifacts?runs=[id]``), shaped as ``Store.artifacts``."""
+        found = []
+        for artifact in self._all("/artifacts", {"runs": json.dumps([run_id])}):
+            created = artifact.get("created")
+            found.append(
+                {
+                    "name": artifact.get("name"),
+                    "category": (artifact.get("runs") or {}).get(run_id) or artifact.get("category"),
+                    "size": artifact.get("size"),
+                    "checksum": artifact.get("checksum"),
+                    "mime_type": artifact.get("mime_type"),
+                    "original_path": artifact.get("original_path"),
+                    "metadata": artifact.get("metadata") or {},
+                    "created": parse_timestamp(created) if isinstance(created, str) and created else None,
+                    "id": artifact.get("id"),
+                    "url": artifact.get("url"),
+                }
+            )
+        return sorted(found, key=lambda a: a["name"] or "")
+
+    def artifact_bytes(self, run_id: str, name: str) -> bytes:
+        """One artifact's content, from its download ``url`` (or ``/api/artifacts/{id}/content``)."""
+        for artifact in self.artifacts(run_id):
+            if artifact["name"] == name:
+                url = artifact["url"] or f"{self.connection.base}/artifacts/{artifact['id']}/content"
+                response = self.connection._session.get(url, timeout=self.connection.timeout)
+                if response.status_code >= 400:
+                    raise ServerRejected("GET", url, response.status_code, response.text[:200])
+                return response.content
+        raise KeyError(f"run {run_id} has no artifact named {name!r}")
+
     def folder(self, path: str) -> dict | None:
         found = self._all("/folders", {"filters": json.dumps([f"path == {path}"])})
         for folder in found:

@@ -3,6 +3,7 @@
     simvue runs list [--status S] [--folder F] [--json]
     simvue runs show NAME
     simvue export NAME [--format json|csv] [--output FILE]
+    simvue artifacts NAME [--get ARTIFACT --output FILE]
     simvue push [RUN ...]
     simvue server [...] / simvue server token [...]
 
@@ -97,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("json", "csv"), default="json")
     export.add_argument("--output", "-o", help="file to write (default: standard output)")
     export.set_defaults(handler=_export, reads=True)
+
+    artifacts = commands.add_parser("artifacts", help="list or download a run's artifacts", parents=[reads])
+    artifacts.add_argument("name", help="run name or id")
+    artifacts.add_argument("--get", metavar="ARTIFACT", help="download this artifact (its name)")
+    artifacts.add_argument("--output", "-o", help="file to write it to (default: standard output)")
+    artifacts.add_argument("--json", action="store_true", help="list as JSON")
+    artifacts.set_defaults(handler=_artifacts, reads=True)
 
     add_push_command(commands)
     add_server_commands(commands)
@@ -195,7 +203,39 @@ def export_run(store: Store, name: str) -> dict[str, Any]:
             for e in store.events(run["id"])
         ],
         "metrics": metrics,
+        "artifacts": [
+            {key: artifact[key] for key in ("name", "category", "size", "checksum", "mime_type")}
+            for artifact in store.artifacts(run["id"])
+        ],
     }
+
+
+def _artifacts(store: Store, args: argparse.Namespace, out: TextIO) -> int:
+    run = store.run(args.name)
+    if args.get is None:
+        artifacts = store.artifacts(run["id"])
+        if args.json:
+            json.dump(artifacts, out, indent=1)
+            out.write("\n")
+            return 0
+        rows = [("NAME", "CATEGORY", "SIZE", "MIME TYPE", "SHA256")]
+        rows += [(a["name"], a["category"], str(a["size"]), a["mime_type"], a["checksum"][:16]) for a in artifacts]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
+        return 0
+    try:
+        content = store.artifact_bytes(run["id"], args.get)
+    except KeyError:
+        print(f"simvue: run {run['name']!r} has no artifact named {args.get!r}", file=sys.stderr)
+        return 1
+    if args.output:
+        Path(args.output).write_bytes(content)
+    else:
+        out.flush()
+        sys.stdout.buffer.write(content)
+        sys.stdout.buffer.flush()
+    return 0
 
 
 def _export(store: Store, args: argparse.Namespace, out: TextIO) -> int:

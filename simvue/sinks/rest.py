@@ -10,6 +10,11 @@ far it got (a metric chunk cursor, an event cursor, and the run fields last sent
 * metric and event batches carry an ``Idempotency-Key`` so a server that honours it (ours
   does) never applies one twice, even if the answer to a request was lost.
 
+Artifacts follow the Simvue upload flow (``POST /api/artifacts``, ``PUT`` the content to the
+returned ``url`` unless the server already has it, ``PUT /api/artifacts/{id}`` uploaded,
+``PUT /api/runs/{id}/artifacts/{aid}`` with the category); each one finished is remembered in
+the store's ``artifact_uploads`` table, so a resumed upload sends only the rest.
+
 A run's final status is sent only after all of its data.  Requests per run are bounded:
 one pass every ``upload_interval_s`` with at most one metrics and one events request unless
 there is a backlog (then back-to-back batches of up to ``MAX_POINTS_PER_REQUEST`` points),
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import os
 import threading
+
+import requests
 import time
 import traceback
 import warnings
@@ -220,7 +227,43 @@ class Replicator:
         while self.send_events():
             pass
         self.send_alerts()
+        self.send_artifacts()
         return self.send_changes(run)
+
+    def send_artifacts(self) -> int:
+        """Upload the run's artifacts not yet on the server; returns how many were sent."""
+        done = self.store.artifact_uploads(self.run_id, self.server)
+        count = 0
+        for artifact in self.store.artifacts(self.run_id):
+            name = artifact["name"]
+            if done.get(name, (None,))[0] == artifact["checksum"]:
+                continue
+            body = {key: artifact[key] for key in ("name", "original_path", "size", "mime_type", "checksum", "metadata")}
+            answer = self.connection.request("POST", "/artifacts", json=body, conflict_ok=True)
+            if not isinstance(answer, dict) or not answer.get("id"):
+                raise ServerRejected("POST", "/artifacts", 200, f"the answer has no artifact id: {answer!r}")
+            artifact_id = answer["id"]
+            if answer.get("url"):
+                self._upload_content(answer["url"], artifact["checksum"])
+            self.connection.request("PUT", f"/artifacts/{artifact_id}", json={"uploaded": True})
+            self.connection.request(
+                "PUT", f"/runs/{self.remote_id}/artifacts/{artifact_id}", json={"category": artifact["category"]}
+            )
+            self.store.save_artifact_upload(self.run_id, self.server, name, artifact["checksum"], artifact_id)
+            count += 1
+        return count
+
+    def _upload_content(self, url: str, checksum: str) -> None:
+        """``PUT`` a blob to an upload URL (it carries its own authorisation: no token)."""
+        try:
+            with open(self.store.blobs.path(checksum), "rb") as content:
+                response = requests.put(url, data=content, timeout=self.connection.timeout)
+        except requests.RequestException as exc:
+            raise ServerUnavailable(f"PUT {url.split('?')[0]}: {exc}") from None
+        if response.status_code == 429 or response.status_code >= 500:
+            raise ServerUnavailable(f"PUT {url.split('?')[0]} answered {response.status_code}")
+        if response.status_code >= 400:
+            raise ServerRejected("PUT", url.split("?")[0], response.status_code, response.text[:200])
 
     def send_alerts(self) -> None:
         """Define new alerts on the server, attach them to the run, and send state changes."""

@@ -4,6 +4,7 @@ Layout of a store directory (``.simvue/`` by default)::
 
     simvue.db        the database (WAL mode; ``simvue.db-wal``/``-shm`` beside it)
     spill/           records a process could not deliver to its aggregator
+    artifacts/       saved files and objects, one file per distinct content (``blobs.py``)
 
 Metrics are stored column-wise in chunks: each commit of the aggregator writes, per metric,
 one row holding the new points as packed arrays (int64 steps, float64 times, timestamps and
@@ -29,6 +30,8 @@ from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .blobs import ARTIFACTS_DIRECTORY, BlobStore
 
 DATABASE_FILE = "simvue.db"
 SCHEMA_VERSION = 1
@@ -101,6 +104,26 @@ CREATE TABLE IF NOT EXISTS applied_keys (
     applied REAL NOT NULL,
     PRIMARY KEY (run_id, key)
 );
+CREATE TABLE IF NOT EXISTS artifacts (
+    run_id TEXT NOT NULL REFERENCES runs (id),
+    name TEXT NOT NULL,
+    category TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    checksum TEXT NOT NULL,
+    mime_type TEXT NOT NULL,
+    original_path TEXT,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL,
+    PRIMARY KEY (run_id, name)
+);
+CREATE TABLE IF NOT EXISTS artifact_uploads (
+    run_id TEXT NOT NULL,
+    server TEXT NOT NULL,
+    name TEXT NOT NULL,
+    checksum TEXT NOT NULL,
+    remote_id TEXT NOT NULL,
+    PRIMARY KEY (run_id, server, name)
+);
 CREATE TABLE IF NOT EXISTS uploads (
     run_id TEXT NOT NULL REFERENCES runs (id),
     server TEXT NOT NULL,
@@ -171,13 +194,16 @@ class StoreBatch:
     tags: list[str] = dataclasses.field(default_factory=list)
     folders: list[tuple[str, dict | None, list | None, str | None]] = dataclasses.field(default_factory=list)
     alerts: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # name -> definition, status, fired_at
+    # Artifact rows {name, category, size, checksum, mime_type, original_path, metadata, created};
+    # their content is already in the store's blobs when the batch is written.
+    artifacts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     status: str | None = None
     heartbeat: float | None = None
     ended: float | None = None
 
     def is_empty(self) -> bool:
         return not (
-            self.metrics or self.events or self.metadata or self.tags or self.folders or self.alerts
+            self.metrics or self.events or self.metadata or self.tags or self.folders or self.alerts or self.artifacts
         ) and self.status is None and self.heartbeat is None and self.ended is None
 
     @property
@@ -217,6 +243,7 @@ class Store:
         )
         self._metric_ids: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
+        self.blobs = BlobStore(self.directory / ARTIFACTS_DIRECTORY)
 
     def close(self) -> None:
         with self._lock:
@@ -335,6 +362,16 @@ class Store:
                     [
                         (run_id, name, json.dumps(alert["definition"]), alert["status"], alert["fired_at"], time.time())
                         for name, alert in batch.alerts.items()
+                    ],
+                )
+            if batch.artifacts:
+                db.executemany(
+                    "INSERT OR REPLACE INTO artifacts (run_id, name, category, size, checksum, mime_type,"
+                    " original_path, metadata, created) VALUES (?,?,?,?,?,?,?,?,?)",
+                    [
+                        (run_id, a["name"], a["category"], a["size"], a["checksum"], a["mime_type"],
+                         a.get("original_path"), json.dumps(a.get("metadata") or {}), a.get("created") or time.time())
+                        for a in batch.artifacts
                     ],
                 )
             if batch.status is not None:
@@ -503,6 +540,35 @@ class Store:
             for definition, status, fired_at in rows
         ]
 
+    def artifacts(self, run_id: str) -> list[dict]:
+        """The run's artifacts, by name: ``{name, category, size, checksum, mime_type,
+        original_path, metadata, created}``."""
+        rows = self._db.execute(
+            f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts WHERE run_id=? ORDER BY name", (run_id,)
+        ).fetchall()
+        return [_artifact_dict(row) for row in rows]
+
+    def artifact_bytes(self, run_id: str, name: str) -> bytes:
+        """The content of one artifact; ``KeyError`` if the run has no artifact of that name."""
+        row = self._db.execute("SELECT checksum FROM artifacts WHERE run_id=? AND name=?", (run_id, name)).fetchone()
+        if row is None:
+            raise KeyError(f"run {run_id} has no artifact named {name!r}")
+        return self.blobs.read(row[0])
+
+    def artifact_uploads(self, run_id: str, server: str) -> dict[str, tuple[str, str]]:
+        """Artifacts of a run already uploaded to ``server``: name -> (checksum, remote id)."""
+        rows = self._db.execute(
+            "SELECT name, checksum, remote_id FROM artifact_uploads WHERE run_id=? AND server=?", (run_id, server)
+        ).fetchall()
+        return {name: (checksum, remote_id) for name, checksum, remote_id in rows}
+
+    def save_artifact_upload(self, run_id: str, server: str, name: str, checksum: str, remote_id: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO artifact_uploads (run_id, server, name, checksum, remote_id) VALUES (?,?,?,?,?)",
+                (run_id, server, name, checksum, remote_id),
+            )
+
     def folder(self, path: str) -> dict | None:
         row = self._db.execute(
             "SELECT path, description, metadata, tags FROM folders WHERE path=?", (path,)
@@ -516,6 +582,15 @@ _RUN_COLUMNS = (
     "id, name, folder, description, status, metadata, tags, system, created, started, ended, heartbeat,"
     " heartbeat_timeout_s"
 )
+
+
+_ARTIFACT_COLUMNS = "name, category, size, checksum, mime_type, original_path, metadata, created"
+
+
+def _artifact_dict(row: tuple) -> dict:
+    artifact = dict(zip(_ARTIFACT_COLUMNS.split(", "), row))
+    artifact["metadata"] = json.loads(artifact["metadata"])
+    return artifact
 
 
 _UPLOAD_COLUMNS = "run_id, server, remote_id, folder_id, chunk_id, chunk_offset, event_id, sent, state, error, updated"

@@ -49,7 +49,21 @@ STATUS     4    [4, status: str]             the run's status, as set by the use
 FOLDER     5    [5, path, metadata|nil, tags|nil, description|nil]
 ALERT      6    [6, {name, source, rule, metric, threshold, ...}]   an alert definition
 ALERT_STATE 7   [7, alert name, "ok"|"critical"]                    a user alert's state
+ARTIFACT    8   [8, {name, category, mime_type, original_path, metadata, created,
+                     size, checksum, transfer: int|nil, error?: str}]  a saved file/object
+ARTIFACT_CHUNK 9 [9, transfer: int, offset: int, data: bytes]       part of its content
 ==============  ==================================================================
+
+Artifacts.  The aggregator's own process copies content straight into the store's blobs and
+sends ARTIFACT with ``transfer`` nil.  Every other process streams it: one ARTIFACT_CHUNK
+record per DATA message (``ARTIFACT_CHUNK_BYTES``, 1 MiB, at most), numbered by a transfer id
+unique within the sender and its byte ``offset``, then the ARTIFACT record with that
+``transfer``, the total ``size`` and the sha256 ``checksum``.  The aggregator appends the
+chunks to a scratch file, and stores the artifact only if the offsets were contiguous and the
+size and checksum match; ``error`` (the sender could not read the file) drops the transfer.
+A sender keeps at most ``MAX_ARTIFACT_BYTES_IN_FLIGHT`` of chunks queued or unacknowledged,
+and asks for an ACK (a HEARTBEAT) after each batch of chunks, so metrics keep flowing beside
+a large file and the sender's memory stays bounded.
 """
 
 from __future__ import annotations
@@ -68,6 +82,10 @@ KIND_NAMES = {
 }
 
 METRICS, EVENT, METADATA, TAGS, STATUS, FOLDER, ALERT, ALERT_STATE = 0, 1, 2, 3, 4, 5, 6, 7
+ARTIFACT, ARTIFACT_CHUNK = 8, 9
+
+ARTIFACT_CHUNK_BYTES = 1 << 20
+MAX_ARTIFACT_BYTES_IN_FLIGHT = 8 << 20
 
 MAC_BYTES = 32
 

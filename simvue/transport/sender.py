@@ -29,6 +29,7 @@ MAX_UNACKED_MESSAGES = 4000
 LINGER_MS = 0
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 2000
+BULK_POLL_MS = 5
 
 
 class Sender:
@@ -71,6 +72,12 @@ class Sender:
         self._acked_seq = 0
         self._sent_seq = 0
         self._unacked: deque[tuple[int, bytes]] = deque()
+        # Artifact chunks (see protocol.py): queued, then in flight until acknowledged; both
+        # together stay under MAX_ARTIFACT_BYTES_IN_FLIGHT (``put_bulk`` waits for room).
+        self._bulk: deque[tuple[tuple, int]] = deque()
+        self._bulk_queued_bytes = 0
+        self._bulk_unacked: deque[tuple[int, int]] = deque()
+        self._bulk_unacked_bytes = 0
         self._outbox: deque[tuple[int, list[bytes]]] = deque()
         self._dropped_at_close: dict[str, int] = {}
         self.welcome: dict[str, Any] | None = None
@@ -94,6 +101,29 @@ class Sender:
             time.sleep(self._flush_interval_s / 4)
         if len(self.buffer) >= limit:
             self.spill.write_records(_drain(self.buffer, len(self.buffer)))
+
+    def put_bulk(self, record: tuple, nbytes: int, timeout_s: float) -> bool:
+        """Queue one large record (an artifact chunk) to travel in a DATA message of its own.
+
+        Blocks while ``MAX_ARTIFACT_BYTES_IN_FLIGHT`` bytes are queued or unacknowledged, for
+        at most ``timeout_s``; returns False if it timed out or the sender has stopped.
+        Called from an artifact reader thread, never from the caller's hot path."""
+        deadline = time.monotonic() + timeout_s
+        with self._acked:
+            while (
+                self._bulk_queued_bytes + self._bulk_unacked_bytes > 0
+                and self._bulk_queued_bytes + self._bulk_unacked_bytes + nbytes > protocol.MAX_ARTIFACT_BYTES_IN_FLIGHT
+            ):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._finished.is_set():
+                    return False
+                self._acked.wait(min(left, 0.5))
+            if self._finished.is_set():
+                return False
+            self._bulk.append((record, nbytes))
+            self._bulk_queued_bytes += nbytes
+        self._wake.set()
+        return True
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until everything buffered before this call is acknowledged."""
@@ -137,12 +167,16 @@ class Sender:
             while True:
                 closing = self._closing.is_set()
                 if not closing:
-                    self._wake.wait(self._flush_interval_s)
+                    if self._bulk or self._bulk_unacked:
+                        # A transfer is under way: listen for the ACKs that make room for it.
+                        self._read_acks(sock, BULK_POLL_MS)
+                    else:
+                        self._wake.wait(self._flush_interval_s)
                     self._wake.clear()
                 with self._acked:
                     flush_requested, self._flush_requested = self._flush_requested, False
-                self._send_buffered()
-                if flush_requested or time.monotonic() - last_heartbeat >= self._heartbeat_interval_s:
+                sent_bulk = self._send_buffered()
+                if sent_bulk or flush_requested or time.monotonic() - last_heartbeat >= self._heartbeat_interval_s:
                     # A heartbeat is answered with an ACK of everything processed so far, so a
                     # sender that never falls silent still gets its messages acknowledged.
                     self._outbox.append((self._sent_seq, self._frames(protocol.HEARTBEAT, self._sent_seq, None)))
@@ -163,6 +197,9 @@ class Sender:
         finally:
             if self.buffer:
                 self.spill.write_records(_drain(self.buffer, len(self.buffer)))
+            if self._bulk:
+                self.spill.write_records([record for record, _ in self._bulk])
+                self._bulk.clear()
             if self._unacked:
                 self._spill_unacked(len(self._unacked))
             sock.close(linger=0)
@@ -181,11 +218,19 @@ class Sender:
         self._outbox.append((self._sent_seq, frames))
 
     def _send_buffered(self) -> bool:
-        sent = False
+        """Queue everything buffered; returns whether artifact chunks were among it."""
         while self.buffer:
             self._queue(protocol.DATA, _drain(self.buffer, MAX_BATCH_RECORDS))
-            sent = True
-        return sent
+        sent_bulk = False
+        while self._bulk:
+            with self._acked:
+                record, nbytes = self._bulk.popleft()
+                self._bulk_queued_bytes -= nbytes
+                self._bulk_unacked_bytes += nbytes
+            self._queue(protocol.DATA, [record])
+            self._bulk_unacked.append((self._sent_seq, nbytes))
+            sent_bulk = True
+        return sent_bulk
 
     def _pump(self, sock: zmq.Socket) -> None:
         while self._outbox:
@@ -224,6 +269,8 @@ class Sender:
                 self._unacked.popleft()
             with self._acked:
                 self._acked_seq = max(self._acked_seq, seq)
+                while self._bulk_unacked and self._bulk_unacked[0][0] <= seq:
+                    self._bulk_unacked_bytes -= self._bulk_unacked.popleft()[1]
                 self._acked.notify_all()
             got = True
         return got
