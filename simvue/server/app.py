@@ -65,6 +65,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.data = ServerData(settings.directory)
     app.state.secret, _ = load_or_create_secret(settings.directory)
     app.state.blobs = BlobStore(settings.directory / ARTIFACTS_DIR)
+    app.state.blobs.remove_scratch()  # uploads cut off by a previous stop
     app.state.stats = RequestStats()
     with app.state.data.checkout() as handle:
         folders.adopt_store_folders(handle)

@@ -20,7 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, NonNegativeInt, Stri
 
 from ...store import new_id
 from ..auth import blob_key, blob_key_matches
-from ..blobs import CHECKSUM, ChecksumMismatch
+from ..blobs import CHECKSUM, ChecksumMismatch, receive
 from ..db import Handle
 from ..query import page
 from . import DataHandle, bad_request, iso, json_list, not_found, require_run, with_handle
@@ -220,7 +220,7 @@ async def upload_content(artifact_id: str, request: Request, key: str | None = N
     """The artifact's bytes, raw; 400 if their sha256 is not the artifact's checksum."""
     record = await with_handle(request, _keyed_artifact, artifact_id, "upload", key, request.app.state.secret)
     try:
-        size = await request.app.state.blobs.receive(request.stream(), record["checksum"])
+        size = await receive(request.app.state.blobs, request.stream(), record["checksum"])
     except ChecksumMismatch as exc:
         raise bad_request(str(exc)) from None
     return {"id": artifact_id, "size": size}
