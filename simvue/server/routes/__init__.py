@@ -11,13 +11,14 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import AfterValidator, StringConstraints
 
 from ... import validation
 from ...store import RunNotFound
 from ..db import Handle
+from ..query import page
 
 T = TypeVar("T")
 
@@ -29,6 +30,26 @@ def _checkout(request: Request) -> Iterator[Handle]:
 
 # A handler parameter of this type receives a database handle for the length of the request.
 DataHandle = Annotated[Handle, Depends(_checkout)]
+
+
+class Paging:
+    """The ``start`` (or ``offset``) and ``count`` query parameters of every list endpoint."""
+
+    def __init__(
+        self,
+        start: int = Query(0, ge=0),
+        offset: int | None = Query(None, ge=0),
+        count: int | None = Query(None, ge=0),
+    ) -> None:
+        self.start = offset or start  # Simvue clients send either name
+        self.count = count
+
+    def __call__(self, records: list[T]) -> list[T]:
+        """The requested page of ``records``; a ``count`` of 0 or none means all of them."""
+        return page(records, self.start, self.count)
+
+
+Page = Annotated[Paging, Depends()]
 
 
 def not_found(kind: str, identifier: str) -> HTTPException:
@@ -50,8 +71,7 @@ def require_run(handle: Handle, run_id: str) -> dict:
     return run
 
 
-def iso(seconds: float | None) -> str | None:
-    return None if seconds is None else validation.format_timestamp(seconds)
+iso = validation.optional_timestamp  # timestamps in answers: UTC ISO, or null when unset
 
 
 def _epoch_seconds(text: str) -> float:

@@ -13,13 +13,12 @@ import sqlite3
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from ...store import new_id
-from ..query import page
-from . import DataHandle, iso, not_found, require_run
+from . import Page, DataHandle, iso, not_found, require_run
 
 router = APIRouter()
 
@@ -101,12 +100,10 @@ def create_alert(body: AlertCreate, handle: DataHandle, deduplicate: bool = Fals
 @router.get("/alerts")
 def list_alerts(
     handle: DataHandle,
-    start: int = Query(0, ge=0),
-    offset: int | None = Query(None, ge=0),
-    count: int | None = Query(None, ge=0),
+    paging: Page,
 ):
     rows = handle.db.execute("SELECT id, definition, created FROM server_alerts ORDER BY created").fetchall()
-    return {"data": [_alert_object(row) for row in page(rows, offset or start, count)], "count": len(rows)}
+    return {"data": [_alert_object(row) for row in paging(rows)], "count": len(rows)}
 
 
 @router.get("/alerts/{alert_id}")

@@ -14,7 +14,7 @@ import json
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, NonNegativeInt, StringConstraints
 
@@ -22,8 +22,7 @@ from ...store import new_id
 from ..auth import blob_key, blob_key_matches
 from ..blobs import CHECKSUM, ChecksumMismatch, receive
 from ..db import Handle
-from ..query import page
-from . import DataHandle, bad_request, iso, json_list, not_found, require_run, with_handle
+from . import Page, DataHandle, bad_request, iso, json_list, not_found, require_run, with_handle
 
 router = APIRouter()  # under /api, with the token check
 content_router = APIRouter()  # upload and download URLs, authorised by their key
@@ -126,10 +125,8 @@ def create_artifact(body: ArtifactCreate, request: Request, handle: DataHandle):
 def list_artifacts(
     request: Request,
     handle: DataHandle,
+    paging: Page,
     runs: str | None = None,
-    start: int = Query(0, ge=0),
-    offset: int | None = Query(None, ge=0),
-    count: int | None = Query(None, ge=0),
 ):
     """All artifacts, or those linked to any run in ``runs`` (a JSON list of ids), oldest first."""
     run_ids = json_list(runs, "runs")
@@ -142,7 +139,7 @@ def list_artifacts(
             f" (SELECT artifact_id FROM server_run_artifacts WHERE run_id IN ({marks})) ORDER BY created",
             run_ids,
         ).fetchall()
-    data = [_response(request, handle, _from_row(row)) for row in page(rows, offset or start, count)]
+    data = [_response(request, handle, _from_row(row)) for row in paging(rows)]
     return {"data": data, "count": len(rows)}
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from ...store import StoreBatch
-from ..query import QueryError, page, parse_filters, select
-from . import DataHandle, IsoTime, bad_request, iso, require_run
+from ..query import QueryError, parse_filters, select
+from . import Page, DataHandle, IsoTime, bad_request, iso, require_run
 from .ingest import RawBody, write_once
 
 router = APIRouter()
@@ -50,11 +50,9 @@ def _event_fields(event: dict, name: str) -> list | None:
 @router.get("/events")
 def get_events(
     handle: DataHandle,
+    paging: Page,
     run: str,
     filters: str | None = None,
-    start: int = Query(0, ge=0),
-    offset: int | None = Query(None, ge=0),
-    count: int | None = Query(None, ge=0),
 ):
     """The run's events in logging order; a ``count`` of 0 (as upstream sends) means all."""
     require_run(handle, run)
@@ -66,4 +64,4 @@ def get_events(
         events = select(events, parse_filters(filters), _event_fields)
     except QueryError as exc:
         raise bad_request(str(exc)) from None
-    return JSONResponse({"data": page(events, offset or start, count), "count": len(events)})  # may be long
+    return JSONResponse({"data": paging(events), "count": len(events)})  # may be long

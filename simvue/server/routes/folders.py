@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import time
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from ...store import new_id
 from ..db import Handle, merge
-from ..query import QueryError, dotted, order, page, parse_filters, parse_sorting, select
-from . import DataHandle, FolderPath, Metadata, Tag, bad_request, iso, not_found
+from ..query import QueryError, dotted, order, parse_filters, parse_sorting, select
+from . import Page, DataHandle, FolderPath, Metadata, Tag, bad_request, iso, not_found
 
 router = APIRouter()
 
@@ -131,11 +131,9 @@ def _sortable(column: str) -> bool:
 @router.get("/folders")
 def list_folders(
     handle: DataHandle,
+    paging: Page,
     filters: str | None = None,
     sorting: str | None = None,
-    start: int = Query(0, ge=0),
-    offset: int | None = Query(None, ge=0),
-    count: int | None = Query(None, ge=0),
 ):
     rows = handle.db.execute(f"SELECT {_COLUMNS} FROM {_FROM} ORDER BY f.created").fetchall()
     try:
@@ -143,7 +141,7 @@ def list_folders(
         folders = order(folders, parse_sorting(sorting, _sortable), _folder_fields)
     except QueryError as exc:
         raise bad_request(str(exc)) from None
-    return {"data": [_response(f) for f in page(folders, offset or start, count)], "count": len(folders)}
+    return {"data": [_response(f) for f in paging(folders)], "count": len(folders)}
 
 
 @router.get("/folders/{folder_id}")

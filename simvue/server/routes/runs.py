@@ -15,15 +15,15 @@ import sqlite3
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from ... import validation
 from ...names import random_name
 from ...store import StoreBatch, new_id
 from ..db import Handle
-from ..query import QueryError, dotted, order, page, parse_filters, parse_sorting, select
-from . import DataHandle, FolderPath, IsoTime, Metadata, Tag, bad_request, iso, require_run
+from ..query import QueryError, dotted, order, parse_filters, parse_sorting, select
+from . import Page, DataHandle, FolderPath, IsoTime, Metadata, Tag, bad_request, iso, require_run
 from .alerts import attach_alerts, run_alerts
 from .folders import ensure_folder
 
@@ -207,11 +207,9 @@ def _sortable(column: str) -> bool:
 @router.get("/runs")
 def list_runs(
     handle: DataHandle,
+    paging: Page,
     filters: str | None = None,
     sorting: str | None = None,
-    start: int = Query(0, ge=0),
-    offset: int | None = Query(None, ge=0),
-    count: int | None = Query(None, ge=0),
 ):
     """Runs matching ``filters``, newest first unless ``sorting`` says otherwise."""
     fields = _RunFields(handle.db)
@@ -220,7 +218,7 @@ def list_runs(
         runs = order(runs, parse_sorting(sorting, _sortable), fields)
     except QueryError as exc:
         raise bad_request(str(exc)) from None
-    return {"data": [run_response(handle, run) for run in page(runs, offset or start, count)], "count": len(runs)}
+    return {"data": [run_response(handle, run) for run in paging(runs)], "count": len(runs)}
 
 
 @router.get("/runs/{run_id}")
