@@ -29,7 +29,7 @@ from .api.remote import RemoteStore
 from .config import Settings
 from .errors import SimvueRunError, SimvueValueError
 from .store import RunNotFound, Store
-from .validation import format_timestamp
+from .validation import format_timestamp, optional_timestamp
 
 XAXES = ("step", "time", "timestamp")
 _SERIES_KEY = {"step": "steps", "time": "times", "timestamp": "timestamps"}
@@ -53,14 +53,11 @@ class RunInfo:
 
     @classmethod
     def from_store(cls, run: dict[str, Any]) -> RunInfo:
-        def iso(seconds: float | None) -> str | None:
-            return None if seconds is None else format_timestamp(seconds)
-
         return cls(
             id=run["id"], name=run["name"], status=run["status"], folder=run["folder"],
             description=run["description"], tags=list(run["tags"]), metadata=run["metadata"],
-            system=run["system"], created=iso(run["created"]), started=iso(run["started"]),
-            endtime=iso(run["ended"]),
+            system=run["system"], created=optional_timestamp(run["created"]),
+            started=optional_timestamp(run["started"]), endtime=optional_timestamp(run["ended"]),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -273,8 +270,7 @@ def alert_summary(alert: dict[str, Any]) -> dict[str, Any]:
         summary["window"] = alert.get("window")
     if alert.get("source") in ("metrics", "events") and alert.get("frequency_s") is not None:
         summary["frequency"] = alert["frequency_s"] / 60.0
-    fired_at = alert["fired_at"]
-    summary.update(status=alert["status"], fired_at=None if fired_at is None else format_timestamp(fired_at))
+    summary.update(status=alert["status"], fired_at=optional_timestamp(alert["fired_at"]))
     return summary
 
 

@@ -103,6 +103,11 @@ def format_timestamp(seconds: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
+def optional_timestamp(seconds: float | None) -> str | None:
+    """``format_timestamp``, passing ``None`` through (a field that is not set yet)."""
+    return None if seconds is None else format_timestamp(seconds)
+
+
 def run_name(value: Any) -> str:
     if not isinstance(value, str):
         raise SimvueTypeError(f"run name must be a str, not {type(value).__name__}")

@@ -141,6 +141,13 @@ def test_injected_500s_and_429s_are_retried(tmp_path):
         server.stop()
 
 
+def push(server: ServerProcess, *names: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "simvue.cli", "push", *names],
+        env={**os.environ, **server.env}, capture_output=True, text=True, timeout=timeout,
+    )
+
+
 def test_bad_token_is_a_clear_error_and_the_run_can_be_pushed_later(server):
     bad = client_env(server, SIMVUE_TOKEN="not-a-token")
     strict = run_script(
@@ -157,19 +164,9 @@ def test_bad_token_is_a_clear_error_and_the_run_can_be_pushed_later(server):
     local = read_run(Path(os.environ["SIMVUE_STORE"]), "bad-token-kept")
     assert len(local["metrics"]["x"]) == 500 and local["status"] == "completed"
 
-    pushed = subprocess.run(
-        [sys.executable, "-m", "simvue.cli", "push", "bad-token-kept"],
-        env={**os.environ, **server.env}, capture_output=True, text=True, timeout=120,
-    )
+    pushed = push(server, "bad-token-kept")
     assert pushed.returncode == 0, pushed.stderr
     assert_complete(server, "bad-token-kept", 500)
-
-
-def push(server: ServerProcess, *names: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "simvue.cli", "push", *names],
-        env={**os.environ, **server.env}, capture_output=True, text=True, timeout=timeout,
-    )
 
 
 def test_close_with_server_down_tells_how_to_push_and_push_is_idempotent(server):

@@ -32,7 +32,7 @@ from ..errors import SimvueError
 from ..server.cli import add_server_commands
 from ..store import RunNotFound, Store
 from ..store.sqlite import DATABASE_FILE
-from ..validation import format_timestamp
+from ..validation import format_timestamp, optional_timestamp
 from .push import add_push_command
 
 
@@ -111,10 +111,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _iso(seconds: float | None) -> str | None:
-    return None if seconds is None else format_timestamp(seconds)
-
-
 def _runs_list(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     runs = store.runs(status=args.status, folder=args.folder)
     if args.json:
@@ -122,7 +118,9 @@ def _runs_list(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         out.write("\n")
         return 0
     rows = [("NAME", "STATUS", "FOLDER", "CREATED", "ID")]
-    rows += [(r["name"], r["status"], r["folder"], (_iso(r["created"]) or "")[:19], r["id"]) for r in runs]
+    rows += [
+        (r["name"], r["status"], r["folder"], (optional_timestamp(r["created"]) or "")[:19], r["id"]) for r in runs
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
@@ -136,7 +134,7 @@ def _run_summary(run: dict[str, Any]) -> dict[str, Any]:
         "status": run["status"],
         "folder": run["folder"],
         "tags": run["tags"],
-        "created": _iso(run["created"]),
+        "created": optional_timestamp(run["created"]),
     }
 
 
@@ -150,8 +148,8 @@ def _runs_show(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     out.write(f"folder:      {run['folder']}\n")
     out.write(f"description: {run['description'] or ''}\n")
     out.write(f"tags:        {', '.join(run['tags'])}\n")
-    out.write(f"created:     {_iso(run['created'])}\n")
-    out.write(f"ended:       {_iso(run['ended']) or ''}\n")
+    out.write(f"created:     {optional_timestamp(run['created'])}\n")
+    out.write(f"ended:       {optional_timestamp(run['ended']) or ''}\n")
     if isinstance(store, Store):
         for upload in store.uploads():
             if upload["run_id"] == run["id"]:
@@ -168,12 +166,12 @@ def _runs_show(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     if alerts:
         out.write(f"alerts ({len(alerts)}):\n")
         for alert in alerts:
-            fired = f", fired {_iso(alert['fired_at'])}" if alert["fired_at"] else ""
+            fired = f", fired {optional_timestamp(alert['fired_at'])}" if alert["fired_at"] else ""
             out.write(f"  {alert['name']}: {alert['status']}{fired}\n")
     out.write(f"events ({len(events)}):\n")
     for event in events[-10:]:
         first_line = event["message"].splitlines()[0] if event["message"] else ""
-        out.write(f"  {_iso(event['timestamp'])}  {event['level']:<7} {first_line}\n")
+        out.write(f"  {optional_timestamp(event['timestamp'])}  {event['level']:<7} {first_line}\n")
     return 0
 
 
@@ -193,13 +191,13 @@ def export_run(store: Store, name: str) -> dict[str, Any]:
         "tags": run["tags"],
         "metadata": run["metadata"],
         "system": run["system"],
-        "created": _iso(run["created"]),
-        "started": _iso(run["started"]),
-        "ended": _iso(run["ended"]),
+        "created": optional_timestamp(run["created"]),
+        "started": optional_timestamp(run["started"]),
+        "ended": optional_timestamp(run["ended"]),
         "folder_details": store.folder(run["folder"]),
         "alerts": [alert_summary(alert) for alert in store.alerts(run["id"])],
         "events": [
-            {"message": e["message"], "timestamp": _iso(e["timestamp"]), "level": e["level"]}
+            {"message": e["message"], "timestamp": optional_timestamp(e["timestamp"]), "level": e["level"]}
             for e in store.events(run["id"])
         ],
         "metrics": metrics,

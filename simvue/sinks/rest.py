@@ -37,7 +37,7 @@ from typing import Any
 
 from ..api.config import ServerConfig
 from ..api.connection import Backoff, Connection, ServerRejected, ServerUnavailable
-from ..config import Settings
+from ..config import DEFAULT_STORE_DIR, Settings
 from ..errors import SimvueWarning
 from ..store import Store, StoreBatch
 from ..validation import format_timestamp
@@ -393,7 +393,7 @@ class Uploader:
         if not complete:
             reason = str(self.error) if self.error else f"{self.config.url} could not be reached"
             store = self.directory
-            hint = "" if store == Path(".simvue").absolute() else f" --store {store}"
+            hint = "" if store == Path(DEFAULT_STORE_DIR).absolute() else f" --store {store}"
             os.write(
                 2,
                 f"simvue: run '{self.run_name}' was not fully sent ({reason}); it is kept in {store}."
