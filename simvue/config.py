@@ -22,11 +22,6 @@ DEFAULT_STORE_DIR = ".simvue"
 # Names accepted by ``config()`` for compatibility with other Simvue clients; they are kept
 # on the settings object and read by the stages that implement them.
 COMPAT_OPTIONS = {
-    "resources_metrics_interval",
-    "system_metrics_interval",
-    "disable_resources_metrics",
-    "hardware_interval",
-    "log_hardware",
     "storage_id",
     "enable_emission_metrics",
     "abort_on_alert",
@@ -53,6 +48,7 @@ class Settings:
     server_heartbeat_interval_s: float = 60.0
     abort_poll_interval_s: float = 10.0
     retry_max_interval_s: float = 30.0
+    resources_interval_s: float = 30.0  # 0: no resource sampling (see simvue.resources)
     reduce: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -61,14 +57,20 @@ class Settings:
         fields = {f.name for f in dataclasses.fields(self)} - {"extra"}
         extra = dict(self.extra)
         own: dict[str, Any] = {}
-        for key, value in changes.items():
-            if key in fields:
+        # An on/off switch wins over an interval given in the same call.
+        for key, value in sorted(changes.items(), key=lambda item: RESOURCES_OPTIONS.get(item[0]) in ("on", "off")):
+            if key in RESOURCES_OPTIONS:
+                own["resources_interval_s"] = _resources_interval(
+                    key, value, own.get("resources_interval_s", self.resources_interval_s)
+                )
+            elif key in fields:
                 own[key] = _check(key, value)
             elif key in COMPAT_OPTIONS:
                 extra[key] = value
             else:
                 raise SimvueValueError(
-                    f"unknown configuration option {key!r}; known: {', '.join(sorted(fields | COMPAT_OPTIONS))}"
+                    f"unknown configuration option {key!r}; known: "
+                    f"{', '.join(sorted(fields | COMPAT_OPTIONS | RESOURCES_OPTIONS.keys()))}"
                 )
         return dataclasses.replace(self, extra=extra, **own)
 
@@ -95,7 +97,39 @@ def from_environment() -> Settings:
                 changes[field.name] = float(raw)
         except ValueError:
             raise SimvueValueError(f"environment variable SIMVUE_{field.name.upper()}={raw!r} is not a number") from None
+    if os.environ.get("SIMVUE_DISABLE_SYSTEM_METRICS", "").strip().lower() in ("1", "true", "yes", "on"):
+        changes["resources_interval_s"] = 0.0
     return Settings().replace(**changes)
+
+
+# Every name other clients use for the resource sampling interval or switch (seconds or bool).
+RESOURCES_OPTIONS = {
+    "resources_interval_s": "seconds",
+    "resources_metrics_interval": "seconds",  # Simvue
+    "system_metrics_interval": "seconds",  # Simvue 2.x; -1 means the default
+    "hardware_interval": "seconds",  # OpsML
+    "disable_resources_metrics": "off",  # Simvue
+    "log_hardware": "on",  # OpsML
+}
+DEFAULT_RESOURCES_INTERVAL_S = 30.0
+MIN_RESOURCES_INTERVAL_S = 1.0
+
+
+def _resources_interval(key: str, value: Any, current: float) -> float:
+    """The sampling interval after setting ``key`` to ``value``; 0 means off."""
+    kind = RESOURCES_OPTIONS[key]
+    if kind != "seconds":
+        if not isinstance(value, bool):
+            raise SimvueTypeError(f"{key} must be True or False")
+        on = value if kind == "on" else not value
+        return (current or DEFAULT_RESOURCES_INTERVAL_S) if on else 0.0
+    if value is None or value is False:
+        return 0.0
+    if key == "system_metrics_interval" and value == -1:
+        return DEFAULT_RESOURCES_INTERVAL_S
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise SimvueValueError(f"{key} must be a number of seconds (0 or None turns sampling off), got {value!r}")
+    return 0.0 if value == 0 else max(MIN_RESOURCES_INTERVAL_S, float(value))
 
 
 def _check(key: str, value: Any) -> Any:

@@ -35,6 +35,8 @@ from .api.config import ServerConfig
 from .config import Settings
 from .errors import SimvueWarning
 from .losses import LossCounter
+from .resources import SamplingRole
+from .resources.facts import cpu_model
 from .sinks.offline import OfflineSink
 from .sinks.rest import RestSink
 from .topology import Topology, initialised_mpi
@@ -213,11 +215,13 @@ class LocalPipe:
 class SenderPipe:
     """A process that is not the aggregator: records travel through a ``Sender``."""
 
-    def __init__(self, sender: Sender, losses: LossCounter) -> None:
+    def __init__(self, sender: Sender, losses: LossCounter, sampling: SamplingRole) -> None:
         self.sender = sender
         self.buffer = sender.buffer
         self.spill = sender.spill
         self.artifacts = ArtifactQueue(StreamToSender(sender), losses)
+        self.sampling = sampling
+        sender.on_sample = sampling.configure
 
     def buffer_full(self, limit: int) -> None:
         self.sender.buffer_full(limit)
@@ -232,6 +236,7 @@ class SenderPipe:
         return self.sender.flush(max(0.0, deadline - time.monotonic())) and sent
 
     def close(self, status: str | None, dropped: dict[str, int], timeout_s: float | None) -> bool:
+        self.sampling.stop(5.0 if timeout_s is None else min(timeout_s, 5.0))  # its last sample goes with the rest
         self.artifacts.wait(ARTIFACTS_CLOSE_TIMEOUT_S if timeout_s is None else timeout_s)
         return self.sender.close(status, dropped, 30.0 if timeout_s is None else timeout_s)
 
@@ -348,8 +353,9 @@ def join(address: AggregatorAddress, settings: Settings, topology: Topology, *, 
                 stacklevel=4,
             )
     rendezvous.export(address)
+    sampling = SamplingRole(topology.host, address.started or time.time(), sender.buffer.append)
     membership = Membership(
-        SenderPipe(sender, losses),
+        SenderPipe(sender, losses, sampling),
         name=address.run_name,
         run_id=address.run_id,
         started=address.started or time.time(),
@@ -450,6 +456,7 @@ def _hello(topology: Topology, role: str, started: float | None) -> dict[str, An
         "host": topology.host,
         "started": started,
         "python": platform.python_version(),
+        "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
 
 
@@ -461,22 +468,11 @@ def system_info() -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "pythonversion": platform.python_version(),
         "platform": {"system": uname.system, "release": uname.release, "version": uname.version},
-        "cpu": {"arch": uname.machine, "processor": _cpu_model()},
+        "cpu": {"arch": uname.machine, "processor": cpu_model()},
         "user": _user(),
         "executable": sys.executable,
         "argv": list(sys.argv),
     }
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def _user() -> str | None:

@@ -32,6 +32,7 @@ class SenderState:
     drain_requested_at: float | None = None
     drained: bool = False
     reason: str | None = None
+    cuda: str | None = None  # its CUDA_VISIBLE_DEVICES, for the node's resource sampler
     # Per-commit cache of metric name -> output series, owned by the aggregator.
     series: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
@@ -88,6 +89,7 @@ class SenderTable:
             pid=info.get("pid"),
             host=info.get("host"),
             last_seen=now,
+            cuda=info.get("cuda") if isinstance(info.get("cuda"), str) else None,
         )
         self.by_id[sender_id] = state
         self.live_labels.add(label)

@@ -24,6 +24,7 @@ import zmq
 
 from ..config import Settings
 from ..losses import LossCounter, LossReason
+from ..resources import NodeSampling, Proc
 from ..store import SeriesChunk, StoreBatch
 from ..store.blobs import ARTIFACTS_DIRECTORY, BlobStore, BlobWriter
 from ..store.sqlite import _merge as merge_dicts
@@ -106,6 +107,22 @@ class Aggregator:
         )
         self._alerts = AlertEngine()
         self._local = self._table.hello(LOCAL_SENDER_ID, local_hello, time.monotonic())
+        # Resource sampling (see simvue.resources): this node's sampler runs here; each other
+        # node's is the sender last sent a SAMPLE plan, by host.
+        self._host: str = local_hello.get("host") or ""
+        self._sampler: NodeSampling | None = None
+        if settings.resources_interval_s > 0:
+            self._sampler = NodeSampling(
+                self._host,
+                settings.resources_interval_s,
+                self.local_buffer.append,
+                started=self.started,
+                processes=[Proc(self._local.label, os.getpid(), self._local.cuda)],
+                plain_pid=os.getpid() if self._local.role == "process" else None,
+            )
+        self._sampling_plans: dict[str, tuple[bytes, dict[str, Any]]] = {}
+        self._sampling_changed = False
+        self._resource_steps: dict[str, int] = {}
         self._batch = StoreBatch()
         self._batch.metadata = {"simvue": {"processes": {self._local.label: self._local.describe()}}}
         self._user_status: str | None = None
@@ -134,6 +151,8 @@ class Aggregator:
         self._thread.start()
         if not self._bound.wait(timeout_s) or self.address is None:
             raise RuntimeError(f"aggregator could not bind a socket: {self._bind_error!r}")
+        if self._sampler is not None:
+            self._sampler.start()
         return self.address
 
     def flush(self, timeout_s: float) -> bool:
@@ -253,6 +272,8 @@ class Aggregator:
                 self._ingest(self._local, _drain(self.local_buffer))
             if self.aborted and not self._abort_announced:
                 self._announce_abort(sock)
+            if self._sampling_changed:
+                self._plan_sampling(sock)
             now = time.monotonic()
             if now >= next_tick:
                 self._tick(now)
@@ -332,6 +353,7 @@ class Aggregator:
             self._reply(sock, sender_id, protocol.ACK, {"seq": state.last_seq, "closed": False, "run": run})
             if self._abort_announced:
                 self._reply(sock, sender_id, protocol.ABORT, None)
+            self._sampling_changed = True
             return
         state = self._table.by_id.get(sender_id)
         if state is None:
@@ -350,10 +372,38 @@ class Aggregator:
                 body = body if isinstance(body, dict) else {}
                 status = body.get("status")
                 self._table.bye(state, status if status in FINAL_STATUSES else None, now)
+                self._sampling_changed = True
                 dropped = body.get("dropped")
                 if isinstance(dropped, dict) and dropped:
                     self._merge_metadata({"simvue": {"dropped_calls": {state.label: dropped}}})
             self._ack(sock, state)
+
+    def _plan_sampling(self, sock: zmq.Socket) -> None:
+        """Tell each node's sampler which of the run's processes live there (see
+        simvue.resources): this node's is a thread here, every other node's is the live
+        process with the lowest rank there."""
+        self._sampling_changed = False
+        if self._sampler is None:
+            return
+        by_host: dict[str, list[SenderState]] = {}
+        for state in self._table.live():
+            by_host.setdefault(state.host or "", []).append(state)
+        here = [s for s in by_host.pop(self._host, []) if s is not self._local]
+        self._sampler.set_processes(_procs([self._local, *here]))  # this process: sampled to the end
+        for host, states in by_host.items():
+            states.sort(key=lambda s: (s.rank if s.rank is not None else 1 << 30, s.label))
+            chosen = states[0]
+            plan = {"interval_s": self.settings.resources_interval_s, "processes": [list(p) for p in _procs(states)]}
+            previous = self._sampling_plans.get(host)
+            if previous == (chosen.sender_id, plan):
+                continue
+            if previous is not None and previous[0] != chosen.sender_id:
+                self._reply(sock, previous[0], protocol.SAMPLE, {})
+            self._reply(sock, chosen.sender_id, protocol.SAMPLE, plan)
+            self._sampling_plans[host] = (chosen.sender_id, plan)
+        for host in list(self._sampling_plans):
+            if host not in by_host:
+                del self._sampling_plans[host]  # its processes have all left
 
     def _ack(self, sock: zmq.Socket, state: SenderState) -> None:
         self._reply(sock, state.sender_id, protocol.ACK, {"seq": state.last_seq, "closed": self._close_requested.is_set()})
@@ -442,6 +492,13 @@ class Aggregator:
             self._artifact_chunk(state, record)
         elif kind == protocol.ARTIFACT:
             self._artifact(state, record[1])
+        elif kind == protocol.RESOURCES:
+            _, host, t, ts, values = record
+            step = self._resource_steps.get(host, 0)
+            self._resource_steps[host] = step + 1
+            for name, value in values.items():
+                if isinstance(name, str) and name.startswith("resources/"):
+                    self._chunk(name).append(step, float(t), float(ts), float(value))
         elif kind == protocol.ALERT_STATE:
             _, name, status = record
             change = self._alerts.set_status(name, status, time.time())
@@ -522,6 +579,7 @@ class Aggregator:
         self._report_lost(state)
 
     def _report_lost(self, state: SenderState) -> None:
+        self._sampling_changed = True
         where = f"pid {state.pid} on {state.host}"
         self._batch.events.append((time.time(), f"{state.label} ({where}) lost: {state.reason}", "error"))
         self._merge_metadata(
@@ -566,6 +624,9 @@ class Aggregator:
                     self._failed_batches.append((item, attempts + 1))
 
     def _finish(self, crashed: bool = False) -> None:
+        if self._sampler is not None:
+            self._sampler.stop(min(5.0, self.settings.close_timeout_s))  # the last sample goes in too
+            self._ingest(self._local, _drain(self.local_buffer))
         self._reducer.finish()
         self._drop_unfinished_transfers()
         lost = [s.label for s in self._table.by_id.values() if s.state == LOST] + [
@@ -595,6 +656,10 @@ class Aggregator:
         self.final_status = status
         self._commit(final=True)
         self._sink.close(self.settings.close_timeout_s)
+
+
+def _procs(states: list[SenderState]) -> list[Proc]:
+    return [Proc(s.label, s.pid, s.cuda) for s in states if isinstance(s.pid, int)]
 
 
 def _alert_row(engine: AlertEngine, name: str) -> dict[str, Any]:

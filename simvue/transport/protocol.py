@@ -18,7 +18,8 @@ Kinds, sender -> aggregator:
 
 =========  =============================================================================
 HELLO      body: map {rank, size, local_rank, pid, host, role: "rank"|"worker"|"process",
-           started: epoch s, python}.  First message of every sender.
+           started: epoch s, python, cuda: CUDA_VISIBLE_DEVICES|nil}.  First message of
+           every sender.
 DATA       body: array of records (below), in the order the process produced them.
 HEARTBEAT  body: nil.  Sent when a sender has had nothing else to send for one heartbeat
            interval; the aggregator answers with ACK.
@@ -36,6 +37,10 @@ DRAIN      body: nil.  Sent to workers when the run is ending: send everything b
            then a HEARTBEAT, without waiting for the process to exit.
 ABORT      body: nil.  The server asked the run to stop; every process acts on it as its
            ``abort_on_alert`` setting says.  Sent to every live sender, and to later joiners.
+SAMPLE     body: map {interval_s, processes: [[label, pid, cuda|nil], ...]}.  Makes the
+           sender its node's resource sampler (see ``simvue.resources``), or updates the
+           processes it samples; an empty map stops it.  Sent only to one sender per node
+           other than the aggregator's own, whose sampler runs in the aggregator's process.
 =========  =============================================================================
 
 Records (arrays; the first element is the record kind):
@@ -52,6 +57,9 @@ ALERT_STATE 7   [7, alert name, "ok"|"critical"]                    a user alert
 ARTIFACT    8   [8, {name, category, mime_type, original_path, metadata, created,
                      size, checksum, transfer: int|nil, error?: str}]  a saved file/object
 ARTIFACT_CHUNK 9 [9, transfer: int, offset: int, data: bytes]       part of its content
+RESOURCES  10   [10, host: str, time: float s, timestamp: float epoch s, {name: number}]
+                one resource sample of a node; the names are complete
+                (``resources/...``) and the aggregator numbers the steps per host
 ==============  ==================================================================
 
 Artifacts.  The aggregator's own process copies content straight into the store's blobs and
@@ -76,13 +84,14 @@ import msgpack
 
 PROTOCOL_VERSION = 1
 
-HELLO, DATA, HEARTBEAT, BYE, ACK, DRAIN, ABORT = 1, 2, 3, 4, 5, 6, 7
+HELLO, DATA, HEARTBEAT, BYE, ACK, DRAIN, ABORT, SAMPLE = 1, 2, 3, 4, 5, 6, 7, 8
 KIND_NAMES = {
-    HELLO: "hello", DATA: "data", HEARTBEAT: "heartbeat", BYE: "bye", ACK: "ack", DRAIN: "drain", ABORT: "abort"
+    HELLO: "hello", DATA: "data", HEARTBEAT: "heartbeat", BYE: "bye", ACK: "ack", DRAIN: "drain", ABORT: "abort",
+    SAMPLE: "sample",
 }
 
 METRICS, EVENT, METADATA, TAGS, STATUS, FOLDER, ALERT, ALERT_STATE = 0, 1, 2, 3, 4, 5, 6, 7
-ARTIFACT, ARTIFACT_CHUNK = 8, 9
+ARTIFACT, ARTIFACT_CHUNK, RESOURCES = 8, 9, 10
 
 ARTIFACT_CHUNK_BYTES = 1 << 20
 MAX_ARTIFACT_BYTES_IN_FLIGHT = 8 << 20

@@ -83,6 +83,7 @@ class Sender:
         self.welcome: dict[str, Any] | None = None
         self.welcomed = threading.Event()
         self.on_abort: Callable[[], None] = lambda: None  # called once, on the sender thread
+        self.on_sample: Callable[[Any], None] = lambda plan: None  # each SAMPLE, on the sender thread
         self.aborted = False
         self._thread = threading.Thread(target=self._run, name="simvue-sender", daemon=True)
         self._thread.start()
@@ -253,6 +254,9 @@ class Sender:
                 if not self.aborted:
                     self.aborted = True
                     self.on_abort()
+                continue
+            if kind == protocol.SAMPLE:
+                self.on_sample(body)
                 continue
             if kind == protocol.DRAIN:
                 with self._acked:

@@ -1,0 +1,131 @@
+"""The sampler process: ``python -m simvue.resources.agent HOST INTERVAL_S STARTED PLAIN_PID``.
+
+A node's sampler runs in a small process of its own, started by the process that samples
+the node (see ``simvue.resources``).  Inside a thread of a busy rank every one of the
+sampler's many small ``/proc`` reads would wait for the rank's GIL (about 5 ms each: seconds
+per sample); here the sampling never touches the rank's interpreter at all.
+
+stdin: msgpack maps from the parent, ``{"processes": [[label, pid, cuda], ...]}`` or
+``{"stop": true}``.  stdout: msgpack records (METADATA once with the node's facts, then one
+RESOURCES per sample, and METADATA when the processes on the GPUs change), which the parent
+forwards into the run.  The first sample is taken at once, the last one on ``stop``, on
+end of input, or never if the parent has died (then it just exits).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+import time
+from typing import Any
+
+import msgpack
+
+from ..transport import protocol
+from .facts import host_facts
+from .gpu import Gpus
+from .sampler import NodeSampler, Proc, node_name
+
+MAX_FAILURES = 3
+GPU_MODULE_ENV = "SIMVUE_NVML_MODULE"  # another module with pynvml's API (the tests use a fake)
+
+
+class Agent:
+    def __init__(self, host: str, interval_s: float, started: float, plain_pid: int | None, mpi_library: str | None) -> None:
+        self.host = host
+        self.interval_s = interval_s
+        self.started = started
+        self.mpi_library = mpi_library
+        self.parent = os.getppid()
+        self.sampler = NodeSampler(host, plain_pid=plain_pid, gpus=Gpus.open(os.environ.get(GPU_MODULE_ENV) or "pynvml"))
+        self.stopping = False
+        self._unpacker = msgpack.Unpacker(use_list=True, strict_map_key=False)
+        self._gpu_map: dict[str, list[int]] = {}
+
+    def run(self) -> None:
+        facts = host_facts(self.sampler.gpus)
+        if self.mpi_library and facts.get("mpi"):
+            facts["mpi"]["library"] = self.mpi_library
+        self._write((protocol.METADATA, {"simvue": {"hosts": {node_name(self.host): facts}}}))
+        failures = 0
+        next_at = time.monotonic()
+        while True:
+            self._read_commands(max(0.0, next_at - time.monotonic()))
+            if os.getppid() != self.parent:
+                return  # the run's process is gone: nobody to sample for
+            if not self.stopping and time.monotonic() < next_at:
+                continue  # only a command: not yet time for a sample
+            try:
+                self._sample()
+                failures = 0
+            except BrokenPipeError:
+                return
+            except Exception as exc:  # noqa: BLE001 - a sample that failed is skipped
+                failures += 1
+                if failures >= MAX_FAILURES:
+                    os.write(2, f"simvue: resource sampling stopped after {failures} failures: {exc!r}\n".encode())
+                    return
+            if self.stopping:
+                return
+            next_at += self.interval_s
+            if next_at < time.monotonic():  # a sample took longer than the interval: skip ahead
+                next_at = time.monotonic() + self.interval_s
+
+    def _read_commands(self, timeout_s: float) -> None:
+        if self.stopping:
+            return
+        ready, _, _ = select.select([0], [], [], timeout_s)
+        if not ready:
+            return
+        data = os.read(0, 1 << 16)
+        if not data:
+            self.stopping = True
+            return
+        self._unpacker.feed(data)
+        for command in self._unpacker:
+            self.apply(command)
+
+    def apply(self, command: Any) -> None:
+        if not isinstance(command, dict):
+            return
+        if command.get("stop"):
+            self.stopping = True
+        processes = command.get("processes")
+        if isinstance(processes, list):
+            self.sampler.set_processes(Proc(str(label), int(pid), cuda) for label, pid, cuda in processes)
+
+    def _sample(self) -> None:
+        now = time.time()
+        values = self.sampler.sample(now)
+        if values:
+            self._write((protocol.RESOURCES, self.host, now - self.started, now, values))
+        current = self.sampler.gpu_map()
+        if current != self._gpu_map:
+            changed = {label: current.get(label, []) for label in current.keys() | self._gpu_map.keys()}
+            self._write((protocol.METADATA, {"simvue": {"gpu_processes": changed}}))
+            self._gpu_map = current
+
+    def _write(self, record: tuple) -> None:
+        out = sys.stdout.buffer
+        out.write(msgpack.packb(record))
+        out.flush()
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the run's processes; they stop us
+    host, interval_s, started, plain_pid = argv[:4]
+    mpi_library = argv[4] if len(argv) > 4 and argv[4] else None
+    agent = Agent(host, float(interval_s), float(started), int(plain_pid) or None, mpi_library)
+    try:
+        agent.run()
+    except (BrokenPipeError, KeyboardInterrupt):
+        pass
+    finally:
+        agent.sampler.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
