@@ -29,6 +29,9 @@ def _isolated(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("SIMVUE_AGGREGATOR", raising=False)
     for name in ("SIMVUE_URL", "SIMVUE_TOKEN", "SIMVUE_MODE", "SIMTRACK_URL", "SIMTRACK_TOKEN"):
         monkeypatch.delenv(name, raising=False)
+    # Resource series only where a test asks for them (run.config(...) or this variable);
+    # tests/test_resources.py covers the default.
+    monkeypatch.setenv("SIMVUE_RESOURCES_INTERVAL_S", "0")
     yield
 
 

@@ -393,7 +393,7 @@ class Aggregator:
         for host, states in by_host.items():
             states.sort(key=lambda s: (s.rank if s.rank is not None else 1 << 30, s.label))
             chosen = states[0]
-            plan = {"interval_s": self.settings.resources_interval_s, "processes": [list(p) for p in _procs(states)]}
+            plan = {"interval_s": self.settings.resources_interval_s, "processes": [[p.label, p.pid, p.cuda] for p in _procs(states)]}
             previous = self._sampling_plans.get(host)
             if previous == (chosen.sender_id, plan):
                 continue

@@ -27,6 +27,7 @@ import psutil
 from .gpu import MB, Gpus
 
 TREE_REFRESH_S = 10.0
+MIN_FIRST_ELAPSED_S = 1.0  # a process first seen younger than this is averaged over this long
 PREFIX = "resources"
 
 
@@ -109,11 +110,11 @@ class NodeSampler:
             self._tree_read_at = now
         sampled = {p.pid for p in processes}
         gpu_map: dict[str, list[int]] = {}
-        seen: set[int] = set()
+        rates: dict[int, Any] = {}
         for proc in processes:
             plain = proc.pid == self.plain_pid
             members = self._tree(proc.pid, stop_at=set() if plain else sampled - {proc.pid})
-            figures = self._figures(members, now, seen)
+            figures = self._figures(members, now, rates)
             if figures is None:
                 continue
             devices: dict[int, float] = {}
@@ -140,7 +141,7 @@ class NodeSampler:
                 values[prefix + key] = value
         self._gpu_map = gpu_map
         for pid in list(self._last):
-            if pid not in seen:
+            if pid not in rates:
                 del self._last[pid]
                 self._handles.pop(pid, None)
 
@@ -153,38 +154,54 @@ class NodeSampler:
                     todo.append(child)
         return members
 
-    def _figures(self, pids: list[int], now: float, seen: set[int]) -> dict[str, float] | None:
+    def _figures(self, pids: list[int], now: float, rates: dict[int, Any]) -> dict[str, float] | None:
         """CPU %, RSS (MB), threads and I/O rates (MB/s) summed over ``pids``; None when the
-        first of them (the sampled process itself) is gone."""
+        first of them (the sampled process itself) is gone.  ``rates`` caches each pid's
+        figures for this tick (a pool worker is in its own figures and in its parent's)."""
         cpu = rss = threads = read = write = 0.0
         has_io = False
         for position, pid in enumerate(pids):
-            counters = self._read(pid)
-            if counters is None:
+            if pid not in rates:
+                rates[pid] = self._rates(pid, now)
+            figures = rates[pid]
+            if figures is None:
                 if position == 0:
                     return None
                 continue
-            created, cpu_s, rss_bytes, n_threads, io = counters
-            last = self._last.get(pid)
-            if last is None or last.created != created:
-                last = _Last(created, 0.0, 0.0, 0.0, created)
-            elapsed = max(now - last.at, 1e-3)
-            cpu += 100.0 * (cpu_s - last.cpu_s) / elapsed
-            rss += rss_bytes
-            threads += n_threads
-            read_bytes, write_bytes = io if io is not None else (last.read_bytes, last.write_bytes)
-            if io is not None:
+            cpu += figures[0]
+            rss += figures[1]
+            threads += figures[2]
+            if figures[3] is not None:
                 has_io = True
-                read += (read_bytes - last.read_bytes) / elapsed
-                write += (write_bytes - last.write_bytes) / elapsed
-            if pid not in seen:  # a process sampled twice in one tick keeps its first baseline
-                self._last[pid] = _Last(created, cpu_s, read_bytes, write_bytes, now)
-                seen.add(pid)
-        figures = {"cpu.usage.percentage": max(cpu, 0.0), "memory.usage": rss / MB, "threads": threads}
+                read += figures[3]
+                write += figures[4]
+        result = {"cpu.usage.percentage": cpu, "memory.usage": rss / MB, "threads": threads}
         if has_io:
-            figures["io.read"] = max(read, 0.0) / MB
-            figures["io.write"] = max(write, 0.0) / MB
-        return figures
+            result["io.read"] = read / MB
+            result["io.write"] = write / MB
+        return result
+
+    def _rates(self, pid: int, now: float) -> tuple[float, float, int, float | None, float | None] | None:
+        """One process's CPU %, RSS bytes, threads and I/O bytes/s since the previous sample
+        (since it started, the first time; at least ``MIN_FIRST_ELAPSED_S``)."""
+        counters = self._read(pid)
+        if counters is None:
+            self._last.pop(pid, None)
+            return None
+        created, cpu_s, rss_bytes, n_threads, io = counters
+        last = self._last.get(pid)
+        if last is None or last.created != created:
+            last = _Last(created, 0.0, 0.0, 0.0, min(created, now - MIN_FIRST_ELAPSED_S))
+        elapsed = max(now - last.at, 1e-3)
+        read_bytes, write_bytes = io if io is not None else (last.read_bytes, last.write_bytes)
+        self._last[pid] = _Last(created, cpu_s, read_bytes, write_bytes, now)
+        cpu = max(0.0, 100.0 * (cpu_s - last.cpu_s) / elapsed)
+        if io is None:
+            return cpu, rss_bytes, n_threads, None, None
+        return (
+            cpu, rss_bytes, n_threads,
+            max(0.0, (read_bytes - last.read_bytes) / elapsed), max(0.0, (write_bytes - last.write_bytes) / elapsed),
+        )
 
     def _read(self, pid: int) -> tuple[float, float, int, int, tuple[int, int] | None] | None:
         handle = self._handles.get(pid)
