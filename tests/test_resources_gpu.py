@@ -200,14 +200,14 @@ def test_every_query_unsupported(open_gpus):
     assert fake_nvml.CALLS["nvmlDeviceGetUtilizationRates"] == 1
 
 
-def test_processes_sums_compute_and_graphics(open_gpus):
+def test_processes_counts_a_process_in_both_lists_once(open_gpus):
     gpus = open_gpus(with_processes(THREE_DEVICES, {
         0: [{"pid": 1111, "used_mb": 512}, {"pid": 1111, "used_mb": 256, "kind": "graphics"},
             {"pid": 2222, "used_mb": None}],
         2: [{"pid": 1111, "used_mb": 100, "kind": "graphics"}, {"pid": 3333, "used_mb": 1.5}],
     }))
     assert gpus.processes() == {
-        1111: {0: 768.0, 2: 100.0},
+        1111: {0: 512.0, 2: 100.0},  # compute and graphics: the larger, not the sum
         2222: {0: 0.0},  # memory NVML cannot tell
         3333: {2: 1.5},
     }
@@ -245,7 +245,7 @@ def test_node_sampler_gpu_series(open_gpus, sleeper):
     assert values[node + "gpu1.power"] == 350.5
     assert values[node + "gpu1.temperature"] == 70.0
     assert not [name for name in values if "gpu2" in name]
-    assert values["resources/rank0/gpu.memory.usage"] == 320.0
+    assert values["resources/rank0/gpu.memory.usage"] == 300.0  # compute and graphics on one device: once
     assert sampler.gpu_map() == {"rank0": [1]}
     # not the plain run: no plain names
     assert not [name for name in values if name.startswith("resources/gpu.")]
@@ -381,7 +381,7 @@ def test_run_records_fake_gpus(store_dir, fake_config):
     assert set(series(run, prefix + "gpu2.utilisation.percentage")) == {0.0}
     assert not [name for name in run["metrics"] if name.startswith(prefix + "gpu1.")]  # not ours
 
-    assert set(series(run, "resources/gpu.memory.usage")) == {768.0}
+    assert set(series(run, "resources/gpu.memory.usage")) == {512.0}
     assert set(series(run, "resources/gpu.utilisation.percent.0")) == {37.0}
     percentages = series(run, "resources/gpu.utilisation.memory.0")
     assert percentages and percentages == pytest.approx([1.25] * len(percentages))

@@ -124,7 +124,8 @@ class Gpus:
 
     def processes(self) -> dict[int, dict[int, float]]:
         """``{pid: {device index: memory used in MB}}`` for every process NVML lists on a
-        device (compute and graphics; memory 0 where NVML cannot say)."""
+        device (compute and graphics; a process in both lists of a device is counted once,
+        with the larger figure; memory 0 where NVML cannot say)."""
         found: dict[int, dict[int, float]] = {}
         for device in self.devices:
             listed = []
@@ -136,7 +137,7 @@ class Gpus:
             for info in listed:
                 used = getattr(info, "usedGpuMemory", None)
                 per_device = found.setdefault(int(info.pid), {})
-                per_device[device.index] = per_device.get(device.index, 0.0) + (used / MB if used else 0.0)
+                per_device[device.index] = max(per_device.get(device.index, 0.0), used / MB if used else 0.0)
         return found
 
     def close(self) -> None:

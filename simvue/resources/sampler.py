@@ -75,6 +75,7 @@ class NodeSampler:
         self._tree_read_at = float("-inf")
         self._node_last: tuple[float, Any, Any, Any] | None = None
         self._gpu_map: dict[str, list[int]] = {}
+        self._readings: dict[int, dict[str, float]] = {}
         self._own_pid = os.getpid()  # the sampler's own process is not the run's
 
     def set_processes(self, processes: Iterable[Proc]) -> None:
@@ -89,11 +90,18 @@ class NodeSampler:
         values: dict[str, float] = {}
         processes = self.processes
         gpu_by_pid = self.gpus.processes() if self.gpus is not None else {}
+        self._readings: dict[int, dict[str, float]] = {}  # each device is read once per sample
         self._sample_processes(processes, now, gpu_by_pid, values)
         self._sample_node(now, values)
         if self.gpus is not None:
-            self._sample_gpus(processes, gpu_by_pid, values)
+            self._sample_gpus(processes, values)
         return values
+
+    def _device_values(self, device: Any) -> dict[str, float]:
+        readings = self._readings.get(device.index)
+        if readings is None:
+            readings = self._readings[device.index] = self.gpus.device_values(device)
+        return readings
 
     def gpu_map(self) -> dict[str, list[int]]:
         """``{label: [device index, ...]}``: which process NVML saw on which device at the
@@ -130,7 +138,7 @@ class NodeSampler:
                 if self.gpus is not None:
                     for device in self.gpus.devices:
                         if device.index in devices:
-                            gpu = self.gpus.device_values(device)
+                            gpu = self._device_values(device)
                             if "utilisation.percentage" in gpu:
                                 figures[f"gpu.utilisation.percent.{device.index}"] = gpu["utilisation.percentage"]
                             if "memory.percentage" in gpu:
@@ -253,13 +261,12 @@ class NodeSampler:
             values[prefix + "disk.read"] = max(0, disk[0] - last[3][0]) / MB / elapsed
             values[prefix + "disk.write"] = max(0, disk[1] - last[3][1]) / MB / elapsed
 
-    def _sample_gpus(self, processes: Sequence[Proc], gpu_by_pid: dict[int, dict[int, float]], values: dict[str, float]) -> None:
+    def _sample_gpus(self, processes: Sequence[Proc], values: dict[str, float]) -> None:
         assert self.gpus is not None
-        pids = {p.pid for p in processes}
-        on_devices = {index for pid, devices in gpu_by_pid.items() if pid in pids for index in devices}
+        on_devices = {index for devices in self._gpu_map.values() for index in devices}
         visible = [p.cuda for p in processes] or [os.environ.get("CUDA_VISIBLE_DEVICES")]
         for device in self.gpus.selected(visible, on_devices):
-            for key, value in self.gpus.device_values(device).items():
+            for key, value in self._device_values(device).items():
                 values[f"{self.node_prefix}gpu{device.index}.{key}"] = value
 
     def close(self) -> None:
