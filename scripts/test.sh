@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install -q --disable-pip-version-check -e ".[mpi,server,test]" mpich
+python -m pip install -q --disable-pip-version-check -e ".[mpi,server,gpu,test]" mpich
 # The unchanged upstream client, for tests/test_server_upstream.py (in its own environment,
 # since it is also called simvue).
 [ -x .venv-upstream/bin/python ] || python3 -m venv .venv-upstream
