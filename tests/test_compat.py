@@ -162,11 +162,14 @@ def test_seed_003_runcard_verbs_record_metrics_parameters_and_tags(store_dir):
             assert run.log_parameter("lr", 0.02) is True
             assert run.add_tag("team", "cfd") is True
             assert run.add_tags({"stage": "train", "version": 2}) is True
-            print(json.dumps({k: run._settings.extra[k] for k in ("log_hardware", "hardware_interval")}))
+            print(json.dumps({"interval": run._settings.resources_interval_s}))
     """))
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"log_hardware": True, "hardware_interval": 10}
+    assert json.loads(result.stdout) == {"interval": 10.0}
     exported = read_run(store_dir, "opsml-project")
+    # Hardware logging on: the process is sampled, under the plain names (this run is shorter
+    # than the sampler's start, so its first sample is also its last).
+    assert len(exported["metrics"]["resources/cpu.usage.percentage"]) >= 1
     assert exported["status"] == "completed"
     # log_metric uses the same per-process automatic step as log_metrics.
     assert _values(exported, "test_metric") == [(0, 10), (7, 11), (3, 12)]
@@ -268,6 +271,7 @@ def test_compat_calls_before_init_are_errors():
 def test_log_hardware_and_hardware_interval_are_accepted_by_config():
     run = Run()
     assert run.config(log_hardware=False, hardware_interval=30) is True
+    assert run._settings.resources_interval_s == 0
     run.config(suppress_errors=False)
     with pytest.raises(SimvueValueError):
         run.config(log_hardwre=True)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from simvue.resources import node_name
 from simvue.store import RunNotFound, Store
 
 from conftest import ROOT, mpiexec, read_run
@@ -98,9 +100,9 @@ def _stop_job(job: subprocess.Popen) -> None:
 
 
 def test_mpi_sim_example_with_four_ranks_records_one_complete_run(store_dir):
-    steps, name = 150, f"mpi-sim-{os.getpid()}"
+    steps, name = 1200, f"mpi-sim-{os.getpid()}"  # long enough for a resource sample a second
     job = mpiexec(4, sys.executable, "examples/mpi_sim.py", cwd=ROOT, timeout=60,
-                  env=_clean_env({"MPI_SIM_STEPS": str(steps), "MPI_SIM_NAME": name}))
+                  env=_clean_env({"MPI_SIM_STEPS": str(steps), "MPI_SIM_NAME": name, "SIMVUE_RESOURCES_INTERVAL_S": "1"}))
     assert job.returncode == 0, job.stderr
     assert job.stdout.strip() == name  # only rank 0 prints, and it knows the run's name
 
@@ -109,8 +111,15 @@ def test_mpi_sim_example_with_four_ranks_records_one_complete_run(store_dir):
     assert run["folder"] == "/examples/mpi" and run["tags"] == ["mpi"] and run["metadata"]["steps"] == steps
     assert set(run["metadata"]["simvue"]["processes"]) == {f"rank{k}" for k in range(4)}
     assert "lost" not in run["metadata"]["simvue"]
-    metrics = run["metrics"]
+    metrics = {name: points for name, points in run["metrics"].items() if not name.startswith("resources/")}
     assert set(metrics) == {f"rank{k}/loss" for k in range(4)} | {"residual.mean", "residual.max", "residual.count"}
+    # Resource series for every rank and for the node (docs/resources.md).
+    host = node_name(socket.gethostname())
+    for k in range(4):
+        assert run["metrics"].get(f"resources/rank{k}/cpu.usage.percentage"), f"no resource series for rank{k}"
+        assert all(p[2] > 10 for p in run["metrics"][f"resources/rank{k}/memory.usage"])
+    assert len(run["metrics"][f"resources/node/{host}/memory.available"]) >= 2
+    assert {n.split("/")[1] for n in run["metrics"] if n.startswith("resources/")} == {"node"} | {f"rank{k}" for k in range(4)}
 
     def loss(k: int, step: int) -> float:  # as examples/mpi_sim.py computes it
         return math.exp(-step / 50.0) * (1 + 0.1 * k)

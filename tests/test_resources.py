@@ -237,7 +237,8 @@ def test_node_sampler_reads_real_processes_in_process():
     me = os.getpid()
     sampler.set_processes([Proc("rank0", me)])
     first = sampler.sample()
-    assert first["resources/rank0/memory.usage"] == pytest.approx(psutil.Process().memory_info().rss / 2**20, rel=0.2)
+    # This process and its descendants (pytest may have children of its own).
+    assert first["resources/rank0/memory.usage"] >= 0.9 * psutil.Process().memory_info().rss / 2**20
     assert "resources/node/node-a/cpu.usage.percentage" not in first  # rates need two samples
     end = time.time() + 0.4
     while time.time() < end:

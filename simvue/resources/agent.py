@@ -29,6 +29,7 @@ from .gpu import Gpus
 from .sampler import NodeSampler, Proc, node_name
 
 MAX_FAILURES = 3
+PARENT_CHECK_S = 1.0
 GPU_MODULE_ENV = "SIMVUE_NVML_MODULE"  # another module with pynvml's API (the tests use a fake)
 
 
@@ -52,7 +53,9 @@ class Agent:
         failures = 0
         next_at = time.monotonic()
         while True:
-            self._read_commands(max(0.0, next_at - time.monotonic()))
+            # Wake at least every second to notice a parent that died without closing our
+            # stdin (a forked pool worker may hold it open): we must not outlive the run.
+            self._read_commands(min(PARENT_CHECK_S, max(0.0, next_at - time.monotonic())))
             if os.getppid() != self.parent:
                 return  # the run's process is gone: nobody to sample for
             if not self.stopping and time.monotonic() < next_at:
