@@ -440,3 +440,20 @@ def test_alerts_and_their_states_reach_the_server(server):
     assert states == {"hot": "critical", "band": "ok", "errors": "critical", "manual": "critical"}
     hot = next(e["alert"] for e in server.get(f"/runs/{run['id']}")["alerts"] if e["alert"]["name"] == "hot")
     assert hot["source"] == "metrics" and hot["alert"]["threshold"] == 5 and hot["alert"]["rule"] == "is above"
+
+
+def test_resource_series_reach_the_server_through_rank_0_only(server):
+    env = client_env(server, MPI_SIM_NAME="online-resources", MPI_SIM_STEPS="1200", SIMVUE_RESOURCES_INTERVAL_S="1")
+    example = Path(__file__).parents[1] / "examples" / "mpi_sim.py"
+    result = mpiexec(4, sys.executable, str(example), env=env, timeout=150)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = server.wait_for_status("online-resources")
+    assert run["status"] == "completed", run
+    metrics = server.metrics(run["id"])
+    for k in range(4):
+        points = metrics.get(f"resources/rank{k}/memory.usage")
+        assert points and all(value > 10 for value in points["values"]), f"rank{k}: {points}"
+    node = [name for name in metrics if name.startswith("resources/node/") and name.endswith("/memory.available")]
+    assert len(node) == 1 and len(metrics[node[0]]["values"]) >= 2
+    assert run["metadata"]["simvue"]["hosts"]  # the host facts came with the metadata
+    assert len(server.stats()["clients"]) == 1  # the sampler process never talks to the server
