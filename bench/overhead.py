@@ -646,11 +646,12 @@ def clean_env(store: str) -> dict:
     return env
 
 
-def run_phase(phase: str, opts: list[str], timeout: int) -> dict:
-    """Run ``phase`` in a fresh interpreter with its own temporary store; return its JSON."""
+def run_phase(phase: str, opts: list[str], timeout: int, script: str = __file__) -> dict:
+    """Run ``script --phase phase`` in a fresh interpreter with its own temporary store;
+    return the JSON it wrote to ``--result``."""
     store = tempfile.mkdtemp(prefix=f"simvue-bench-{phase}-")
     out = os.path.join(store, "result.json")
-    cmd = ["timeout", "-k", "10", str(timeout), sys.executable, str(Path(__file__).resolve()),
+    cmd = ["timeout", "-k", "10", str(timeout), sys.executable, str(Path(script).resolve()),
            "--phase", phase, "--result", out, *opts]
     try:
         proc = subprocess.run(cmd, env=clean_env(store), capture_output=True, text=True)

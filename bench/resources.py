@@ -25,11 +25,9 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +36,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
+
+from overhead import run_phase as run_in_fresh_interpreter  # noqa: E402 - bench/ is sys.path[0]
 
 AGENT_MODULE = "simvue.resources.agent"
 SIZES = (1, 4, 16, 64)
@@ -223,26 +223,8 @@ def store_counts(store_dir: str, name: str) -> dict:
 
 
 def run_phase(interval: float, work: int, seconds: float, warmup_s: float) -> dict:
-    store = tempfile.mkdtemp(prefix="simvue-bench-resources-")
-    out = os.path.join(store, "result.json")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIMVUE_")}
-    env["SIMVUE_STORE"] = store
-    env["SIMVUE_RENDEZVOUS_DIR"] = os.path.join(store, "rendezvous")
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = ["timeout", "-k", "10", "120", sys.executable, str(Path(__file__).resolve()), "--phase", "run",
-           "--result", out, "--interval", repr(interval), "--work", str(work), "--seconds", repr(seconds),
-           "--warmup-s", repr(warmup_s)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0 or not os.path.exists(out):
-            raise RuntimeError(f"run phase failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-        with open(out) as fh:
-            data = json.load(fh)
-        if proc.stderr.strip():
-            data["stderr"] = proc.stderr.strip()[-2000:]
-        return data
-    finally:
-        shutil.rmtree(store, ignore_errors=True)
+    opts = ["--interval", repr(interval), "--work", str(work), "--seconds", repr(seconds), "--warmup-s", repr(warmup_s)]
+    return run_in_fresh_interpreter("run", opts, 120, script=__file__)
 
 
 def bench_slowdown(repeats: int, seconds: float, warmup_s: float, work: int) -> dict:
