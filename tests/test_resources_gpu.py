@@ -397,12 +397,17 @@ def test_run_with_fake_nvml_but_no_driver(store_dir, monkeypatch):
         "SIMVUE_NVML_MODULE": "fake_nvml",
         "PYTHONPATH": os.pathsep.join(filter(None, (str(FAKES), os.environ.get("PYTHONPATH")))),
     }
-    result = run_script(RUN_SCRIPT, "no-driver", "0.2", env=env, timeout=60)
+    _assert_run_without_gpus(store_dir, "no-driver", env)
+
+
+def _assert_run_without_gpus(store_dir, name: str, env: dict | None = None) -> None:
+    """A run sampled without usable GPUs: resource series, but none about GPUs, and no error."""
+    result = run_script(RUN_SCRIPT, name, "0.2", env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "simvue:" not in result.stderr, result.stderr
-    run = read_run(store_dir, "no-driver")
+    run = read_run(store_dir, name)
     assert "resources/memory.usage" in run["metrics"]
-    assert not [name for name in run["metrics"] if "gpu" in name]
+    assert not [metric for metric in run["metrics"] if "gpu" in metric]
     (host,) = run["metadata"]["simvue"]["hosts"].values()
     assert host["gpus"] == []
     assert "gpu_processes" not in run["metadata"]["simvue"]
@@ -422,14 +427,7 @@ def test_pynvml_without_driver(store_dir, monkeypatch):
         gpus.close()
         pytest.skip("this machine has an NVIDIA driver and GPU")
     monkeypatch.delenv("SIMVUE_NVML_MODULE", raising=False)
-    result = run_script(RUN_SCRIPT, "pynvml-no-driver", "0.2", timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert "simvue:" not in result.stderr, result.stderr
-    run = read_run(store_dir, "pynvml-no-driver")
-    assert "resources/memory.usage" in run["metrics"]
-    assert not [name for name in run["metrics"] if "gpu" in name]
-    (host,) = run["metadata"]["simvue"]["hosts"].values()
-    assert host["gpus"] == []
+    _assert_run_without_gpus(store_dir, "pynvml-no-driver")
 
 
 GPU_SCRIPT = textwrap.dedent(
