@@ -273,7 +273,10 @@ class Aggregator:
             if self.aborted and not self._abort_announced:
                 self._announce_abort(sock)
             if self._sampling_changed:
-                self._plan_sampling(sock)
+                try:
+                    self._plan_sampling(sock)
+                except Exception as exc:  # noqa: BLE001 - sampling must never end the run
+                    os.write(2, f"simvue: resource sampling plan failed: {exc!r}\n".encode())
             now = time.monotonic()
             if now >= next_tick:
                 self._tick(now)
@@ -380,8 +383,8 @@ class Aggregator:
 
     def _plan_sampling(self, sock: zmq.Socket) -> None:
         """Tell each node's sampler which of the run's processes live there (see
-        simvue.resources): this node's is a thread here, every other node's is the live
-        process with the lowest rank there."""
+        simvue.resources): this node's was started by this process, every other node's is
+        the live process with the lowest rank there."""
         self._sampling_changed = False
         if self._sampler is None:
             return
@@ -393,7 +396,8 @@ class Aggregator:
         for host, states in by_host.items():
             states.sort(key=lambda s: (s.rank if s.rank is not None else 1 << 30, s.label))
             chosen = states[0]
-            plan = {"interval_s": self.settings.resources_interval_s, "processes": [[p.label, p.pid, p.cuda] for p in _procs(states)]}
+            processes = [[p.label, p.pid, p.cuda] for p in _procs(states)]
+            plan = {"interval_s": self.settings.resources_interval_s, "processes": processes}
             previous = self._sampling_plans.get(host)
             if previous == (chosen.sender_id, plan):
                 continue
