@@ -90,7 +90,7 @@ class NodeSampler:
         values: dict[str, float] = {}
         processes = self.processes
         gpu_by_pid = self.gpus.processes() if self.gpus is not None else {}
-        self._readings: dict[int, dict[str, float]] = {}  # each device is read once per sample
+        self._readings = {}  # each device is read once per sample
         self._sample_processes(processes, now, gpu_by_pid, values)
         self._sample_node(now, values)
         if self.gpus is not None:
