@@ -396,8 +396,7 @@ class Aggregator:
         for host, states in by_host.items():
             states.sort(key=lambda s: (s.rank if s.rank is not None else 1 << 30, s.label))
             chosen = states[0]
-            processes = [[p.label, p.pid, p.cuda] for p in _procs(states)]
-            plan = {"interval_s": self.settings.resources_interval_s, "processes": processes}
+            plan = {"interval_s": self.settings.resources_interval_s, "processes": [p.wire() for p in _procs(states)]}
             previous = self._sampling_plans.get(host)
             if previous == (chosen.sender_id, plan):
                 continue

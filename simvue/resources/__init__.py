@@ -31,7 +31,7 @@ from typing import Any
 
 import msgpack
 
-from .. import topology
+from .facts import initialised_library
 from .sampler import NodeSampler, Proc, node_name
 
 __all__ = ["NodeSampler", "NodeSampling", "Proc", "SamplingRole", "node_name"]
@@ -57,7 +57,6 @@ class NodeSampling:
     ) -> None:
         self.host = host
         self.interval_s = interval_s
-        self.records = 0
         self._emit = emit
         self._started = started
         self._plain_pid = plain_pid
@@ -67,16 +66,12 @@ class NodeSampling:
         self._reader: threading.Thread | None = None
 
     def start(self) -> NodeSampling:
-        mpi = topology.initialised_mpi()
-        try:
-            library = mpi.Get_library_version().strip().splitlines()[0] if mpi is not None else ""
-        except Exception:  # noqa: BLE001
-            library = ""
         environ = dict(os.environ)
         environ["PYTHONPATH"] = os.pathsep.join(filter(None, (_PACKAGE_ROOT, environ.get("PYTHONPATH"))))
         command = [
             sys.executable, "-m", "simvue.resources.agent",
-            self.host, repr(self.interval_s), repr(self._started), str(self._plain_pid or 0), library,
+            self.host, repr(self.interval_s), repr(self._started), str(self._plain_pid or 0),
+            initialised_library() or "",
         ]
         try:
             self._process = subprocess.Popen(
@@ -96,7 +91,7 @@ class NodeSampling:
         with self._lock:
             self._processes = processes
             if self._process is not None:
-                self._send({"processes": [[p.label, p.pid, p.cuda] for p in processes]})
+                self._send({"processes": [p.wire() for p in processes]})
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Take the last sample and stop; waits at most ``timeout_s`` for it."""
@@ -116,10 +111,6 @@ class NodeSampling:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     def _send(self, command: dict[str, Any], process: subprocess.Popen | None = None) -> None:
         process = process or self._process
@@ -144,7 +135,6 @@ class NodeSampling:
             for record in unpacker:
                 if isinstance(record, list) and record:
                     self._emit(tuple(record))
-                    self.records += 1
         process.stdout.close()
 
 
@@ -171,7 +161,7 @@ class SamplingRole:
                     threading.Thread(target=self.sampling.stop, daemon=True).start()
                     self.sampling = None
                 return
-            processes = [Proc(str(label), int(pid), cuda) for label, pid, cuda in plan["processes"]]
+            processes = [Proc.from_wire(item) for item in plan["processes"]]
             interval_s = float(plan.get("interval_s") or 30.0)
             if self.sampling is not None and self.sampling.interval_s == interval_s:
                 self.sampling.set_processes(processes)

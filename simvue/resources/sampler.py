@@ -40,6 +40,15 @@ class Proc:
     pid: int
     cuda: str | None = None
 
+    def wire(self) -> list:
+        """As it travels in SAMPLE messages and to the sampler process."""
+        return [self.label, self.pid, self.cuda]
+
+    @classmethod
+    def from_wire(cls, item: list) -> Proc:
+        label, pid, cuda = item
+        return cls(str(label), int(pid), cuda)
+
 
 def node_name(host: str) -> str:
     """``host`` as it appears in series names."""
