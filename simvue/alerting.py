@@ -11,7 +11,7 @@ from typing import Any
 
 from .aggregator.alerts import CRITICAL, OK, RULES, AlertSpec, alert_spec
 from .errors import SimvueError, SimvueValueError
-from .transport import protocol
+from .transport.protocol import AlertRecord, AlertStateRecord, RecordKind
 
 
 class AlertsMixin:
@@ -106,7 +106,7 @@ class AlertsMixin:
             return self._fail("log_alert", SimvueValueError(
                 f"log_alert needs an alert name and state 'ok' or 'critical', not {alert!r}, {state!r}"
             ))
-        return self._record((protocol.ALERT_STATE, alert, state), "log_alert")
+        return self._record(AlertStateRecord(RecordKind.ALERT_STATE, alert, state), "log_alert")
 
     def _define_alert(
         self, call: str, *, frequency: float = 1, trigger_abort: Any = False, aggregation: str = "average",
@@ -121,7 +121,7 @@ class AlertsMixin:
         except SimvueError as exc:
             self._fail(call, exc)
             return None
-        return spec.name if self._record((protocol.ALERT, spec.to_dict()), call) else None
+        return spec.name if self._record(AlertRecord(RecordKind.ALERT, spec.to_dict()), call) else None
 
 
 __all__ = ["AlertSpec", "AlertsMixin"]

@@ -14,7 +14,7 @@ from typing import Any
 
 from . import validation
 from .errors import SimvueError, SimvueTypeError, SimvueValueError
-from .transport import protocol
+from .transport.protocol import MetadataRecord, RecordKind, TagsRecord
 
 # An OpsML tag ``add_tag(key, value)`` becomes the Simvue tag ``f"{key}{TAG_SEPARATOR}{value}"``.
 TAG_SEPARATOR = "="
@@ -45,7 +45,7 @@ def _parameters(parameters: Any) -> dict[str, Any]:
 class CompatMixin:
     """Methods ``Run`` offers under other clients' names; each maps onto a ``Run`` call."""
 
-    # -- the older Simvue() client (seed 001) --------------------------------------------
+    # -- the older Simvue() client: Simvue(), log, event, folder_details ----------------------
 
     def event(self, message: str | BaseException, timestamp: str | None = None) -> bool:
         """The older name of ``log_event``; an exception is recorded as ``"Type: message"``."""
@@ -61,7 +61,7 @@ class CompatMixin:
         """The older name of ``set_folder_details``."""
         return self.set_folder_details(path, metadata, tags, description)
 
-    # -- OpsML RunCard verbs (seed 003) ---------------------------------------------------
+    # -- OpsML RunCard verbs: log_parameter(s), add_tag(s) ---------------------------------
 
     def log_metric(
         self,
@@ -81,15 +81,15 @@ class CompatMixin:
 
     def log_parameter(self, key: str, value: Any) -> bool:
         """Record a parameter of the run: stored as the top-level metadata entry ``key``."""
-        return self._record_checked("log_parameter", lambda: (protocol.METADATA, _parameters({key: value})))
+        return self._record_checked("log_parameter", lambda: MetadataRecord(RecordKind.METADATA, _parameters({key: value})))
 
     def log_parameters(self, parameters: Mapping[str, Any]) -> bool:
         """Record several parameters at once (one metadata update)."""
-        return self._record_checked("log_parameters", lambda: (protocol.METADATA, _parameters(parameters)))
+        return self._record_checked("log_parameters", lambda: MetadataRecord(RecordKind.METADATA, _parameters(parameters)))
 
     def add_tag(self, key: str, value: str | int | float) -> bool:
         """Add the OpsML key/value tag as the Simvue tag ``"key=value"``."""
-        return self._record_checked("add_tag", lambda: (protocol.TAGS, [_tag(key, value)]))
+        return self._record_checked("add_tag", lambda: TagsRecord(RecordKind.TAGS, [_tag(key, value)]))
 
     def add_tags(self, tags: Mapping[str, str | int | float]) -> bool:
         """Add each ``key: value`` of ``tags`` as the Simvue tag ``"key=value"``."""
@@ -97,7 +97,7 @@ class CompatMixin:
         def build() -> tuple:
             if not isinstance(tags, Mapping):
                 raise SimvueTypeError(f"tags must be a dict of key -> value, not {type(tags).__name__}")
-            return (protocol.TAGS, [_tag(key, value) for key, value in tags.items()])
+            return TagsRecord(RecordKind.TAGS, [_tag(key, value) for key, value in tags.items()])
 
         return self._record_checked("add_tags", build)
 

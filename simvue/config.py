@@ -7,15 +7,22 @@ Precedence for every field: a ``run.config(...)`` argument, then the environment
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import SimvueTypeError, SimvueValueError
 
-REDUCERS = ("mean", "min", "max", "sum")
-REDUCE_OPTIONS = REDUCERS + ("namespace",)
+# Cross-rank reductions, by the name ``reduce=`` uses (see ``simvue.aggregator.merge``).
+REDUCERS: dict[str, Callable[[Sequence[float]], float]] = {
+    "mean": lambda values: math.fsum(values) / len(values),
+    "min": min,
+    "max": max,
+    "sum": math.fsum,
+}
+REDUCE_OPTIONS = (*REDUCERS, "namespace")
 STORE_ENV = "SIMVUE_STORE"
 DEFAULT_STORE_DIR = ".simvue"
 

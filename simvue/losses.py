@@ -14,6 +14,7 @@ from collections import Counter
 class LossReason(str, enum.Enum):
     SPILLED = "spilled"  # written to a local spill file instead of reaching the aggregator
     BAD_FRAME = "bad_frame"  # unauthenticated or undecodable message at the aggregator
+    BAD_MESSAGE = "bad_message"  # an authentic message whose body has the wrong shape
     DUPLICATE = "duplicate"  # a message seen twice (dropped, nothing lost)
     GAP = "gap"  # messages a sender sent that never arrived
     LATE_STEP = "late_step"  # a value for a reduced step that had already been written

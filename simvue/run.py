@@ -25,14 +25,21 @@ from .compat import CompatMixin
 from .config import Settings, from_environment, normalise_reduce
 from .errors import ErrorPolicy, SimvueError, SimvueRunError, SimvueValueError, SimvueWarning
 from .names import random_name
-from .transport import protocol
+from .transport.protocol import (
+    EventRecord,
+    FolderRecord,
+    MetadataRecord,
+    RecordKind,
+    StatusRecord,
+    TagsRecord,
+)
 from .transport.rendezvous import AggregatorAddress
 
 _now = _time.time
 _isfinite = math.isfinite
+_METRICS = RecordKind.METRICS
 
 NEW, ACTIVE, CLOSED, DISABLED = "new", "active", "closed", "disabled"
-MODES = ("offline", "online", "disabled")
 
 
 def _plain_finite(values: Any) -> bool:
@@ -84,8 +91,8 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
         self._reset_process_state()
         if environment_error is not None:
             self._fail("config", environment_error)
-        if mode is not None and mode not in MODES:
-            self._fail("mode", SimvueValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}"))
+        if mode is not None and mode not in api_config.MODES:
+            self._fail("mode", SimvueValueError(f"mode must be one of {', '.join(api_config.MODES)}, not {mode!r}"))
         elif mode == "disabled":
             self._state = DISABLED
         lifecycle.track(self)
@@ -116,7 +123,7 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
             raise SystemExit(f"simvue: run {self._name!r} stopped: an abort was requested (by the server or an alert)") from None
         if self._state == ACTIVE:
             message = "".join(traceback.format_exception(exc_type, exc, tb))
-            self._record((protocol.EVENT, _now(), f"{exc_type.__name__}: {exc}\n{message}", "error"))
+            self._record(EventRecord(RecordKind.EVENT, _now(), f"{exc_type.__name__}: {exc}\n{message}", "error"))
         self._close(status)
 
     # -- configuration and start ----------------------------------------------------------
@@ -288,14 +295,15 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
         else:
             step = auto_step
         now = _now()
+        # A MetricsRecord, built as a plain tuple of its layout: the cheapest object there is.
         buffer.append(
-            (0, step, now - self._t0 if time is None else time, now if timestamp is None else timestamp, metrics)
+            (_METRICS, step, now - self._t0 if time is None else time, now if timestamp is None else timestamp, metrics)
         )
         if len(buffer) >= self._max_buffered:
             self._pipe.buffer_full(self._max_buffered)
         return True
 
-    log = log_metrics  # the older Simvue() client's name (seed 001), without an extra call
+    log = log_metrics  # the older ``Simvue()`` client's name, without an extra call
 
     def _checked_metrics(self, metrics: Any) -> dict | None:
         try:
@@ -335,8 +343,8 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
     def log_event(self, message: str, timestamp: str | None = None, log_level: str = "info") -> bool:
         """Record a text event."""
         try:
-            record = (
-                protocol.EVENT,
+            record: tuple = EventRecord(
+                RecordKind.EVENT,
                 _now() if timestamp is None else validation.timestamp(timestamp),
                 validation.event_message(message),
                 validation.event_level(log_level),
@@ -348,7 +356,7 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
     def update_metadata(self, metadata: Mapping[str, Any]) -> bool:
         """Merge ``metadata`` into the run's metadata (nested dicts merge)."""
         try:
-            record = (protocol.METADATA, validation.metadata(metadata))
+            record = MetadataRecord(RecordKind.METADATA, validation.metadata(metadata))
         except SimvueError as exc:
             return self._fail("update_metadata", exc)
         return self._record(record, "update_metadata")
@@ -356,7 +364,7 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
     def update_tags(self, tags: Iterable[str]) -> bool:
         """Add ``tags`` to the run's tags."""
         try:
-            record = (protocol.TAGS, validation.tags(tags))
+            record = TagsRecord(RecordKind.TAGS, validation.tags(tags))
         except SimvueError as exc:
             return self._fail("update_tags", exc)
         return self._record(record, "update_tags")
@@ -365,7 +373,7 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
         """Set the run's status; a final one (completed, failed, terminated, lost) is applied
         when the run ends."""
         try:
-            record = (protocol.STATUS, validation.status(status))
+            record = StatusRecord(RecordKind.STATUS, validation.status(status))
         except SimvueError as exc:
             return self._fail("set_status", exc)
         return self._record(record, "set_status")
@@ -381,8 +389,8 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
         if isinstance(path, Mapping):  # the newer form: set_folder_details(metadata, tags, description)
             path, metadata = None, path
         try:
-            record = (
-                protocol.FOLDER,
+            record = FolderRecord(
+                RecordKind.FOLDER,
                 validation.folder(self._folder if path is None else path),
                 None if metadata is None else validation.metadata(metadata),
                 None if tags is None else validation.tags(tags),
@@ -423,7 +431,7 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
         except Exception as exc:  # noqa: BLE001
             return self._fail("close", SimvueRunError(f"error while closing: {exc}"))
         self._report_spilled()
-        refused = membership.pipe.aggregator.sink_error if membership.is_aggregator else None
+        refused = membership.upload_error
         if refused is not None and not self._errors.suppress_errors:
             # Already reported on stderr as it happened; strict mode also raises it here.
             raise SimvueRunError(f"the run was not fully sent: {refused}")
@@ -481,7 +489,7 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
         self._state = DISABLED
 
     def _record_status(self, status: str) -> None:
-        self._record((protocol.STATUS, status), "set_status")
+        self._record(StatusRecord(RecordKind.STATUS, status), "set_status")
 
     def _fail(self, kind: str, error: SimvueError) -> bool:
         self._errors.report(kind, error)

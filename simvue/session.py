@@ -1,13 +1,17 @@
 """The composition root: decides which part this process plays in a run and wires it.
 
-* The only process of a job, a pool's parent, or MPI rank 0 builds an ``Aggregator`` with
-  the local store as its sink; its own records go straight into the aggregator's buffer.
+* The only process of a job, a pool's parent, or MPI rank 0 creates the run in the local
+  store and builds an ``Aggregator`` that writes it there; its own records go straight into
+  the aggregator's buffer.  When a server is configured, an ``Uploader`` follows the store
+  and copies the run to the server.
 * Every other rank, and every worker that inherited or was handed a ``Run``, builds a
   ``Sender`` to the aggregator found through ``transport.rendezvous``.
 * A rank that cannot find its aggregator in ``rendezvous_timeout_s`` keeps its records in a
   spill file and says so in one warning; it never hangs the job.
 
-This is the only module that imports the transport, the aggregator and the sinks together.
+Each process has one ``AbortSignal`` per run, made here and handed to every part that can
+raise or act on a request to stop.  This is the only module that imports the transport, the
+aggregator and the uploader together.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import lifecycle
+from ._util import drain, safe_filename
+from .abort import AbortSignal
+from .aggregator.liveness import own_start_time
+from .aggregator.receiver import Binding
 from .aggregator.service import Aggregator
 from .api.config import ServerConfig
 from .config import Settings
@@ -37,15 +45,16 @@ from .errors import SimvueWarning
 from .losses import LossCounter
 from .resources import SamplingRole
 from .resources.facts import cpu_model
-from .sinks.offline import OfflineSink
-from .sinks.rest import RestSink
+from .store import Store, StoreBatch
 from .topology import Topology, initialised_mpi
-from .transport import protocol, rendezvous
+from .transport import rendezvous
+from .transport.protocol import ArtifactRecord, MetadataRecord, RecordKind
 from .transport.rendezvous import AggregatorAddress
 from .transport.sender import Sender
 from .transport.spill import SpillFile
 from .transport.transfer import CLOSE_TIMEOUT_S as ARTIFACTS_CLOSE_TIMEOUT_S
 from .transport.transfer import ArtifactJob, ArtifactQueue, StreamToSender
+from .upload import Uploader, start_upload
 
 SPILL_DIRECTORY = "spill"
 
@@ -81,7 +90,9 @@ class Membership:
         run_id: str | None,
         started: float,
         address: AggregatorAddress | None,
-        is_aggregator: bool,
+        abort: AbortSignal,
+        aggregator: Aggregator | None = None,
+        uploader: Uploader | None = None,
         cleanup_path: Path | None = None,
     ) -> None:
         self.pipe = pipe
@@ -89,16 +100,26 @@ class Membership:
         self.run_id = run_id
         self.started = started
         self.address = address
-        self.is_aggregator = is_aggregator
+        self.aggregator = aggregator  # in the process that aggregates the run
+        self.uploader = uploader  # when the run is also sent to a server
         self.cleanup_path = cleanup_path
         self.steps = itertools.count()
         self.closed = False
-        self.aborted = False
         self.handles: weakref.WeakSet = weakref.WeakSet()
         # Re-entrant: a SIGTERM handler may call close() on the thread already inside it.
         self._lock = threading.RLock()
         _active[self._key()] = self
         lifecycle.track(self)
+        abort.subscribe(self._on_abort)
+
+    @property
+    def is_aggregator(self) -> bool:
+        return self.aggregator is not None
+
+    @property
+    def upload_error(self) -> Exception | None:
+        """What the server refused, if it stopped the upload (e.g. a 4xx)."""
+        return self.uploader.error if self.uploader is not None else None
 
     def _key(self) -> tuple[int, int]:
         return (os.getpid(), id(self))
@@ -113,7 +134,7 @@ class Membership:
         for handle in list(self.handles):
             handle._detach()
         done = self.pipe.close(status, dropped, None)
-        if self.cleanup_path is not None and not (self.is_aggregator and not self.pipe.aggregator.finished):
+        if self.cleanup_path is not None and not (self.aggregator is not None and not self.aggregator.finished):
             # Ranks still to start need the address: while the run goes on, the file stays
             # until the aggregator has finished (see _close_at_exit).
             rendezvous.remove_file(self.cleanup_path)
@@ -125,13 +146,9 @@ class Membership:
                 del _joined[key]
         return bool(done)
 
-    def abort(self) -> None:
-        """The server asked the run to stop.  Called on a transport thread: the handles'
-        callbacks and the configured action run on a thread of their own."""
-        with self._lock:
-            if self.aborted:
-                return
-            self.aborted = True
+    def _on_abort(self, reason: str) -> None:
+        """The run was asked to stop (``AbortSignal``).  Called on a transport or upload
+        thread: the handles' callbacks and the configured action run on a thread of their own."""
         threading.Thread(target=self._act_on_abort, name="simvue-abort", daemon=True).start()
 
     def _act_on_abort(self) -> None:
@@ -153,13 +170,13 @@ class Membership:
         # The parent's part, not this child's: never flushed, closed or waited for here.
         lifecycle.keep_inherited(self.pipe)
         self.closed = True
-        self.is_aggregator = False
+        self.aggregator = None
 
     def _close_at_exit(self, status: str | None) -> None:
         if not self.closed:
             self.close(status, {})
-        if self.is_aggregator:
-            self.pipe.aggregator.close(status, None)  # wait for ranks still running
+        if self.aggregator is not None:
+            self.aggregator.close(status, None)  # wait for ranks still running
             if self.cleanup_path is not None:
                 rendezvous.remove_file(self.cleanup_path)
 
@@ -198,7 +215,8 @@ class LocalPipe:
         """No socket in this process: the content goes straight into the store's blobs."""
         blobs = self.aggregator.blobs
         checksum, size = blobs.put_file(job.path) if job.path is not None else blobs.put_bytes(job.data or b"")
-        self.buffer.append((protocol.ARTIFACT, {**job.info, "size": size, "checksum": checksum, "transfer": None}))
+        info = {**job.info, "size": size, "checksum": checksum, "transfer": None}
+        self.buffer.append(ArtifactRecord(RecordKind.ARTIFACT, info))
 
     def flush(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -208,7 +226,8 @@ class LocalPipe:
     def close(self, status: str | None, dropped: dict[str, int], timeout_s: float | None) -> bool:
         self.artifacts.wait(ARTIFACTS_CLOSE_TIMEOUT_S if timeout_s is None else timeout_s)
         if dropped:
-            self.buffer.append((2, {"simvue": {"dropped_calls": {"main": dropped}}}))
+            label = self.aggregator.state.table.local.label
+            self.buffer.append(MetadataRecord(RecordKind.METADATA, {"simvue": {"dropped_calls": {label: dropped}}}))
         return self.aggregator.close(status, timeout_s, wait_for_ranks=False)
 
 
@@ -221,7 +240,6 @@ class SenderPipe:
         self.spill = sender.spill
         self.artifacts = ArtifactQueue(StreamToSender(sender), losses)
         self.sampling = sampling
-        sender.on_sample = sampling.configure
 
     def buffer_full(self, limit: int) -> None:
         self.sender.buffer_full(limit)
@@ -263,7 +281,7 @@ class SpillPipe:
         return False
 
     def _write(self) -> None:
-        records = [self.buffer.popleft() for _ in range(len(self.buffer))]
+        records = drain(self.buffer)
         if records:
             self.spill.write_records(records)
 
@@ -327,6 +345,10 @@ def join(address: AggregatorAddress, settings: Settings, topology: Topology, *, 
     losses = LossCounter()
     label = f"rank{topology.rank}" if role == "rank" else f"pid{os.getpid()}"
     spill = SpillFile(_spill_path(settings, address.run_name or "run", label), losses)
+    abort = AbortSignal()
+    buffer: deque[tuple] = deque()
+    # The run's start time is known once the aggregator has answered (explicit addresses).
+    sampling = SamplingRole(topology.host, lambda: address.started or time.time(), buffer.append)
     sender = Sender(
         address.address,
         address.key,
@@ -336,6 +358,9 @@ def join(address: AggregatorAddress, settings: Settings, topology: Topology, *, 
         close_timeout_s=settings.close_timeout_s,
         spill=spill,
         losses=losses,
+        abort=abort,
+        buffer=buffer,
+        on_sample=sampling.configure,
     )
     if address.run_name is None:  # explicit address: the name comes with the first ACK
         if sender.welcomed.wait(settings.rendezvous_timeout_s) and sender.welcome:
@@ -353,18 +378,14 @@ def join(address: AggregatorAddress, settings: Settings, topology: Topology, *, 
                 stacklevel=4,
             )
     rendezvous.export(address)
-    sampling = SamplingRole(topology.host, address.started or time.time(), sender.buffer.append)
     membership = Membership(
         SenderPipe(sender, losses, sampling),
         name=address.run_name,
         run_id=address.run_id,
         started=address.started or time.time(),
         address=address,
-        is_aggregator=False,
+        abort=abort,
     )
-    sender.on_abort = membership.abort
-    if sender.aborted:  # the ABORT came with the welcome, before the line above
-        membership.abort()
     _joined[key] = membership
     return membership
 
@@ -381,40 +402,63 @@ def _aggregate(
     bind_address: str | None = None,
     key: bytes | None = None,
 ) -> Membership:
-    if server is not None and server.online:
-        sink: OfflineSink | RestSink = RestSink(settings.store_path(), server, settings)
-    else:
-        sink = OfflineSink(settings.store_path())
-    run_fields = {**run_fields, "system": system_info(), "heartbeat_timeout_s": settings.run_heartbeat_timeout_s}
-    local = topology.single_node or not topology.is_mpi
-    aggregator = Aggregator(
-        sink=sink,
-        run_fields=run_fields,
-        settings=settings,
-        local_hello=_hello(topology, role, run_fields["now"]),
-        expected_ranks=expected_ranks,
-        namespace_ranks=namespace,
-        bind_host="127.0.0.1" if local else "*",
-        advertise_host="127.0.0.1" if local else socket.getfqdn(),
-        key=key or secrets.token_bytes(32),
-        bind_address=bind_address,
-    )
-    address = aggregator.start()
+    """Create (or resume) the run in the local store, start its aggregator and, when a
+    server is configured, the uploader that follows the store."""
+    store = Store(settings.store_path())
+    try:
+        run = _start_run(store, {**run_fields, "system": system_info(), "heartbeat_timeout_s": settings.run_heartbeat_timeout_s})
+        abort = AbortSignal()
+        uploader = None
+        if server is not None and server.online:
+            try:
+                uploader = start_upload(store.directory, server, run["id"], run["name"], settings, abort)
+            except Exception:
+                store.write(run["id"], StoreBatch(status="failed", ended=time.time()))
+                raise
+        local = topology.single_node or not topology.is_mpi
+        aggregator = Aggregator(
+            store=store,
+            run=run,
+            settings=settings,
+            local_hello=_hello(topology, role, run["started"]),
+            expected_ranks=expected_ranks,
+            namespace_ranks=namespace,
+            key=key or secrets.token_bytes(32),
+            abort=abort,
+            binding=Binding(
+                host="127.0.0.1" if local else "*",
+                advertise_host="127.0.0.1" if local else socket.getfqdn(),
+                address=bind_address,
+            ),
+            followers=[uploader] if uploader is not None else [],
+        )
+        address = aggregator.start()
+    except BaseException:
+        store.close()
+        raise
     rendezvous.export(address)
-    membership = Membership(
+    return Membership(
         LocalPipe(aggregator),
         name=aggregator.run_name,
         run_id=aggregator.run_id,
         started=aggregator.started,
         address=address,
-        is_aggregator=True,
+        abort=abort,
+        aggregator=aggregator,
+        uploader=uploader,
     )
-    aggregator.on_abort = membership.abort
-    if isinstance(sink, RestSink):
-        sink.on_abort = aggregator.abort
-        if sink.abort_requested:
-            aggregator.abort()
-    return membership
+
+
+def _start_run(store: Store, fields: dict[str, Any]) -> dict[str, Any]:
+    """Create the run ``fields`` describe, or resume the stored one it names
+    (``resume_id``, from ``Run.reconnect``: the stored name and folder stand)."""
+    resume = fields.pop("resume_id", None)
+    now = fields.pop("now")
+    if resume is not None:
+        stored = store.resume_run(resume, now)
+        return {"id": stored["id"], "name": stored["name"], "started": now, "status": stored["status"]}
+    run_id = store.create_run(**fields, now=now)
+    return {"id": run_id, "name": fields["name"], "started": now, "status": fields["status"]}
 
 
 def _spill_only(name: str | None, settings: Settings, topology: Topology) -> Membership:
@@ -425,12 +469,11 @@ def _spill_only(name: str | None, settings: Settings, topology: Topology) -> Mem
         SimvueWarning,
         stacklevel=4,
     )
-    return Membership(SpillPipe(spill), name=name, run_id=None, started=time.time(), address=None, is_aggregator=False)
+    return Membership(SpillPipe(spill), name=name, run_id=None, started=time.time(), address=None, abort=AbortSignal())
 
 
 def _spill_path(settings: Settings, run_name: str, label: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_name)
-    return settings.store_path() / SPILL_DIRECTORY / f"{safe}-{label}-{os.getpid()}.msgpack"
+    return settings.store_path() / SPILL_DIRECTORY / f"{safe_filename(run_name)}-{label}-{os.getpid()}.msgpack"
 
 
 def _explicit_key(explicit: tuple[str, bytes | None]) -> bytes:
@@ -457,6 +500,7 @@ def _hello(topology: Topology, role: str, started: float | None) -> dict[str, An
         "started": started,
         "python": platform.python_version(),
         "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "created": own_start_time(),
     }
 
 

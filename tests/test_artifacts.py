@@ -306,37 +306,36 @@ def test_the_aggregator_stores_streamed_content_only_when_it_arrived_whole(store
     store nothing and are counted; a whole transfer is stored under the sender's prefix."""
     import time
 
-    from simvue.aggregator.service import Aggregator
+    from simvue.abort import AbortSignal
+    from simvue.aggregator.state import AggregatorState
     from simvue.config import Settings
-    from simvue.sinks.offline import OfflineSink
-    from simvue.transport import protocol
+    from simvue.store import Store
+    from simvue.transport.protocol import Message, MessageKind, RecordKind
 
-    settings = Settings()
-    sink = OfflineSink(store_dir)
+    store = Store(store_dir)
     now = time.time()
-    aggregator = Aggregator(
-        sink=sink,
-        run_fields={"name": "integrity", "folder": "/", "description": None, "metadata": {}, "tags": [],
-                    "status": "running", "system": {}, "heartbeat_timeout_s": 60.0, "now": now},
-        settings=settings,
-        local_hello={"role": "process", "rank": 0, "size": 1, "pid": os.getpid()},
+    run_id = store.create_run(name="integrity", folder="/", description=None, metadata={}, tags=[],
+                              status="running", system={}, heartbeat_timeout_s=60.0, now=now)
+    state = AggregatorState(
+        run={"name": "integrity", "id": run_id, "started": now},
+        settings=Settings(),
+        local={"role": "process", "rank": 0, "size": 1, "pid": os.getpid()},
         expected_ranks=1,
         namespace_ranks=False,
-        bind_host="127.0.0.1",
-        advertise_host="127.0.0.1",
-        key=b"k" * 32,
+        blobs=store.blobs,
+        abort=AbortSignal(),
     )
-    worker = aggregator._table.hello(b"w1", {"role": "worker", "pid": 1}, 0.0)
+    state.receive(b"w1", Message(MessageKind.HELLO, 1, {"role": "worker", "pid": 1}))
     content = b"x" * 1000 + b"y" * 1000
     digest = hashlib.sha256(content).hexdigest()
 
     def info(name, transfer, size=len(content), checksum=digest, **extra):
-        return (protocol.ARTIFACT, {"name": name, "category": "output", "mime_type": "application/octet-stream",
+        return (RecordKind.ARTIFACT, {"name": name, "category": "output", "mime_type": "application/octet-stream",
                                     "original_path": None, "metadata": {}, "created": now, "size": size,
                                     "checksum": checksum, "transfer": transfer, **extra})
 
-    chunk = lambda transfer, offset: (protocol.ARTIFACT_CHUNK, transfer, offset, content[offset:offset + 1000])
-    aggregator._ingest(worker, [
+    chunk = lambda transfer, offset: (RecordKind.ARTIFACT_CHUNK, transfer, offset, content[offset:offset + 1000])
+    state.receive(b"w1", Message(MessageKind.DATA, 2, [
         chunk(1, 0), chunk(1, 1000), info("whole", 1),
         chunk(2, 1000), chunk(2, 0), info("reordered", 2),
         chunk(3, 0), info("short", 3),
@@ -344,8 +343,9 @@ def test_the_aggregator_stores_streamed_content_only_when_it_arrived_whole(store
         chunk(5, 0), info("unreadable", 5, error="could not read it"),
         info("empty", 6, size=0, checksum=hashlib.sha256(b"").hexdigest()),
         chunk(7, 0),  # never finished
-    ])
-    aggregator._finish()
+    ]))
+    store.write(run_id, state.finish())
+    store.close()
 
     saved = _artifacts(store_dir, "integrity")
     assert set(saved) == {"worker0/whole", "worker0/empty"}

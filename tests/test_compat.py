@@ -34,7 +34,7 @@ def _values(exported: dict, metric: str) -> list[tuple[int, float]]:
     return [(point[0], point[2]) for point in exported["metrics"][metric]]
 
 
-# -- the older Simvue() client (seed 001) ------------------------------------------------------
+# -- the older Simvue() client: Simvue(), log, event, folder_details ----------------------------
 
 
 def test_simvue_is_the_run_class():
@@ -100,7 +100,7 @@ def test_seed_001_context_manager_form_completes(store_dir):
     assert _values(exported, "quality") == [(i, i / 10) for i in range(5)]
 
 
-# -- Simtrack (seed 002) ---------------------------------------------------------------------------
+# -- Simtrack: simtrack.ini, SIMTRACK_* and its client names -------------------------------------
 
 
 def test_seed_002_simtrack_example_with_positional_init_runs_unchanged(store_dir):
@@ -141,7 +141,7 @@ def test_seed_002_simtrack_example_with_positional_init_runs_unchanged(store_dir
     }
 
 
-# -- OpsML RunCard verbs (seed 003) ----------------------------------------------------------------
+# -- OpsML RunCard verbs: log_parameter(s), add_tag(s) ------------------------------------------
 
 
 def test_seed_003_runcard_verbs_record_metrics_parameters_and_tags(store_dir):

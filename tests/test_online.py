@@ -395,18 +395,18 @@ def test_batches_cut_anywhere_keep_every_series_in_order(server, monkeypatch):
     metric each); each metric's points must still reach the server in logging order."""
     from simvue.api.config import ServerConfig
     from simvue.api.connection import Connection
-    from simvue.sinks import rest
+    from simvue import upload
 
     result = run_script(
         LOGGING_SCRIPT.replace("with Run() as run", "with Run(mode='offline') as run"),
         "small-batches", "200", "0.02", env=client_env(server),
     )
     assert result.returncode == 0, result.stderr
-    monkeypatch.setattr(rest, "MAX_POINTS_PER_REQUEST", 25)
+    monkeypatch.setattr(upload, "MAX_POINTS_PER_REQUEST", 25)
     store = Store(Path(os.environ["SIMVUE_STORE"]))
     connection = Connection(ServerConfig(url=server.url, token=server.token, mode="online"))
     try:
-        replicator = rest.Replicator(store, connection, store.run("small-batches")["id"])
+        replicator = upload.Replicator(store, connection, store.run("small-batches")["id"])
         assert replicator.sync(60.0)
     finally:
         connection.close()

@@ -7,11 +7,13 @@ import os
 import socket
 import textwrap
 import time
+from collections import deque
 
 import psutil
 import pytest
 
 from simvue import Run
+from simvue.abort import AbortSignal
 from simvue.config import Settings
 from simvue.errors import SimvueTypeError, SimvueValueError
 from simvue.losses import LossCounter
@@ -267,14 +269,15 @@ def test_other_nodes_are_sampled_by_one_of_their_processes_chosen_by_the_aggrega
 
     def join(pid: int, name: str):
         losses = LossCounter()
+        buffer = deque()
+        role = SamplingRole("node-b", lambda: address.started, buffer.append)
         sender = Sender(
             address.address, address.key,
             {"role": "worker", "pid": pid, "host": "node-b", "cuda": None},
             flush_interval_s=0.05, heartbeat_interval_s=1.0, close_timeout_s=10.0,
             spill=SpillFile(tmp_path / f"{name}.msgpack", losses), losses=losses,
+            abort=AbortSignal(), buffer=buffer, on_sample=role.configure,
         )
-        role = SamplingRole("node-b", address.started, sender.buffer.append)
-        sender.on_sample = role.configure
         return sender, role
 
     first, first_role = join(os.getpid(), "first")

@@ -1,4 +1,4 @@
-"""The Simvue tutorial's final script (seed 004) runs unchanged apart from its scale, single
+"""The Simvue tutorial's final script (from the Simvue documentation) runs unchanged apart from its scale, single
 process and on every rank of ``mpiexec -n 2``, and everything it records can be read back."""
 
 import os

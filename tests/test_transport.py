@@ -9,8 +9,10 @@ import uuid
 import zmq
 
 from simvue import Run
+from simvue.abort import AbortSignal
 from simvue.losses import LossCounter
 from simvue.transport import protocol, spill
+from simvue.transport.protocol import MessageKind, RecordKind
 from simvue.transport.sender import Sender
 from simvue.transport.spill import SpillFile
 
@@ -28,7 +30,7 @@ def raw_dealer(address: str) -> zmq.Socket:
 def recv_ack(sock: zmq.Socket, key: bytes, timeout_ms: int = 5000) -> dict:
     assert sock.poll(timeout_ms), "no ACK from the aggregator"
     kind, _, body = protocol.decode(key, sock.recv_multipart())
-    assert kind == protocol.ACK
+    assert kind == MessageKind.ACK
     return body
 
 
@@ -44,6 +46,7 @@ def make_sender(address: str, key: bytes, spill_path, *, flush_interval_s=0.05, 
         close_timeout_s=close_timeout_s,
         spill=SpillFile(spill_path, losses),
         losses=losses,
+        abort=AbortSignal(),
     )
     return sender, losses
 
@@ -54,7 +57,7 @@ def test_forged_and_garbage_frames_are_dropped_and_counted(store_dir):
         address = run._address
         sock = raw_dealer(address.address)
         sock.send_multipart([b"not a mac", b"junk"])
-        sock.send_multipart(protocol.encode(b"wrong key" * 4, protocol.HELLO, 1, {"role": "worker"}))
+        sock.send_multipart(protocol.encode(b"wrong key" * 4, MessageKind.HELLO, 1, {"role": "worker"}))
         sock.send(b"one frame only")
         run.log_metrics({"a": 1.0})
         time.sleep(0.3)
@@ -70,12 +73,12 @@ def test_a_replayed_message_is_stored_once_and_bye_is_acknowledged(store_dir):
         run.init(name="replay")
         key = run._address.key
         sock = raw_dealer(run._address.address)
-        sock.send_multipart(protocol.encode(key, protocol.HELLO, 1, {"role": "worker", "pid": 1, "host": "h"}))
+        sock.send_multipart(protocol.encode(key, MessageKind.HELLO, 1, {"role": "worker", "pid": 1, "host": "h"}))
         assert recv_ack(sock, key)["run"]["name"] == "replay"
-        data = protocol.encode(key, protocol.DATA, 2, [[protocol.METRICS, 0, 0.0, time.time(), {"x": 1.5}]])
+        data = protocol.encode(key, MessageKind.DATA, 2, [[RecordKind.METRICS, 0, 0.0, time.time(), {"x": 1.5}]])
         sock.send_multipart(data)
         sock.send_multipart(data)
-        sock.send_multipart(protocol.encode(key, protocol.BYE, 3, {"status": None, "dropped": {}}))
+        sock.send_multipart(protocol.encode(key, MessageKind.BYE, 3, {"status": None, "dropped": {}}))
         assert recv_ack(sock, key)["seq"] == 3
         sock.close()
     exported = read_run(store_dir, "replay")
@@ -90,7 +93,7 @@ def test_a_sender_close_is_acknowledged_after_everything_arrived(store_dir):
         address = run._address
         sender, losses = make_sender(address.address, address.key, store_dir / "spill" / "unused.msgpack")
         for step in range(20_000):
-            sender.buffer.append((protocol.METRICS, step, 0.0, 0.0, {"v": float(step)}))
+            sender.buffer.append((RecordKind.METRICS, step, 0.0, 0.0, {"v": float(step)}))
         assert sender.close(None, {}, 10.0) is True
         assert losses.snapshot() == {}
     exported = read_run(store_dir, "acked")
@@ -109,12 +112,12 @@ def test_without_an_aggregator_records_are_spilled_to_disk_and_counted(tmp_path)
         close_timeout_s=0.5,
     )
     for step in range(100):
-        sender.buffer.append((protocol.METRICS, step, 0.0, 0.0, {"v": float(step)}))
+        sender.buffer.append((RecordKind.METRICS, step, 0.0, 0.0, {"v": float(step)}))
     started = time.monotonic()
     assert sender.close(None, {}, 5.0) is False
     assert time.monotonic() - started < 5.0
     assert losses.snapshot()["spilled"] == 100
-    steps = [record[1] for kind, _, body in spill.read(path) if kind == protocol.DATA for record in body]
+    steps = [record[1] for kind, _, body in spill.read(path) if kind == MessageKind.DATA for record in body]
     assert steps == list(range(100))
 
 
@@ -129,7 +132,7 @@ def test_a_sender_that_never_falls_silent_still_gets_acknowledged(store_dir):
         deadline = time.monotonic() + 1.5
         step = 0
         while time.monotonic() < deadline:  # a record every millisecond: never 50 ms of silence
-            sender.buffer.append((protocol.METRICS, step, 0.0, 0.0, {"v": 1.0}))
+            sender.buffer.append((RecordKind.METRICS, step, 0.0, 0.0, {"v": 1.0}))
             step += 1
             time.sleep(0.001)
         assert len(sender._unacked) < 100  # acknowledged as it goes, not kept until close

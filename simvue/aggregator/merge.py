@@ -11,18 +11,12 @@ its first value; a value arriving for a step already written is counted as late
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
+from ..config import REDUCERS
 from ..losses import LossCounter, LossReason
 
-REDUCERS: dict[str, Callable[[Sequence[float]], float]] = {
-    "mean": lambda values: math.fsum(values) / len(values),
-    "min": min,
-    "max": max,
-    "sum": math.fsum,
-}
 FINISHED_STEPS_REMEMBERED = 100_000
 
 Emit = Callable[[str, int, float, float, float], None]

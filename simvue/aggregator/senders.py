@@ -1,47 +1,86 @@
-"""Bookkeeping of every process that sends to a run: hello, heartbeat, bye, lost.
+"""Bookkeeping of every process whose records go into a run: hello, heartbeat, bye, lost.
 
-Pure logic: time comes in as ``now`` arguments, so many-rank scenarios (late joiners, silent
-ranks, duplicates) are tested in one process without sleeping.
+Two kinds of producer:
+
+* the **local producer**, the aggregating process itself (rank 0, the pool's parent, or the
+  only process).  Its records come straight from its buffer; it cannot go silent, and it
+  leaves only when it closes its part of the run;
+* **senders**, every other process, known by their socket id.  A sender is live from its
+  HELLO until its BYE, or until it is declared lost: silent for longer than ``timeout_s``
+  (any node), or its process seen gone (the aggregator's own node, see ``liveness``).
+
+Pure logic: time comes in as ``now`` arguments, so many-rank scenarios (late joiners,
+silent ranks, duplicates) are tested in one process without sleeping.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import enum
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal, cast
 
 from ..losses import LossCounter, LossReason
 
-LIVE, DONE, LOST = "live", "done", "lost"
+Role = Literal["rank", "worker", "process"]
+ROLES: tuple[Role, ...] = ("rank", "worker", "process")
+
+# A process on the aggregator's node that was seen gone is declared lost this long after,
+# so that what it sent just before it ended is still read from the socket first.
+GONE_GRACE_S = 1.0
 
 
-@dataclasses.dataclass
-class SenderState:
-    """One sending process as the aggregator sees it."""
+class Presence(str, enum.Enum):
+    """Where a producer stands in the run."""
 
-    sender_id: bytes
-    label: str
-    prefix: str
-    role: str
+    LIVE = "live"  # part of the run; the run waits for it
+    DONE = "done"  # said goodbye (or, a pool worker, drained and then ended)
+    LOST = "lost"  # silent too long or ended without goodbye; no longer waited for
+
+
+LIVE, DONE, LOST = Presence.LIVE, Presence.DONE, Presence.LOST
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class Producer:
+    """A process whose records go into the run, as the aggregator sees it."""
+
+    label: str  # rank3, worker0, main
+    prefix: str  # what its metric names get: "rank3/", "worker0/", ""
+    role: Role
     rank: int | None
     pid: int | None
     host: str | None
-    last_seen: float
-    state: str = LIVE
-    last_seq: int = 0
-    exit_status: str | None = None
-    drain_requested_at: float | None = None
-    drained: bool = False
-    reason: str | None = None
     cuda: str | None = None  # its CUDA_VISIBLE_DEVICES, for the node's resource sampler
-    # Per-commit cache of metric name -> output series, owned by the aggregator.
+    presence: Presence = LIVE
+    exit_status: str | None = None  # the final status it reported with its goodbye
+    reason: str | None = None  # why it was lost
+    # Per-commit cache of metric name -> ingest target, owned by the aggregator state.
     series: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
+    @property
+    def live(self) -> bool:
+        return self.presence is LIVE
+
     def describe(self) -> dict[str, Any]:
-        return {"pid": self.pid, "host": self.host, "role": self.role, "state": self.state}
+        return {"pid": self.pid, "host": self.host, "role": self.role, "state": self.presence.value}
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class SenderState(Producer):
+    """A producer in another process, reached through the aggregator's socket."""
+
+    sender_id: bytes
+    last_seen: float
+    last_seq: int = 0
+    created: float | None = None  # its process's start time, from HELLO (liveness checks)
+    gone_since: float | None = None  # when its process was first seen gone
+    drain_requested_at: float | None = None
+    drained: bool = False
 
 
 class SenderTable:
-    """Every sender of one run.
+    """The local producer and every sender of one run.
 
     ``expected_ranks`` is the MPI job size when known: the run is not over until each rank
     has joined and left (or was declared lost).  ``namespace_ranks`` says whether rank
@@ -49,7 +88,14 @@ class SenderTable:
     """
 
     def __init__(
-        self, *, expected_ranks: int, namespace_ranks: bool, timeout_s: float, losses: LossCounter, now: float
+        self,
+        *,
+        local: Mapping[str, Any],
+        expected_ranks: int,
+        namespace_ranks: bool,
+        timeout_s: float,
+        losses: LossCounter,
+        now: float,
     ) -> None:
         self.expected_ranks = expected_ranks
         self.namespace_ranks = namespace_ranks
@@ -61,38 +107,49 @@ class SenderTable:
         self.never_joined: list[int] = []
         self.live_labels: set[str] = set()  # updated in place; the reducer reads it
         self._workers = 0
+        self.local = Producer(**self._identity(local))
+        self.live_labels.add(self.local.label)
 
-    def hello(self, sender_id: bytes, info: dict[str, Any], now: float) -> SenderState:
+    def _identity(self, info: Mapping[str, Any]) -> dict[str, Any]:
+        """Label, prefix, role and process facts of a producer from its HELLO fields."""
+        role = cast(Role, info.get("role") if info.get("role") in ROLES else "worker")
+        rank = info.get("rank")
+        if role == "rank" and rank.__class__ is int and rank >= 0:
+            label = f"rank{rank}"
+            prefix = f"{label}/" if self.namespace_ranks else ""
+            self.ranks_seen.add(rank)
+        elif role == "process":
+            label, prefix, rank = "main", "", None
+        else:
+            role, rank = "worker", None
+            label = f"worker{self._workers}"
+            prefix = f"{label}/"
+            self._workers += 1
+        return {
+            "label": label,
+            "prefix": prefix,
+            "role": role,
+            "rank": rank,
+            "pid": _int_or_none(info.get("pid")),
+            "host": info.get("host") if isinstance(info.get("host"), str) else None,
+            "cuda": info.get("cuda") if isinstance(info.get("cuda"), str) else None,
+        }
+
+    def hello(self, sender_id: bytes, info: Mapping[str, Any], now: float) -> SenderState:
         """Register a sender; a repeated hello (reconnect) returns the existing state."""
         known = self.by_id.get(sender_id)
         if known is not None:
             known.last_seen = now
             return known
-        role = info.get("role") or "worker"
-        rank = info.get("rank") if role == "rank" else None
-        if role == "rank" and isinstance(rank, int):
-            label = f"rank{rank}"
-            prefix = f"{label}/" if self.namespace_ranks else ""
-            self.ranks_seen.add(rank)
-        elif role == "process":
-            label, prefix = "main", ""
-        else:
-            label = f"worker{self._workers}"
-            prefix = f"{label}/"
-            self._workers += 1
+        created = info.get("created")
         state = SenderState(
+            **self._identity(info),
             sender_id=sender_id,
-            label=label,
-            prefix=prefix,
-            role=role,
-            rank=rank,
-            pid=info.get("pid"),
-            host=info.get("host"),
             last_seen=now,
-            cuda=info.get("cuda") if isinstance(info.get("cuda"), str) else None,
+            created=float(created) if created.__class__ in (int, float) else None,
         )
         self.by_id[sender_id] = state
-        self.live_labels.add(label)
+        self.live_labels.add(state.label)
         return state
 
     def accept(self, state: SenderState, seq: int, now: float) -> bool:
@@ -106,32 +163,54 @@ class SenderTable:
         state.last_seq = seq
         return True
 
-    def bye(self, state: SenderState, status: str | None, now: float) -> None:
-        state.last_seen = now
-        state.exit_status = status
-        if state.state == LIVE:
-            state.state = DONE
-            self.live_labels.discard(state.label)
+    def bye(self, producer: Producer, status: str | None) -> None:
+        """``producer`` has left the run, reporting ``status`` (None: no opinion)."""
+        producer.exit_status = status
+        if producer.presence is LIVE:
+            producer.presence = DONE
+            self.live_labels.discard(producer.label)
 
-    def mark_lost(self, state: SenderState, reason: str) -> None:
-        """Declare ``state`` lost: its further messages are still accepted but it is no
-        longer waited for."""
-        if state.state == LIVE:
-            state.state = LOST
-            state.reason = reason
-            self.live_labels.discard(state.label)
+    def mark_lost(self, state: SenderState, reason: str) -> bool:
+        """Declare ``state`` lost; its further messages are still accepted, but it is no
+        longer waited for.  Returns whether it was live until now."""
+        if state.presence is not LIVE:
+            return False
+        state.presence = LOST
+        state.reason = reason
+        self.live_labels.discard(state.label)
+        return True
+
+    def process_gone(self, state: SenderState, now: float) -> None:
+        """``state``'s process was seen to have ended (on the aggregator's node)."""
+        if state.presence is LIVE and state.gone_since is None:
+            state.gone_since = now
 
     def tick(self, now: float) -> list[SenderState]:
-        """Senders that have just gone silent for longer than the timeout."""
+        """Senders lost as of ``now``: silent for longer than the timeout, or whose process
+        was seen gone ``GONE_GRACE_S`` ago.  A gone pool worker that had drained has done
+        its part: it leaves quietly."""
         lost = []
         for state in self.by_id.values():
-            if state.state == LIVE and now - state.last_seen > self.timeout_s:
-                self.mark_lost(state, f"silent for more than {self.timeout_s:g} s")
-                lost.append(state)
+            if state.presence is not LIVE:
+                continue
+            if state.gone_since is not None and now - state.gone_since >= GONE_GRACE_S:
+                if state.drained:
+                    self.bye(state, None)
+                elif self.mark_lost(state, "its process ended without closing its part of the run"):
+                    lost.append(state)
+            elif now - state.last_seen > self.timeout_s:
+                if self.mark_lost(state, f"silent for more than {self.timeout_s:g} s"):
+                    lost.append(state)
         return lost
 
     def live(self) -> list[SenderState]:
-        return [s for s in self.by_id.values() if s.state == LIVE]
+        """Senders still part of the run (the local producer is not a sender)."""
+        return [s for s in self.by_id.values() if s.presence is LIVE]
+
+    def producers(self) -> Iterator[Producer]:
+        """The local producer, then every sender."""
+        yield self.local
+        yield from self.by_id.values()
 
     def missing_ranks_count(self) -> int:
         if self.expected_ranks <= 1:
@@ -146,13 +225,14 @@ class SenderTable:
         self.never_joined.extend(missing)
         return missing
 
-    def waiting_for(self, *, workers_drained_ok: bool) -> list[SenderState]:
-        """Senders the run must still wait for before it can end."""
-        waiting = []
-        for state in self.by_id.values():
-            if state.state != LIVE:
-                continue
-            if state.role == "worker" and workers_drained_ok and state.drained:
-                continue
-            waiting.append(state)
-        return waiting
+    def waiting_for(self) -> list[Producer]:
+        """Producers the run must still wait for before it can end (a pool worker that has
+        drained is not waited for: a pool keeps its workers until it is closed)."""
+        return [
+            p for p in self.producers()
+            if p.presence is LIVE and not (isinstance(p, SenderState) and p.role == "worker" and p.drained)
+        ]
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if value.__class__ is int else None

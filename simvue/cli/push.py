@@ -16,7 +16,7 @@ from typing import TextIO
 from ..api import config as api_config
 from ..api.connection import Backoff, Connection, ServerRejected, ServerUnavailable, retrying
 from ..config import from_environment
-from ..sinks.rest import Replicator
+from ..upload import Replicator
 from ..store import Store
 
 PROGRESS_INTERVAL_S = 0.2

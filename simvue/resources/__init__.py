@@ -142,7 +142,8 @@ class SamplingRole:
     """A process that is not the aggregator: it samples its node while the aggregator says
     so (SAMPLE messages, handled on the sender's thread by ``configure``)."""
 
-    def __init__(self, host: str, started: float, emit: Callable[[tuple], Any]) -> None:
+    def __init__(self, host: str, started: Callable[[], float], emit: Callable[[tuple], Any]) -> None:
+        """``started()`` is the run's start time (known once the aggregator has answered)."""
         self._host = host
         self._started = started
         self._emit = emit
@@ -169,7 +170,7 @@ class SamplingRole:
             if self.sampling is not None:
                 threading.Thread(target=self.sampling.stop, daemon=True).start()
             self.sampling = NodeSampling(
-                self._host, interval_s, self._emit, started=self._started, processes=processes
+                self._host, interval_s, self._emit, started=self._started(), processes=processes
             ).start()
 
     def stop(self, timeout_s: float) -> None:

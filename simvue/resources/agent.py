@@ -23,7 +23,7 @@ from typing import Any
 
 import msgpack
 
-from ..transport import protocol
+from ..transport.protocol import MetadataRecord, RecordKind, ResourcesRecord
 from .facts import host_facts
 from .gpu import Gpus
 from .sampler import NodeSampler, Proc, node_name
@@ -47,7 +47,7 @@ class Agent:
 
     def run(self) -> None:
         facts = host_facts(self.sampler.gpus, self.mpi_library)
-        self._write((protocol.METADATA, {"simvue": {"hosts": {node_name(self.host): facts}}}))
+        self._write(MetadataRecord(RecordKind.METADATA, {"simvue": {"hosts": {node_name(self.host): facts}}}))
         failures = 0
         next_at = time.monotonic()
         while True:
@@ -101,11 +101,11 @@ class Agent:
         now = time.time()
         values = self.sampler.sample(now)
         if values:
-            self._write((protocol.RESOURCES, self.host, now - self.started, now, values))
+            self._write(ResourcesRecord(RecordKind.RESOURCES, self.host, now - self.started, now, values))
         current = self.sampler.gpu_map()
         if current != self._gpu_map:
             changed = {label: current.get(label, []) for label in current.keys() | self._gpu_map.keys()}
-            self._write((protocol.METADATA, {"simvue": {"gpu_processes": changed}}))
+            self._write(MetadataRecord(RecordKind.METADATA, {"simvue": {"gpu_processes": changed}}))
             self._gpu_map = current
 
     def _write(self, record: tuple) -> None:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import psutil
 
+from .._util import safe_filename
 from .gpu import MB, Gpus
 
 TREE_REFRESH_S = 10.0
@@ -52,7 +52,7 @@ class Proc:
 
 def node_name(host: str) -> str:
     """``host`` as it appears in series names."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", host) or "unknown"
+    return safe_filename(host)
 
 
 @dataclasses.dataclass

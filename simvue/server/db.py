@@ -21,10 +21,9 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from ..store import Store
-from ..store.sqlite import BUSY_TIMEOUT_S, DATABASE_FILE
+from ..store.sqlite import BUSY_TIMEOUT_S, DATABASE_FILE, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS server_folders (
@@ -82,16 +81,9 @@ class Handle:
             directory / DATABASE_FILE, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """The connection inside one write transaction (commit, or roll back on error)."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        return transaction(self.db)
 
     def close(self) -> None:
         self.store.close()
@@ -132,12 +124,3 @@ class ServerData:
                 handle.close()
             self._idle.clear()
 
-
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """``update`` merged into ``base``: nested dicts merge, other values replace (the store's rule)."""
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = merge(base[key], value)
-        else:
-            base[key] = value
-    return base

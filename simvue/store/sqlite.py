@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .._util import merge_dicts
 from .blobs import ARTIFACTS_DIRECTORY, BlobStore
 
 DATABASE_FILE = "simvue.db"
@@ -211,6 +212,19 @@ class StoreBatch:
         return sum(len(chunk) for chunk in self.metrics.values())
 
 
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``db`` inside one write transaction: committed at the end of the block, rolled back
+    if it raises.  The one transaction helper of the store and the server."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 def _pack(column: array) -> bytes:
     if _LITTLE:
         return column.tobytes()
@@ -347,7 +361,7 @@ class Store:
                 )
             if batch.metadata or batch.tags:
                 metadata, tags = db.execute("SELECT metadata, tags FROM runs WHERE id=?", (run_id,)).fetchone()
-                merged = _merge(json.loads(metadata), batch.metadata)
+                merged = merge_dicts(json.loads(metadata), batch.metadata)
                 all_tags = list(dict.fromkeys(json.loads(tags) + batch.tags))
                 db.execute(
                     "UPDATE runs SET metadata=?, tags=? WHERE id=?", (json.dumps(merged), json.dumps(all_tags), run_id)
@@ -391,7 +405,7 @@ class Store:
         db.execute(
             "UPDATE folders SET metadata=?, tags=?, description=COALESCE(?, description) WHERE path=?",
             (
-                json.dumps(_merge(json.loads(old_metadata), metadata or {})),
+                json.dumps(merge_dicts(json.loads(old_metadata), metadata or {})),
                 json.dumps(list(dict.fromkeys(json.loads(old_tags) + list(tags or [])))),
                 description,
                 path,
@@ -409,14 +423,8 @@ class Store:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, transaction(self._db) as db:
+            yield db
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -474,7 +482,7 @@ class Store:
         ).fetchall()
         return [{"timestamp": ts, "message": message, "level": level} for ts, message, level in rows]
 
-    # -- replication to a server (see simvue.sinks.rest) ------------------------------
+    # -- replication to a server (see simvue.upload) ------------------------------
 
     def metric_chunks_from(self, run_id: str, chunk_id: int, limit: int) -> list[tuple]:
         """Up to ``limit`` metric chunks of a run with id >= ``chunk_id``, in commit order, as
@@ -623,12 +631,3 @@ def _run_dict(row: tuple, now: float) -> dict:
         "heartbeat_timeout_s": heartbeat_timeout_s,
     }
 
-
-def _merge(base: dict, update: dict) -> dict:
-    """``update`` merged into ``base``; nested dicts merge, everything else replaces."""
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = _merge(base[key], value)
-        else:
-            base[key] = value
-    return base

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._util import safe_filename
 from ..topology import Topology, initialised_mpi
 
 INHERITED_ENV = "SIMVUE_AGGREGATOR"
@@ -93,8 +94,7 @@ def directory() -> Path:
 
 
 def file_for(topology: Topology, ordinal: int) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(topology.job_id))
-    return directory() / f"{safe}.{ordinal}.json"
+    return directory() / f"{safe_filename(str(topology.job_id))}.{ordinal}.json"
 
 
 def publish_file(path: Path, address: AggregatorAddress) -> None:

@@ -19,8 +19,11 @@ from typing import Any
 
 import zmq
 
+from .._util import drain
+from ..abort import AbortSignal
 from ..losses import LossCounter
 from . import protocol
+from .protocol import MessageKind
 from .spill import SpillFile, data_records
 
 SEND_HWM_MESSAGES = 1000
@@ -50,8 +53,14 @@ class Sender:
         close_timeout_s: float,
         spill: SpillFile,
         losses: LossCounter,
+        abort: AbortSignal,
+        buffer: deque[tuple] | None = None,
+        on_sample: Callable[[Any], None] = lambda plan: None,
     ) -> None:
-        self.buffer: deque[tuple] = deque()
+        """``abort`` is requested when the aggregator sends ABORT; ``on_sample(plan)`` is
+        called with each SAMPLE body, on the sender's thread; ``buffer`` is where the
+        process's records are appended (a new deque by default)."""
+        self.buffer: deque[tuple] = deque() if buffer is None else buffer
         self.sender_id = uuid.uuid4().bytes
         self._address = address
         self._key = key
@@ -82,9 +91,8 @@ class Sender:
         self._dropped_at_close: dict[str, int] = {}
         self.welcome: dict[str, Any] | None = None
         self.welcomed = threading.Event()
-        self.on_abort: Callable[[], None] = lambda: None  # called once, on the sender thread
-        self.on_sample: Callable[[Any], None] = lambda plan: None  # each SAMPLE, on the sender thread
-        self.aborted = False
+        self._abort = abort
+        self._on_sample = on_sample
         self._thread = threading.Thread(target=self._run, name="simvue-sender", daemon=True)
         self._thread.start()
 
@@ -101,7 +109,7 @@ class Sender:
         while len(self.buffer) >= limit and time.monotonic() < deadline:
             time.sleep(self._flush_interval_s / 4)
         if len(self.buffer) >= limit:
-            self.spill.write_records(_drain(self.buffer, len(self.buffer)))
+            self.spill.write_records(drain(self.buffer))
 
     def put_bulk(self, record: tuple, nbytes: int, timeout_s: float) -> bool:
         """Queue one large record (an artifact chunk) to travel in a DATA message of its own.
@@ -163,7 +171,7 @@ class Sender:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         try:
             sock.connect(self._address)
-            self._queue(protocol.HELLO, self._hello)
+            self._queue(MessageKind.HELLO, self._hello)
             last_heartbeat = time.monotonic()
             while True:
                 closing = self._closing.is_set()
@@ -180,7 +188,7 @@ class Sender:
                 if sent_bulk or flush_requested or time.monotonic() - last_heartbeat >= self._heartbeat_interval_s:
                     # A heartbeat is answered with an ACK of everything processed so far, so a
                     # sender that never falls silent still gets its messages acknowledged.
-                    self._outbox.append((self._sent_seq, self._frames(protocol.HEARTBEAT, self._sent_seq, None)))
+                    self._outbox.append((self._sent_seq, self._frames(MessageKind.HEARTBEAT, self._sent_seq, None)))
                     last_heartbeat = time.monotonic()
                 if flush_requested:
                     with self._acked:
@@ -197,7 +205,7 @@ class Sender:
             os.write(2, f"simvue: sender stopped after an error: {exc!r}\n".encode())
         finally:
             if self.buffer:
-                self.spill.write_records(_drain(self.buffer, len(self.buffer)))
+                self.spill.write_records(drain(self.buffer))
             if self._bulk:
                 self.spill.write_records([record for record, _ in self._bulk])
                 self._bulk.clear()
@@ -209,10 +217,10 @@ class Sender:
             with self._acked:
                 self._acked.notify_all()
 
-    def _frames(self, kind: int, seq: int, body: Any) -> list[bytes]:
+    def _frames(self, kind: MessageKind, seq: int, body: Any) -> list[bytes]:
         return protocol.encode(self._key, kind, seq, body)
 
-    def _queue(self, kind: int, body: Any) -> None:
+    def _queue(self, kind: MessageKind, body: Any) -> None:
         self._sent_seq += 1
         frames = self._frames(kind, self._sent_seq, body)
         self._unacked.append((self._sent_seq, frames[1]))
@@ -221,14 +229,14 @@ class Sender:
     def _send_buffered(self) -> bool:
         """Queue everything buffered; returns whether artifact chunks were among it."""
         while self.buffer:
-            self._queue(protocol.DATA, _drain(self.buffer, MAX_BATCH_RECORDS))
+            self._queue(MessageKind.DATA, drain(self.buffer, MAX_BATCH_RECORDS))
         sent_bulk = False
         while self._bulk:
             with self._acked:
                 record, nbytes = self._bulk.popleft()
                 self._bulk_queued_bytes -= nbytes
                 self._bulk_unacked_bytes += nbytes
-            self._queue(protocol.DATA, [record])
+            self._queue(MessageKind.DATA, [record])
             self._bulk_unacked.append((self._sent_seq, nbytes))
             sent_bulk = True
         return sent_bulk
@@ -250,20 +258,18 @@ class Sender:
                 kind, _, body = protocol.decode(self._key, sock.recv_multipart(zmq.NOBLOCK))
             except (protocol.BadFrame, zmq.Again):
                 continue
-            if kind == protocol.ABORT:
-                if not self.aborted:
-                    self.aborted = True
-                    self.on_abort()
+            if kind is MessageKind.ABORT:
+                self._abort.request("the run's aggregator asked every process to stop")
                 continue
-            if kind == protocol.SAMPLE:
-                self.on_sample(body)
+            if kind is MessageKind.SAMPLE:
+                self._on_sample(body)
                 continue
-            if kind == protocol.DRAIN:
+            if kind is MessageKind.DRAIN:
                 with self._acked:
                     self._flush_requested = True
                 self._wake.set()
                 continue
-            if kind != protocol.ACK or not isinstance(body, dict):
+            if kind is not MessageKind.ACK or not isinstance(body, dict):
                 continue
             if isinstance(body.get("run"), dict):
                 self.welcome = body["run"]
@@ -281,7 +287,7 @@ class Sender:
 
     def _say_bye(self, sock: zmq.Socket) -> None:
         self._send_buffered()
-        self._queue(protocol.BYE, {"status": self._close_status, "dropped": self._dropped_at_close})
+        self._queue(MessageKind.BYE, {"status": self._close_status, "dropped": self._dropped_at_close})
         bye_seq = self._sent_seq
         deadline = time.monotonic() + self._close_timeout_s
         while time.monotonic() < deadline:
@@ -293,9 +299,3 @@ class Sender:
     def _spill_unacked(self, count: int) -> None:
         payloads = [self._unacked.popleft()[1] for _ in range(min(count, len(self._unacked)))]
         self.spill.write_payloads(payloads, sum(data_records(p) for p in payloads))
-
-
-def _drain(buffer: deque, count: int) -> list:
-    """Pop up to ``count`` records from the left; safe while another thread appends."""
-    popleft = buffer.popleft
-    return [popleft() for _ in range(min(count, len(buffer)))]

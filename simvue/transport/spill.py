@@ -29,7 +29,7 @@ class SpillFile:
         self.records = 0
 
     def write_records(self, records: list) -> None:
-        self.write_payloads([msgpack.packb((protocol.PROTOCOL_VERSION, protocol.DATA, 0, records))], len(records))
+        self.write_payloads([msgpack.packb((protocol.PROTOCOL_VERSION, protocol.MessageKind.DATA, 0, records))], len(records))
 
     def write_payloads(self, payloads: list[bytes], records: int) -> None:
         try:
@@ -54,4 +54,4 @@ def read(path: Path) -> Iterator[tuple[int, int, Any]]:
 def data_records(payload: bytes) -> int:
     """How many records a DATA payload carries (0 for other kinds)."""
     _, kind, _, body = msgpack.unpackb(payload, strict_map_key=False)
-    return len(body) if kind == protocol.DATA else 0
+    return len(body) if kind == protocol.MessageKind.DATA else 0

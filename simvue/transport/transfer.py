@@ -24,6 +24,7 @@ from typing import Any
 
 from ..losses import LossCounter, LossReason
 from . import protocol
+from .protocol import ArtifactChunkRecord, ArtifactRecord, RecordKind
 
 # How long a transfer may wait for room to send its next chunk before it is given up.
 STALL_TIMEOUT_S = 60.0
@@ -113,12 +114,12 @@ class StreamToSender:
             with job.open() as source:
                 while chunk := source.read(protocol.ARTIFACT_CHUNK_BYTES):
                     digest.update(chunk)
-                    if not put((protocol.ARTIFACT_CHUNK, transfer, offset, chunk), len(chunk), STALL_TIMEOUT_S):
+                    if not put(ArtifactChunkRecord(RecordKind.ARTIFACT_CHUNK, transfer, offset, chunk), len(chunk), STALL_TIMEOUT_S):
                         raise TransferFailed(f"the aggregator did not take it within {STALL_TIMEOUT_S:g} s")
                     offset += len(chunk)
         except OSError as exc:
-            put((protocol.ARTIFACT, {**info, "error": f"could not read {job.path}: {exc}"}), 0, STALL_TIMEOUT_S)
+            put(ArtifactRecord(RecordKind.ARTIFACT, {**info, "error": f"could not read {job.path}: {exc}"}), 0, STALL_TIMEOUT_S)
             raise
         info.update(size=offset, checksum=digest.hexdigest())
-        if not put((protocol.ARTIFACT, info), 0, STALL_TIMEOUT_S):
+        if not put(ArtifactRecord(RecordKind.ARTIFACT, info), 0, STALL_TIMEOUT_S):
             raise TransferFailed(f"the aggregator did not take it within {STALL_TIMEOUT_S:g} s")

@@ -1,4 +1,4 @@
-"""The Simvue tutorial's final tracking script (seed 004), with the same calls in the same
+"""The Simvue tutorial's final tracking script (from the Simvue documentation), with the same calls in the same
 order.  Adapted only in scale: iterations and the pause per iteration come from the
 environment so the test runs in seconds, and the alert frequency is a fraction of a minute."""
 

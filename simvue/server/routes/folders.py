@@ -15,7 +15,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from ...store import new_id
-from ..db import Handle, merge
+from ..._util import merge_dicts
+from ..db import Handle
 from ..query import QueryError, dotted, order, parse_filters, parse_sorting, select
 from . import Page, DataHandle, FolderPath, Metadata, Tag, bad_request, iso, not_found
 
@@ -93,7 +94,7 @@ def _update(handle: Handle, path: str, changes: FolderUpdate) -> None:
             "SELECT metadata, tags, description FROM folders WHERE path=?", (path,)
         ).fetchone()
         if changes.metadata is not None:
-            metadata = json.dumps(merge(json.loads(metadata), changes.metadata))
+            metadata = json.dumps(merge_dicts(json.loads(metadata), changes.metadata))
         if changes.tags is not None:
             tags = json.dumps(list(dict.fromkeys(changes.tags)))
         if "description" in changes.model_fields_set:

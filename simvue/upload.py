@@ -1,8 +1,9 @@
-"""Sending runs to a Simvue server.  The online sink and ``simvue push`` share one replicator.
+"""Sending runs to a Simvue server.  A run's uploader and ``simvue push`` share one replicator.
 
-The local store is the spool: the aggregator always commits to it first, and a replicator
-copies a run from the store to the server, remembering in the store's ``uploads`` table how
-far it got (a metric chunk cursor, an event cursor, and the run fields last sent).  So
+The local store is the only place the aggregator writes.  When a server is configured, an
+``Uploader`` follows the store: a thread in the aggregator's process that copies the run from
+the store to the server with a ``Replicator``, remembering in the store's ``uploads`` table
+how far it got (a metric chunk cursor, an event cursor, and the run fields last sent).  So
 
 * a server that is down or answers 5xx/429 costs nothing but time: the replicator backs off
   and resumes from its cursor, in the order the data was committed;
@@ -35,18 +36,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..api.config import ServerConfig
-from ..api.connection import Backoff, Connection, ServerRejected, ServerUnavailable
-from ..config import DEFAULT_STORE_DIR, Settings
-from ..errors import SimvueWarning
-from ..store import Store, StoreBatch
-from ..validation import format_timestamp
-from .offline import OfflineSink
+from .abort import AbortSignal
+from .api.config import ServerConfig
+from .api.connection import Backoff, Connection, ServerRejected, ServerUnavailable
+from .config import DEFAULT_STORE_DIR, Settings
+from .errors import SimvueWarning
+from .store import Store
+from .validation import FINAL_STATUSES, format_timestamp
 
 MAX_POINTS_PER_REQUEST = 100_000
 MAX_EVENTS_PER_REQUEST = 16_000
 CHUNKS_PER_READ = 16
-FINAL_STATUSES = ("completed", "failed", "terminated", "lost")
 MIN_SERVER_HEARTBEAT_TIMEOUT_S = 180.0
 
 
@@ -344,8 +344,36 @@ def _alert_body(alert: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+def start_upload(
+    directory: Path, config: ServerConfig, run_id: str, run_name: str, settings: Settings, abort: AbortSignal
+) -> Uploader | None:
+    """Create run ``run_id`` of the store at ``directory`` on the server and start following
+    it there.  A server that does not answer is retried by the uploader's thread.  A server
+    that refuses the run raises ``ServerRejected`` in strict mode; with ``suppress_errors``
+    it gives one warning and None: the run stays in the local store, for ``simvue push``."""
+    uploader = Uploader(directory, config, run_id, run_name, settings, abort)
+    try:
+        uploader.create()
+    except ServerUnavailable as exc:
+        os.write(2, f"simvue: {exc}; run '{run_name}' is kept locally and sent when the server answers\n".encode())
+    except ServerRejected as exc:
+        uploader.replicator.reject(str(exc))
+        uploader.close()
+        if not settings.suppress_errors:
+            raise
+        warnings.warn(
+            f"simvue: {exc}; the run is recorded in the local store only (send it later with simvue push)",
+            SimvueWarning,
+            stacklevel=4,
+        )
+        return None
+    uploader.start()
+    return uploader
+
+
 class Uploader:
-    """The aggregator's background thread that keeps a server in step with the store."""
+    """The aggregator's background thread that keeps a server in step with the store; a
+    follower of the store (``aggregator.service.Follower``)."""
 
     def __init__(
         self,
@@ -354,13 +382,13 @@ class Uploader:
         run_id: str,
         run_name: str,
         settings: Settings,
-        on_abort: Callable[[], None],
+        abort: AbortSignal,
     ) -> None:
         self.directory = directory
         self.config = config
         self.run_name = run_name
         self.settings = settings
-        self.on_abort = on_abort
+        self.abort = abort
         self.connection = Connection(config)
         self.store = Store(directory)
         self.replicator = Replicator(self.store, self.connection, run_id)
@@ -379,6 +407,11 @@ class Uploader:
 
     def start(self) -> None:
         self._thread.start()
+
+    def close(self) -> None:
+        """Release the connections of an uploader that was never started."""
+        self.store.close()
+        self.connection.close()
 
     def wake(self) -> None:
         self._wake.set()
@@ -429,7 +462,7 @@ class Uploader:
                         next_abort_poll = now + settings.abort_poll_interval_s
                         if self.replicator.abort_requested():
                             aborted = True
-                            self.on_abort()
+                            self.abort.request("the server asked this run to stop")
                 except ServerUnavailable as exc:
                     retry_at = time.monotonic() + backoff.next_delay(exc.retry_after)
                     if not self._warned_unreachable:
@@ -452,60 +485,3 @@ class Uploader:
         finally:
             self.store.close()
             self.connection.close()
-
-
-class RestSink:
-    """The local store plus an ``Uploader`` that copies the run to a Simvue server."""
-
-    def __init__(self, directory: Path, config: ServerConfig, settings: Settings) -> None:
-        self._offline = OfflineSink(directory)
-        self.directory = directory
-        self.config = config
-        self.settings = settings
-        self.location = f"{config.url} (spooled in {self._offline.location})"
-        self.on_abort: Callable[[], None] = lambda: None
-        self.abort_requested = False
-        self._uploader: Uploader | None = None
-
-    def start_run(self, run: dict[str, Any]) -> str:
-        run_id = self._offline.start_run(run)
-        uploader = Uploader(self.directory, self.config, run_id, run["name"], self.settings, self._abort)
-        try:
-            uploader.create()
-        except ServerUnavailable as exc:
-            os.write(2, f"simvue: {exc}; run '{run['name']}' is kept locally and sent when the server answers\n".encode())
-        except ServerRejected as exc:
-            uploader.replicator.reject(str(exc))
-            if not self.settings.suppress_errors:
-                self._offline.write(StoreBatch(status="failed", ended=time.time()))
-                self._offline.close(0)
-                raise
-            warnings.warn(
-                f"simvue: {exc}; the run is recorded in the local store only (send it later with simvue push)",
-                SimvueWarning,
-                stacklevel=2,
-            )
-            return run_id
-        self._uploader = uploader
-        uploader.start()
-        return run_id
-
-    @property
-    def error(self) -> ServerRejected | None:
-        """The server's refusal that stopped the upload, if any."""
-        return self._uploader.error if self._uploader is not None else None
-
-    def _abort(self) -> None:
-        self.abort_requested = True
-        self.on_abort()
-
-    def write(self, batch: StoreBatch) -> None:
-        self._offline.write(batch)
-        if self._uploader is not None and (batch.status is not None or batch.ended is not None):
-            self._uploader.wake()
-
-    def close(self, timeout_s: float) -> bool:
-        self._offline.close(timeout_s)
-        if self._uploader is None:
-            return False
-        return self._uploader.finish(timeout_s)

@@ -1,5 +1,6 @@
-"""The aggregator's bookkeeping and merging, driven with an injected clock: many senders,
-late joiners, silent ones and late steps, without processes or sleeps."""
+"""The aggregator's sender table and reducer, driven with an injected clock: many senders,
+late joiners, silent ones and late steps, without processes or sleeps.  The state machine
+that composes them is tested in test_aggregator_state.py."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ import statistics
 import pytest
 
 from simvue.aggregator.merge import Reducer
-from simvue.aggregator.senders import DONE, LIVE, LOST, SenderTable
+from simvue.aggregator.senders import DONE, GONE_GRACE_S, LIVE, LOST, SenderTable
 from simvue.config import normalise_reduce
 from simvue.errors import SimvueValueError
 from simvue.losses import LossCounter
 
 
-def table(ranks=0, timeout_s=10.0, namespace=True):
-    return SenderTable(expected_ranks=ranks, namespace_ranks=namespace, timeout_s=timeout_s, losses=LossCounter(),
-                       now=0.0)
+def table(ranks=0, timeout_s=10.0, namespace=True, local=None):
+    local = local or {"role": "rank", "rank": 0, "pid": 100, "host": "h"}
+    return SenderTable(local=local, expected_ranks=ranks, namespace_ranks=namespace, timeout_s=timeout_s,
+                       losses=LossCounter(), now=0.0)
 
 
 def rank_hello(t, rank, now=0.0):
@@ -25,16 +27,27 @@ def rank_hello(t, rank, now=0.0):
 
 def test_ranks_are_labelled_by_rank_and_workers_in_order_of_first_contact():
     t = table(ranks=4)
+    assert (t.local.label, t.local.prefix) == ("rank0", "rank0/")
     assert rank_hello(t, 3).prefix == "rank3/"
     w0 = t.hello(b"a", {"role": "worker", "pid": 7}, 0.0)
     w1 = t.hello(b"b", {"role": "worker", "pid": 8}, 0.0)
     assert (w0.label, w1.label) == ("worker0", "worker1")
     assert t.hello(b"a", {"role": "worker"}, 1.0) is w0  # a repeated hello is the same sender
     assert t.hello(b"m", {"role": "process"}, 0.0).prefix == ""
+    assert t.live_labels == {"rank0", "rank3", "worker0", "worker1", "main"}
+
+
+@pytest.mark.parametrize("info", [{"role": "admin"}, {"role": "rank", "rank": -1}, {"role": "rank", "rank": "3"},
+                                  {"role": "rank", "rank": True}, {"role": None, "pid": "x", "host": 5}])
+def test_odd_hello_fields_make_a_worker_not_an_error(info):
+    state = table(ranks=4).hello(b"x", info, 0.0)
+    assert (state.role, state.label, state.rank) == ("worker", "worker0", None)
+    assert state.pid is None or isinstance(state.pid, int)
+    assert state.host is None or isinstance(state.host, str)
 
 
 def test_a_single_rank_job_keeps_plain_names():
-    assert rank_hello(table(ranks=1, namespace=False), 0).prefix == ""
+    assert rank_hello(table(ranks=1, namespace=False), 1).prefix == ""
 
 
 def test_duplicates_are_dropped_and_gaps_counted():
@@ -49,29 +62,54 @@ def test_duplicates_are_dropped_and_gaps_counted():
 
 def test_a_silent_sender_is_lost_after_the_timeout_and_only_once():
     t = table(ranks=64, timeout_s=5.0)
-    states = [rank_hello(t, r) for r in range(64)]
+    states = [rank_hello(t, r) for r in range(1, 64)]
     for state in states:
         if state.rank != 17:
             state.last_seen = 4.0
-    assert t.tick(5.5) == [states[17]]
-    assert states[17].state == LOST and "silent" in states[17].reason
+    assert t.tick(5.0) == []  # at the timeout, not yet
+    lost = states[16]
+    assert t.tick(5.01) == [lost] and lost.label == "rank17"
+    assert lost.presence == LOST and "silent" in lost.reason
     assert t.tick(6.0) == []
     assert "rank17" not in t.live_labels and len(t.live_labels) == 63
+    assert t.local.presence == LIVE  # the aggregating process itself never times out
+    assert t.tick(1e9) and t.local.presence == LIVE
+
+
+def test_a_process_seen_gone_is_lost_after_the_grace_unless_it_said_goodbye():
+    t = table(ranks=3, timeout_s=120.0)
+    one, two = rank_hello(t, 1), rank_hello(t, 2)
+    t.process_gone(one, 10.0)
+    t.process_gone(two, 10.0)
+    t.bye(two, "completed")  # its goodbye was still in the socket
+    assert t.tick(10.0 + GONE_GRACE_S / 2) == []
+    assert t.tick(10.0 + GONE_GRACE_S) == [one]
+    assert "ended without closing" in one.reason
+    assert two.presence == DONE
+
+
+def test_a_drained_worker_whose_process_ends_has_done_its_part():
+    t = table(ranks=1)
+    worker = t.hello(b"w", {"role": "worker", "pid": 7}, 0.0)
+    worker.drained = True
+    t.process_gone(worker, 1.0)
+    assert t.tick(1.0 + GONE_GRACE_S) == []
+    assert worker.presence == DONE and worker.exit_status is None
 
 
 def test_bye_ends_a_sender_and_lost_senders_are_not_waited_for():
     t = table(ranks=2)
-    a, b = rank_hello(t, 0), rank_hello(t, 1)
-    t.bye(a, "completed", 1.0)
-    assert a.state == DONE and b.state == LIVE
-    assert t.waiting_for(workers_drained_ok=True) == [b]
+    b = rank_hello(t, 1)
+    t.bye(t.local, "completed")
+    assert t.local.presence == DONE and b.presence == LIVE
+    assert t.waiting_for() == [b]
     t.mark_lost(b, "test")
-    assert t.waiting_for(workers_drained_ok=True) == []
+    assert t.waiting_for() == []
 
 
 def test_ranks_that_never_join_are_given_up_after_the_timeout():
     t = table(ranks=4, timeout_s=5.0)
-    for rank in (0, 1, 3):
+    for rank in (1, 3):
         rank_hello(t, rank)
     assert t.missing_ranks_count() == 1
     assert t.give_up_on_missing_ranks(4.0) == []

@@ -1,0 +1,39 @@
+"""Small helpers shared by several stages; each need has one home here."""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_UNSAFE_IN_FILENAMES = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def drain(buffer: deque[T], limit: int | None = None) -> list[T]:
+    """Pop up to ``limit`` items (default: all there are now) from the left of ``buffer``.
+
+    Safe while other threads append: ``popleft`` is atomic, and items appended meanwhile
+    stay for the next drain."""
+    count = len(buffer) if limit is None else min(limit, len(buffer))
+    popleft = buffer.popleft
+    return [popleft() for _ in range(count)]
+
+
+def safe_filename(text: str, fallback: str = "unknown") -> str:
+    """``text`` with every character but ASCII letters, digits, ``.``, ``_`` and ``-``
+    replaced by ``_``: safe in a file name on any file system, never a path."""
+    safe = _UNSAFE_IN_FILENAMES.sub("_", text)
+    return fallback if safe in ("", ".", "..") else safe
+
+
+def merge_dicts(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` merged into ``base`` (which is changed and returned): nested dicts merge,
+    every other value replaces.  The one rule for run and folder metadata."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = merge_dicts(base[key], value)
+        else:
+            base[key] = value
+    return base

@@ -1,0 +1,504 @@
+"""The aggregator's logic as a state machine: stimuli in, instructions and store batches out.
+
+``AggregatorState`` holds everything one run's aggregation knows: the producers (the local
+one and every sender), the reducer, the alerts, artifacts being put together, who samples
+which node, and the batch that the next commit writes.  It does no socket I/O, starts no
+thread and never sleeps; time comes from an injected ``Clock``.  So hours of a run, with
+many ranks joining, idling, going silent and leaving, are tested in milliseconds
+(tests/unit/test_aggregator_state.py).
+
+The stimuli, each called by the I/O shell (``service.Aggregator``) on its one thread:
+
+* ``receive(sender_id, message)``: a decoded message from a sender;
+* ``bad_frame()``: a frame that failed authentication or decoding;
+* ``local_records(records)``: what the aggregating process itself recorded;
+* ``process_gone(sender_id)``: a sender's process on this node has ended;
+* ``close_local(status)``: the aggregating process closed its part of the run;
+* ``tick()``: the clock moved on (timeouts, waits, plans).
+
+Each returns the instructions for the shell (``Reply``, ``SampleHere``).  ``take_batch()``
+hands over what the next commit writes; ``finish()`` the last batch, with the final status.
+Nothing a sender sends can raise out of ``receive``: a malformed message or record is
+dropped and counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from .._util import merge_dicts
+from ..abort import AbortSignal
+from ..config import Settings
+from ..losses import LossCounter, LossReason
+from ..store import SeriesChunk, StoreBatch
+from ..store.blobs import BlobStore
+from ..transport.protocol import (
+    RECORD_TYPES,
+    AlertRecord,
+    AlertStateRecord,
+    ArtifactChunkRecord,
+    ArtifactRecord,
+    EventRecord,
+    FolderRecord,
+    Message,
+    MessageKind,
+    MetadataRecord,
+    RecordKind,
+    ResourcesRecord,
+    StatusRecord,
+    TagsRecord,
+)
+from ..validation import EVENT_LEVELS, FINAL_STATUSES, RUN_STATUSES
+from .alerts import CRITICAL, AlertEngine, AlertSpec, Transition
+from .artifacts import ArtifactAssembly
+from .instructions import Instruction, Reply
+from .merge import Reducer
+from .sampling import SamplingPlanner
+from .senders import LOST, Producer, SenderState, SenderTable
+
+RUN_HEARTBEAT_INTERVAL_S = 1.0  # how often the run's heartbeat in the store is refreshed
+_METRICS = RecordKind.METRICS
+
+
+class Clock(Protocol):
+    """Where the state reads the time: ``monotonic()`` for intervals and timeouts,
+    ``time()`` (epoch seconds) for what is stored."""
+
+    def monotonic(self) -> float: ...
+
+    def time(self) -> float: ...
+
+
+class SystemClock:
+    monotonic = staticmethod(time.monotonic)
+    time = staticmethod(time.time)
+
+
+class _Reduced:
+    """Stands in for a series in the ingest loop: a point added here goes to the reducer
+    (and, with ``namespace``, to the producer's own series too)."""
+
+    __slots__ = ("also", "clock", "label", "name", "reducer")
+
+    def __init__(self, reducer: Reducer, label: str, name: str, also: SeriesChunk | None, clock: Clock) -> None:
+        self.reducer, self.label, self.name, self.also, self.clock = reducer, label, name, also, clock
+
+    def add(self, step: int, t: float, ts: float, value: float) -> None:
+        self.reducer.add(self.label, self.name, step, t, ts, value, self.clock.monotonic())
+        if self.also is not None:
+            self.also.append(step, t, ts, value)
+
+
+class AggregatorState:
+    """One run's aggregation.  ``run`` is ``{"name", "id", "started"}``; ``local`` is the
+    HELLO fields of the aggregating process (``session._hello``)."""
+
+    def __init__(
+        self,
+        *,
+        run: Mapping[str, Any],
+        settings: Settings,
+        local: Mapping[str, Any],
+        expected_ranks: int,
+        namespace_ranks: bool,
+        blobs: BlobStore,
+        abort: AbortSignal,
+        losses: LossCounter | None = None,
+        clock: Clock | None = None,
+        status: str = "running",
+    ) -> None:
+        self.run = {"name": run["name"], "id": run["id"], "started": run["started"]}
+        self.settings = settings
+        self.clock: Clock = clock or SystemClock()
+        self.losses = losses or LossCounter()
+        self.abort = abort
+        self.table = SenderTable(
+            local=local,
+            expected_ranks=expected_ranks,
+            namespace_ranks=namespace_ranks,
+            timeout_s=settings.sender_timeout_s,
+            losses=self.losses,
+            now=self.clock.monotonic(),
+        )
+        self.host: str = self.table.local.host or ""
+        self.reducer = Reducer(
+            settings.reduce,
+            wait_s=settings.reduce_wait_s,
+            live_labels=self.table.live_labels,
+            missing=self.table.missing_ranks_count,
+            emit=self._emit_reduced,
+            losses=self.losses,
+        )
+        self.alerts = AlertEngine()
+        self.artifacts = ArtifactAssembly(blobs)
+        self.sampling = SamplingPlanner(self.host, settings.resources_interval_s)
+        self._sampling_changed = True
+        self._resource_steps: dict[str, int] = {}
+        self._batch = StoreBatch()
+        local_producer = self.table.local
+        self._batch.metadata = {"simvue": {"processes": {local_producer.label: local_producer.describe()}}}
+        self._status = status  # the latest non-final status
+        self._user_status: str | None = None  # a final status the user set
+        self._closing_since: float | None = None
+        self._abort_announced = False
+        self._last_heartbeat = float("-inf")
+        self.final_status: str | None = None
+        self._control = {
+            RecordKind.EVENT: self._on_event,
+            RecordKind.METADATA: self._on_metadata,
+            RecordKind.TAGS: self._on_tags,
+            RecordKind.STATUS: self._on_status,
+            RecordKind.FOLDER: self._on_folder,
+            RecordKind.ALERT: self._on_alert,
+            RecordKind.ALERT_STATE: self._on_alert_state,
+            RecordKind.ARTIFACT: self._on_artifact,
+            RecordKind.ARTIFACT_CHUNK: self._on_artifact_chunk,
+            RecordKind.RESOURCES: self._on_resources,
+        }
+
+    # -- queries --------------------------------------------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        return self._closing_since is not None
+
+    @property
+    def pending_points(self) -> int:
+        """Metric points waiting for the next commit."""
+        return self._batch.point_count
+
+    def can_finish(self) -> bool:
+        """The local producer has closed and nobody else is to be waited for."""
+        return self.closing and not self.table.missing_ranks_count() and not self.table.waiting_for()
+
+    def only_ranks_left(self) -> bool:
+        """The local producer has closed and every pool worker has drained: what remains
+        are other MPI ranks, which finish the run in their own time."""
+        return self.closing and all(p.role == "rank" for p in self.table.waiting_for())
+
+    def senders_on_this_node(self) -> list[SenderState]:
+        """Live senders on the aggregator's node whose process can be checked by pid."""
+        return [
+            s for s in self.table.live()
+            if s.host == self.host and s.pid is not None and s.created is not None and s.gone_since is None
+        ]
+
+    # -- stimuli --------------------------------------------------------------------------
+
+    def receive(self, sender_id: bytes, message: Message) -> list[Instruction]:
+        """One authenticated message from ``sender_id``; never raises."""
+        try:
+            return self._receive(sender_id, message)
+        except Exception:  # noqa: BLE001 - a signed but malformed message must not end the run
+            self.losses.record(LossReason.BAD_MESSAGE)
+            return []
+
+    def bad_frame(self) -> None:
+        self.losses.record(LossReason.BAD_FRAME)
+
+    def local_records(self, records: Sequence[Any]) -> None:
+        """Records of the aggregating process itself, in the order it made them."""
+        if records:
+            self._ingest(self.table.local, records)
+
+    def process_gone(self, sender_id: bytes) -> None:
+        """The process of ``sender_id`` (on this node) has ended; unless it said goodbye
+        meanwhile, it is lost ``senders.GONE_GRACE_S`` from now."""
+        state = self.table.by_id.get(sender_id)
+        if state is not None:
+            self.table.process_gone(state, self.clock.monotonic())
+
+    def close_local(self, status: str | None) -> list[Instruction]:
+        """The aggregating process has closed its part, with ``status`` (None: no opinion).
+        Pool workers are asked to send what they hold (DRAIN): a pool keeps its workers
+        until it is closed, so the run cannot wait for them to exit."""
+        if self.closing:
+            return []
+        now = self.clock.monotonic()
+        self._closing_since = now
+        self.table.bye(self.table.local, status if status in FINAL_STATUSES else None)
+        out: list[Instruction] = []
+        for state in self.table.live():
+            if state.role == "worker":
+                state.drain_requested_at = now
+                out.append(Reply(state.sender_id, MessageKind.DRAIN, None))
+        return out
+
+    def tick(self) -> list[Instruction]:
+        """Time-driven work: lost senders, ranks that never joined, workers that did not
+        drain, reduced steps that waited long enough, the abort, sampling plans."""
+        now = self.clock.monotonic()
+        for state in self.table.tick(now):
+            self._report_lost(state)
+        for rank in self.table.give_up_on_missing_ranks(now):
+            self._event(f"rank{rank} never joined the run within {self.table.timeout_s:g} s", "error")
+            self._merge_metadata({"simvue": {"lost": {f"rank{rank}": "never joined"}}})
+        if self._closing_since is not None and now - self._closing_since > self.settings.close_timeout_s:
+            for state in self.table.live():
+                if state.role == "worker" and not state.drained:
+                    reason = f"did not drain within {self.settings.close_timeout_s:g} s of the run's end"
+                    if self.table.mark_lost(state, reason):
+                        self._report_lost(state)
+        self.reducer.tick(now)
+        out: list[Instruction] = []
+        if self.abort.is_set and not self._abort_announced:
+            self._abort_announced = True
+            self._event(f"this run was asked to stop: {self.abort.reason}", "warning")
+            out.extend(Reply(s.sender_id, MessageKind.ABORT, None) for s in self.table.live())
+        if self._sampling_changed:
+            self._sampling_changed = False
+            out.extend(self.sampling.plan(self.table.local, self.table.live()))
+        return out
+
+    def take_batch(self, *, final: bool = False) -> StoreBatch:
+        """What the next commit writes (alerts evaluated on it first); a new batch starts."""
+        wall = self.clock.time()
+        if wall - self._last_heartbeat >= RUN_HEARTBEAT_INTERVAL_S:
+            self._last_heartbeat = self._batch.heartbeat = wall
+        if self.alerts.alerts:
+            self._evaluate_alerts(wall, final=final)
+        batch, self._batch = self._batch, StoreBatch()
+        for producer in self.table.producers():
+            producer.series.clear()
+        return batch
+
+    def finish(self, *, crashed: bool = False) -> StoreBatch:
+        """The run's last batch: pending reductions, the final status and what was lost."""
+        self.reducer.finish()
+        for sender_id in self.artifacts.abandon():
+            state = self.table.by_id.get(sender_id)
+            self.losses.record(LossReason.ARTIFACT_FAILED)
+            self._event(f"an artifact from {state.label if state else 'a sender'} never finished arriving", "error")
+        producers = list(self.table.producers())
+        lost = [p.label for p in producers if p.presence is LOST] + [f"rank{r}" for r in self.table.never_joined]
+        statuses = {p.exit_status for p in producers}
+        if self._user_status is not None:
+            status = self._user_status
+        elif crashed or "failed" in statuses or lost:
+            status = "failed"
+        elif "terminated" in statuses:
+            status = "terminated"
+        elif self._status == "created":
+            status = "created"  # never started: it stays ready for Run.reconnect
+        else:
+            status = "completed"
+        self._merge_metadata({"simvue": {"processes": {p.label: p.describe() for p in producers}}})
+        losses = self.losses.snapshot()
+        if losses:
+            self._merge_metadata({"simvue": {"losses": losses}})
+        wall = self.clock.time()
+        self._batch.status = status
+        self._batch.ended = wall
+        self._last_heartbeat = float("-inf")  # the final batch always carries a heartbeat
+        self.final_status = status
+        return self.take_batch(final=True)
+
+    # -- messages -------------------------------------------------------------------------
+
+    def _receive(self, sender_id: bytes, message: Message) -> list[Instruction]:
+        kind, seq, body = message
+        now = self.clock.monotonic()
+        if kind is MessageKind.HELLO:
+            if not isinstance(body, dict):
+                raise ValueError("HELLO body is not a map")
+            state = self.table.hello(sender_id, body, now)
+            self.table.accept(state, seq, now)
+            self._merge_metadata({"simvue": {"processes": {state.label: state.describe()}}})
+            self._sampling_changed = True
+            out: list[Instruction] = [
+                Reply(sender_id, MessageKind.ACK, {"seq": state.last_seq, "closed": False, "run": {**self.run, "label": state.label}})
+            ]
+            if self._abort_announced:
+                out.append(Reply(sender_id, MessageKind.ABORT, None))
+            return out
+        state = self.table.by_id.get(sender_id)
+        if state is None:
+            self.losses.record(LossReason.UNKNOWN_SENDER, len(body) if kind is MessageKind.DATA and isinstance(body, list) else 1)
+            return []
+        if kind is MessageKind.DATA:
+            if not isinstance(body, list):
+                raise ValueError("DATA body is not an array")
+            if self.table.accept(state, seq, now):
+                self._ingest(state, body)
+            return []
+        if kind is MessageKind.HEARTBEAT:
+            state.last_seen = now
+            if state.drain_requested_at is not None:
+                state.drained = True
+            return [self._ack(state)]
+        if kind is MessageKind.BYE:
+            if self.table.accept(state, seq, now) or state.presence is not LOST:
+                body = body if isinstance(body, dict) else {}
+                status = body.get("status")
+                self.table.bye(state, status if status in FINAL_STATUSES else None)
+                self._sampling_changed = True
+                dropped = body.get("dropped")
+                if isinstance(dropped, dict) and dropped:
+                    counts = {str(k): v for k, v in dropped.items() if v.__class__ is int}
+                    self._merge_metadata({"simvue": {"dropped_calls": {state.label: counts}}})
+            return [self._ack(state)]
+        raise ValueError(f"a sender does not send {kind.name}")
+
+    def _ack(self, state: SenderState) -> Reply:
+        return Reply(state.sender_id, MessageKind.ACK, {"seq": state.last_seq, "closed": self.closing})
+
+    # -- records --------------------------------------------------------------------------
+
+    def _ingest(self, producer: Producer, records: Sequence[Any]) -> None:
+        # The per-point work: one cache lookup and four array appends through bound methods.
+        series = producer.series
+        for record in records:
+            try:
+                if record[0] == _METRICS:
+                    _, step, t, ts, values = record
+                    for name, value in values.items():
+                        target = series.get(name)
+                        if target is None:
+                            target = self._series_for(producer, name)
+                        if target.__class__ is tuple:
+                            add_step, add_time, add_timestamp, add_value = target
+                            add_step(step)
+                            add_time(t)
+                            add_timestamp(ts)
+                            add_value(value)
+                        else:
+                            target.add(step, t, ts, value)
+                else:
+                    kind = RecordKind(record[0])
+                    self._control[kind](producer, RECORD_TYPES[kind]._make(record))  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - one bad record must not stop the others
+                self.losses.record(LossReason.BAD_RECORD)
+                for chunk in self._batch.metrics.values():
+                    chunk.repair()
+
+    def _series_for(self, producer: Producer, name: str) -> Any:
+        """The ingest target of ``name`` from ``producer`` until the next commit: the
+        appenders of its namespaced series, or a ``_Reduced``."""
+        if name.__class__ is not str:
+            raise TypeError("a metric name must be a str")
+        ops = self.reducer.ops_for(name)
+        full_name = producer.prefix + name
+        if ops is None:
+            target: Any = self._chunk(full_name).appenders()
+        else:
+            also = self._chunk(full_name) if "namespace" in ops and producer.prefix else None
+            target = _Reduced(self.reducer, producer.label, name, also, self.clock)
+        producer.series[name] = target
+        return target
+
+    def _chunk(self, full_name: str) -> SeriesChunk:
+        chunk = self._batch.metrics.get(full_name)
+        if chunk is None:
+            chunk = self._batch.metrics[full_name] = SeriesChunk()
+        return chunk
+
+    def _emit_reduced(self, name: str, step: int, t: float, ts: float, value: float) -> None:
+        self._chunk(name).append(step, t, ts, value)
+
+    def _on_event(self, producer: Producer, record: EventRecord) -> None:
+        _require(isinstance(record.message, str) and record.level in EVENT_LEVELS, "an event")
+        message = f"[{producer.label}] {record.message}" if producer.prefix else record.message
+        self._batch.events.append((float(record.timestamp), message, record.level))
+
+    def _on_metadata(self, producer: Producer, record: MetadataRecord) -> None:
+        _require(isinstance(record.metadata, dict), "metadata")
+        self._merge_metadata(record.metadata)
+
+    def _on_tags(self, producer: Producer, record: TagsRecord) -> None:
+        _require(isinstance(record.tags, list) and all(isinstance(t, str) for t in record.tags), "tags")
+        self._batch.tags.extend(record.tags)
+
+    def _on_status(self, producer: Producer, record: StatusRecord) -> None:
+        _require(record.status in RUN_STATUSES, "a status")
+        if record.status in FINAL_STATUSES:
+            self._user_status = record.status
+        else:
+            self._batch.status = self._status = record.status
+
+    def _on_folder(self, producer: Producer, record: FolderRecord) -> None:
+        _require(
+            isinstance(record.path, str)
+            and isinstance(record.metadata, (dict, type(None)))
+            and isinstance(record.tags, (list, type(None)))
+            and isinstance(record.description, (str, type(None))),
+            "folder details",
+        )
+        self._batch.folders.append((record.path, record.metadata, record.tags, record.description))
+
+    def _on_alert(self, producer: Producer, record: AlertRecord) -> None:
+        spec = AlertSpec.from_dict(record.definition)
+        if self.alerts.add(spec, self.clock.time()):
+            self._batch.alerts[spec.name] = self._alert_row(spec.name)
+
+    def _on_alert_state(self, producer: Producer, record: AlertStateRecord) -> None:
+        change = self.alerts.set_status(record.name, record.status, self.clock.time())
+        if change is not None:
+            self._on_alert_change(change)
+
+    def _on_artifact_chunk(self, producer: Producer, record: ArtifactChunkRecord) -> None:
+        assert isinstance(producer, SenderState), "the local producer stores its artifacts directly"
+        self.artifacts.chunk(producer.sender_id, record.transfer, record.offset, record.data)
+
+    def _on_artifact(self, producer: Producer, record: ArtifactRecord) -> None:
+        name = producer.prefix + str(record.info["name"])
+        sender_id = producer.sender_id if isinstance(producer, SenderState) else b""
+        row, problem = self.artifacts.complete(sender_id, name, record.info)
+        if row is not None:
+            self._batch.artifacts.append(row)
+        else:
+            self.losses.record(LossReason.ARTIFACT_FAILED)
+            self._event(f"artifact {name!r} from {producer.label} was not saved: {problem}", "error")
+
+    def _on_resources(self, producer: Producer, record: ResourcesRecord) -> None:
+        host = str(record.host)
+        step = self._resource_steps.get(host, 0)
+        self._resource_steps[host] = step + 1
+        t, ts = float(record.time), float(record.timestamp)
+        for name, value in record.values.items():
+            if isinstance(name, str) and name.startswith("resources/"):
+                self._chunk(name).append(step, t, ts, float(value))
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _event(self, message: str, level: str) -> None:
+        self._batch.events.append((self.clock.time(), message, level))
+
+    def _merge_metadata(self, update: Mapping[str, Any]) -> None:
+        self._batch.metadata = merge_dicts(self._batch.metadata, dict(update))
+
+    def _report_lost(self, state: SenderState) -> None:
+        self._sampling_changed = True
+        self._event(f"{state.label} (pid {state.pid} on {state.host}) lost: {state.reason}", "error")
+        self._merge_metadata(
+            {"simvue": {"lost": {state.label: state.reason}, "processes": {state.label: state.describe()}}}
+        )
+
+    def _alert_row(self, name: str) -> dict[str, Any]:
+        alert = self.alerts.alerts[name]
+        return {"definition": alert.spec.to_dict(), "status": alert.status, "fired_at": alert.fired_at}
+
+    def _evaluate_alerts(self, wall: float, *, final: bool) -> None:
+        """Feed the batch about to be committed to the alerts, then evaluate those due."""
+        batch = self._batch
+        for metric in self.alerts.watched_metrics:
+            chunk = batch.metrics.get(metric)
+            if chunk:
+                self.alerts.observe_values(metric, chunk.values)
+        for _, message, _ in batch.events:
+            self.alerts.observe_event(message)
+        for change in self.alerts.evaluate(wall, final=final):
+            self._on_alert_change(change)
+
+    def _on_alert_change(self, change: Transition) -> None:
+        level = "error" if change.status == CRITICAL else "info"
+        self._batch.events.append((change.at, change.message(), level))
+        self._batch.alerts[change.spec.name] = self._alert_row(change.spec.name)
+        if change.status == CRITICAL and change.spec.trigger_abort:
+            self.abort.request(f"alert {change.spec.name!r} is critical")
+
+
+def _require(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(f"malformed {what} record")
