@@ -118,6 +118,8 @@ class SenderTable:
             label = f"rank{rank}"
             prefix = f"{label}/" if self.namespace_ranks else ""
             self.ranks_seen.add(rank)
+            if rank in self.never_joined:  # given up on, but here after all
+                self.never_joined.remove(rank)
         elif role == "process":
             label, prefix, rank = "main", "", None
         else:

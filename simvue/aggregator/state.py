@@ -303,7 +303,12 @@ class AggregatorState:
         if kind is MessageKind.HELLO:
             if not isinstance(body, dict):
                 raise ValueError("HELLO body is not a map")
+            given_up = len(self.table.never_joined)
             state = self.table.hello(sender_id, body, now)
+            if len(self.table.never_joined) < given_up:
+                hours = (now - self.table.started) / 3600
+                self._event(f"{state.label} joined the run after all, {hours:.2f} h after it started", "warning")
+                self._merge_metadata({"simvue": {"lost": {state.label: None}}})
             self.table.accept(state, seq, now)
             self._merge_metadata({"simvue": {"processes": {state.label: state.describe()}}})
             self._sampling_changed = True

@@ -1,0 +1,362 @@
+"""The aggregator's state machine over simulated hours: an injected clock, messages as a
+sender would send them, and the store batches it hands out, with no socket, thread or
+sleep.  A 10-hour, 64-rank run takes well under a second here."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+
+from simvue.abort import AbortSignal
+from simvue.aggregator.instructions import Reply, SampleHere
+from simvue.aggregator.senders import GONE_GRACE_S, LIVE, LOST
+from simvue.aggregator.state import RUN_HEARTBEAT_INTERVAL_S, AggregatorState
+from simvue.config import Settings
+from simvue.store.blobs import BlobStore
+from simvue.transport.protocol import Message, MessageKind, RecordKind
+
+HOUR = 3600.0
+TIMEOUT_S = 120.0
+WALL0 = 1_700_000_000.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def time(self) -> float:
+        return WALL0 + self.t
+
+
+class Sim:
+    """A run's aggregator state and what it wrote, driven by hand."""
+
+    def __init__(self, tmp_path, *, ranks: int = 64, **settings) -> None:
+        self.clock = FakeClock()
+        self.abort = AbortSignal()
+        self.settings = Settings(sender_timeout_s=TIMEOUT_S, resources_interval_s=0.0).replace(**settings)
+        self.state = AggregatorState(
+            run={"name": "sim", "id": "run-id", "started": WALL0},
+            settings=self.settings,
+            local={"role": "rank", "rank": 0, "pid": 1000, "host": "node0"},
+            expected_ranks=ranks,
+            namespace_ranks=ranks > 1,
+            blobs=BlobStore(tmp_path / "blobs"),
+            abort=self.abort,
+            clock=self.clock,
+        )
+        self.seq: Counter[bytes] = Counter()
+        self.points: Counter[str] = Counter()
+        self.events: list[tuple[float, str, str]] = []
+        self.metadata: dict = {}
+        self.statuses: list[str] = []
+        self.heartbeats: list[float] = []
+        self.replies: list = []
+
+    # -- what senders do ------------------------------------------------------------------
+
+    def send(self, sender: bytes, kind: MessageKind, body=None, *, new_seq: bool = True):
+        if new_seq:
+            self.seq[sender] += 1
+        out = self.state.receive(sender, Message(kind, self.seq[sender], body))
+        self.replies.extend(out)
+        return out
+
+    def hello(self, rank: int | None, host: str = "node0", role: str = "rank") -> bytes:
+        sender = f"rank{rank}".encode() if rank is not None else f"w{len(self.seq)}".encode()
+        self.send(sender, MessageKind.HELLO, {"role": role, "rank": rank, "pid": 2000 + len(self.seq), "host": host})
+        return sender
+
+    def log(self, sender: bytes, step: int, values: dict) -> None:
+        record = [RecordKind.METRICS, step, self.clock.t, self.clock.time(), values]
+        self.send(sender, MessageKind.DATA, [record])
+
+    def heartbeat(self, sender: bytes) -> None:
+        self.send(sender, MessageKind.HEARTBEAT, new_seq=False)
+
+    def bye(self, sender: bytes, status=None) -> None:
+        self.send(sender, MessageKind.BYE, {"status": status, "dropped": {}})
+
+    # -- what the shell does --------------------------------------------------------------
+
+    def advance(self, seconds: float, tick_every_s: float = 5.0, *, alive: tuple[bytes, ...] = ()) -> None:
+        """Let time pass, ticking and committing as the shell would (coarser ticks); the
+        ``alive`` senders send a heartbeat every 30 s, as an idle sender does."""
+        start, ticks = self.clock.t, max(1, round(seconds / tick_every_s))
+        for k in range(1, ticks + 1):
+            self.clock.t = start + k * tick_every_s  # no drift from adding up steps
+            if alive and int((self.clock.t - tick_every_s) // 30) != int(self.clock.t // 30):
+                for sender in alive:
+                    self.heartbeat(sender)
+            self.replies.extend(self.state.tick())
+            self.commit()
+
+    def commit(self, batch=None) -> None:
+        batch = batch or self.state.take_batch()
+        for name, chunk in batch.metrics.items():
+            self.points[name] += len(chunk)
+        self.events.extend(batch.events)
+        if batch.metadata:
+            from simvue._util import merge_dicts
+
+            merge_dicts(self.metadata, batch.metadata)
+        if batch.status:
+            self.statuses.append(batch.status)
+        if batch.heartbeat:
+            self.heartbeats.append(batch.heartbeat)
+
+    def finish(self) -> str:
+        self.replies.extend(self.state.close_local(None))
+        self.commit(self.state.finish())
+        return self.state.final_status
+
+    def lost_events(self) -> list[str]:
+        return [message for _, message, _ in self.events if " lost: " in message]
+
+
+def test_a_ten_hour_run_of_64_ranks_that_log_in_bursts_and_idle_ends_completed(tmp_path):
+    """Every hour each rank logs a burst of 100 steps in a minute, then idles, sending only
+    heartbeats every 30 s (a quarter of the timeout).  Rank 0 (the aggregator's own process)
+    logs with its burst and is otherwise silent for hours: it is not a sender, it cannot
+    go silent."""
+    sim = Sim(tmp_path)
+    senders = [sim.hello(rank) for rank in range(1, 64)]
+    step = 0
+    for hour in range(10):
+        for _ in range(100):
+            sim.clock.t += 0.6
+            for sender in senders:
+                sim.log(sender, step, {"loss": 1.0 / (step + 1), "energy": float(step)})
+            sim.state.local_records([(RecordKind.METRICS, step, sim.clock.t, sim.clock.time(), {"loss": 0.5})])
+            sim.commit()
+            step += 1
+        sim.advance((hour + 1) * HOUR - sim.clock.t, alive=tuple(senders))
+    assert sim.clock.t == pytest.approx(10 * HOUR)
+    assert sim.lost_events() == []
+    assert all(state.presence == LIVE for state in sim.state.table.by_id.values())
+    assert sim.state.table.local.presence == LIVE
+    for sender in senders:
+        sim.bye(sender, "completed")
+    assert sim.finish() == "completed"
+    assert sim.statuses[-1] == "completed"
+    assert sim.points["rank0/loss"] == 1000
+    for rank in range(1, 64):
+        assert sim.points[f"rank{rank}/loss"] == 1000 and sim.points[f"rank{rank}/energy"] == 1000
+    assert sum(sim.points.values()) == 1000 + 63 * 2000
+    processes = sim.metadata["simvue"]["processes"]
+    assert len(processes) == 64 and {p["state"] for p in processes.values()} == {"done"}
+    assert "losses" not in sim.metadata["simvue"] and "lost" not in sim.metadata["simvue"]
+    # The run's heartbeat in the store was refreshed all along (at most one interval apart
+    # between the shell's commits, here one every 5 simulated seconds).
+    gaps = [b - a for a, b in zip(sim.heartbeats, sim.heartbeats[1:])]
+    assert len(sim.heartbeats) > 7000 and max(gaps) <= 5.0 + RUN_HEARTBEAT_INTERVAL_S
+
+
+def test_a_rank_that_goes_silent_is_lost_at_its_timeout_and_no_sooner(tmp_path):
+    sim = Sim(tmp_path, ranks=4)
+    senders = {rank: sim.hello(rank) for rank in (1, 2, 3)}
+    sim.advance(2 * HOUR, alive=tuple(senders.values()))  # two hours, every rank alive
+    silent_since = sim.clock.t
+    sim.heartbeat(senders[2])  # its last word
+    sim.advance(TIMEOUT_S, tick_every_s=0.125, alive=(senders[1], senders[3]))
+    assert sim.clock.t == silent_since + TIMEOUT_S
+    assert sim.lost_events() == []  # exactly at the timeout: not yet lost
+    sim.advance(0.125, tick_every_s=0.125)
+    assert len(sim.lost_events()) == 1 and "rank2" in sim.lost_events()[0]
+    assert "silent for more than 120 s" in sim.lost_events()[0]
+    for rank in (1, 3):
+        sim.bye(senders[rank])
+    assert sim.state.can_finish() is False  # the local producer has not closed yet
+    assert sim.finish() == "failed"
+    assert sim.metadata["simvue"]["lost"] == {"rank2": "silent for more than 120 s"}
+    assert sim.metadata["simvue"]["processes"]["rank2"]["state"] == "lost"
+
+
+def test_a_lost_rank_that_speaks_again_is_still_recorded(tmp_path):
+    sim = Sim(tmp_path, ranks=2)
+    sender = sim.hello(1)
+    sim.advance(TIMEOUT_S + 5)
+    assert sim.lost_events()
+    sim.log(sender, 0, {"x": 1.0})  # its data still counts
+    sim.bye(sender)
+    sim.finish()
+    assert sim.points["rank1/x"] == 1
+
+
+def test_a_late_joiner_at_hour_three_and_a_rank_given_up_that_comes_after_all(tmp_path):
+    sim = Sim(tmp_path, ranks=4)
+    one, two = sim.hello(1), sim.hello(2)
+    sim.advance(TIMEOUT_S + 5, alive=(one, two))
+    assert any("rank3 never joined" in message for _, message, _ in sim.events)
+    assert sim.state.table.missing_ranks_count() == 0
+    sim.advance(3 * HOUR - sim.clock.t, alive=(one, two))
+    worker = sim.hello(None, role="worker")  # a helper process started at hour 3
+    three = sim.hello(3)  # and the rank that was given up on
+    sim.commit()
+    assert any("rank3 joined the run after all, 3.0" in message for _, message, _ in sim.events)
+    for step in range(10):
+        for sender in (one, two, three, worker):
+            sim.log(sender, step, {"x": float(step)})
+    sim.advance(60.0, alive=(one, two, three, worker))
+    for sender in (one, two, three, worker):
+        sim.bye(sender)
+    assert sim.finish() == "completed"
+    assert sim.points["rank3/x"] == sim.points["worker0/x"] == 10
+    assert sim.metadata["simvue"]["lost"] == {"rank3": None}
+    assert sim.lost_events() == []
+
+
+def test_a_process_on_this_node_that_ends_is_lost_within_the_grace_remote_ones_by_timeout(tmp_path):
+    sim = Sim(tmp_path, ranks=3)
+    here = sim.hello(1, host="node0")
+    there = sim.hello(2, host="node1")
+    sim.state.table.by_id[here].created = 1.0
+    sim.state.table.by_id[there].created = 1.0
+    assert [s.sender_id for s in sim.state.senders_on_this_node()] == [here]
+    sim.advance(HOUR, alive=(here, there))  # quiet but alive: heartbeats
+    sim.state.process_gone(here)
+    sim.advance(GONE_GRACE_S / 2, tick_every_s=0.1)
+    assert sim.lost_events() == []
+    sim.advance(GONE_GRACE_S / 2 + 0.1, tick_every_s=0.1)
+    assert len(sim.lost_events()) == 1 and "rank1" in sim.lost_events()[0]
+    assert "ended without closing" in sim.lost_events()[0]
+    sim.bye(there)
+    assert sim.finish() == "failed"
+
+
+def test_the_aggregating_process_alone_never_times_out(tmp_path):
+    sim = Sim(tmp_path, ranks=1)
+    sim.advance(24 * HOUR, tick_every_s=60.0)
+    sim.state.local_records([(RecordKind.METRICS, 0, sim.clock.t, sim.clock.time(), {"x": 1.0})])
+    assert sim.finish() == "completed"
+    assert sim.lost_events() == [] and sim.points["x"] == 1
+
+
+@pytest.mark.parametrize(
+    "kind, body",
+    [
+        (MessageKind.DATA, 7),
+        (MessageKind.DATA, {"not": "a list"}),
+        (MessageKind.HELLO, [1, 2]),
+        (MessageKind.ACK, None),  # senders never send this
+        (MessageKind.DATA, [None, 5, "x", [], [99], [RecordKind.METRICS], [RecordKind.EVENT, "t", 5, "info"],
+                            [RecordKind.METRICS, "s", 0.0, 0.0, {"y": 1.0}], [RecordKind.METRICS, 0, 0.0, 0.0, {7: 1.0}],
+                            [RecordKind.METRICS, 2**64, 0.0, 0.0, {"y": 1.0}], [RecordKind.METRICS, 0, 0.0, 0.0, {"y": "z"}],
+                            [RecordKind.METRICS, 0, 0.0, 0.0, {"y": 10**400}], [RecordKind.TAGS, "abc"],
+                            [RecordKind.STATUS, "exploded"], [RecordKind.METADATA, [1]],
+                            [RecordKind.FOLDER, "/f", 3, None, None], [RecordKind.ALERT, {"name": 5}],
+                            [RecordKind.RESOURCES, "h", 0.0, 0.0, {"resources/x": "NaN?"}]]),
+    ],
+)
+def test_a_signed_but_malformed_message_is_dropped_and_counted_and_the_run_goes_on(tmp_path, kind, body):
+    sim = Sim(tmp_path, ranks=2)
+    sender = sim.hello(1)
+    assert all(reply.kind == MessageKind.ACK for reply in sim.send(sender, kind, body))
+    sim.log(sender, 0, {"good": 2.0})
+    sim.bye(sender)
+    assert sim.finish() == "completed"
+    losses = sim.metadata["simvue"]["losses"]
+    assert losses.get("bad_message", 0) + losses.get("bad_record", 0) >= 1
+    assert sim.points["rank1/good"] == 1
+    assert "rank1/y" not in sim.points or sim.points["rank1/y"] == 0
+    assert "abc" not in sim.metadata.get("tags", [])
+
+
+def test_reduced_steps_wait_for_every_live_rank_but_not_past_the_wait(tmp_path):
+    sim = Sim(tmp_path, ranks=3, reduce={"loss": ["mean", "max"]}, reduce_wait_s=10.0)
+    one, two = sim.hello(1), sim.hello(2)
+    sim.state.local_records([(RecordKind.METRICS, 0, 0.0, WALL0, {"loss": 1.0})])
+    sim.log(one, 0, {"loss": 2.0})
+    sim.commit()
+    assert sim.points["loss.mean"] == 0  # rank 2 has not reported step 0
+    sim.log(two, 0, {"loss": 6.0})
+    sim.commit()
+    assert sim.points["loss.mean"] == 1 and sim.points["loss.count"] == 1
+    sim.state.local_records([(RecordKind.METRICS, 1, 0.0, WALL0, {"loss": 1.0})])
+    sim.advance(9.0, tick_every_s=1.0)
+    assert sim.points["loss.mean"] == 1  # step 1 still waits for ranks 1 and 2
+    sim.advance(2.0, tick_every_s=1.0)
+    assert sim.points["loss.mean"] == 2
+    sim.log(one, 1, {"loss": 3.0})  # too late: counted
+    for sender in (one, two):
+        sim.bye(sender)
+    sim.finish()
+    assert sim.metadata["simvue"]["losses"] == {"late_step": 1}
+
+
+def test_an_abort_is_announced_to_every_live_sender_and_to_later_joiners(tmp_path):
+    sim = Sim(tmp_path, ranks=3)
+    one, two = sim.hello(1), sim.hello(2)
+    sim.bye(two)
+    sim.abort.request("the server asked this run to stop")
+    sim.replies.clear()
+    sim.advance(0.1, tick_every_s=0.1)
+    assert [r for r in sim.replies if r.kind == MessageKind.ABORT] == [Reply(one, MessageKind.ABORT, None)]
+    late = sim.hello(None, role="worker")
+    assert Reply(late, MessageKind.ABORT, None) in sim.replies
+    assert any("asked to stop: the server asked" in message for _, message, _ in sim.events)
+
+
+def test_a_critical_alert_that_asks_for_it_raises_the_abort(tmp_path):
+    sim = Sim(tmp_path, ranks=1)
+    alert = {"name": "hot", "source": "metrics", "rule": "is above", "metric": "t", "threshold": 10.0,
+             "frequency_s": 60.0, "window": 2, "trigger_abort": True}
+    sim.state.local_records([(RecordKind.ALERT, alert)])
+    for minute in range(4):
+        sim.state.local_records([(RecordKind.METRICS, minute, sim.clock.t, sim.clock.time(), {"t": 50.0})])
+        sim.advance(60.0, tick_every_s=60.0)
+    assert sim.abort.is_set and "hot" in sim.abort.reason
+
+
+def test_workers_are_asked_to_drain_and_those_that_do_not_are_lost_after_the_close_timeout(tmp_path):
+    sim = Sim(tmp_path, ranks=1, close_timeout_s=30.0)
+    drained, stuck = sim.hello(None, role="worker"), sim.hello(None, role="worker")
+    sim.advance(2 * HOUR, alive=(drained, stuck))
+    out = sim.state.close_local("completed")
+    assert sorted(r.sender_id for r in out if r.kind == MessageKind.DRAIN) == sorted([drained, stuck])
+    sim.heartbeat(drained)  # its answer to DRAIN: everything sent
+    assert not sim.state.can_finish()
+    sim.advance(29.0, tick_every_s=1.0, alive=(stuck,))  # alive, but never drains
+    assert sim.lost_events() == [] and not sim.state.can_finish()
+    sim.advance(2.0, tick_every_s=1.0)
+    assert len(sim.lost_events()) == 1 and "did not drain within 30 s" in sim.lost_events()[0]
+    assert sim.state.can_finish()
+    sim.commit(sim.state.finish())
+    assert sim.state.final_status == "failed"
+
+
+def test_the_local_node_is_sampled_here_and_each_other_node_by_its_lowest_rank(tmp_path):
+    sim = Sim(tmp_path, ranks=5, resources_interval_s=5.0)
+    sim.hello(1, host="node0")
+    for rank in (4, 3, 2):
+        sim.hello(rank, host="node1")
+    sim.replies.clear()
+    sim.advance(0.1, tick_every_s=0.1)
+    here = [r for r in sim.replies if isinstance(r, SampleHere)]
+    assert [p.label for p in here[-1].processes] == ["rank0", "rank1"]
+    plans = [r for r in sim.replies if isinstance(r, Reply) and r.kind == MessageKind.SAMPLE]
+    assert [p.sender_id for p in plans] == [b"rank2"]
+    assert [p[0] for p in plans[0].body["processes"]] == ["rank2", "rank3", "rank4"]
+    sim.bye(b"rank2")
+    sim.replies.clear()
+    sim.advance(0.1, tick_every_s=0.1)
+    plans = [r for r in sim.replies if isinstance(r, Reply) and r.kind == MessageKind.SAMPLE]
+    assert [(p.sender_id, bool(p.body)) for p in plans] == [(b"rank2", False), (b"rank3", True)]
+
+
+def test_resource_steps_are_numbered_per_host(tmp_path):
+    sim = Sim(tmp_path, ranks=2)
+    sender = sim.hello(1, host="node1")
+    for i in range(3):
+        sim.send(sender, MessageKind.DATA, [[RecordKind.RESOURCES, "node1", float(i), WALL0, {"resources/x": 1.0}]])
+    sim.state.local_records([(RecordKind.RESOURCES, "node0", 0.0, WALL0, {"resources/y": 2.0, "other": 3.0})])
+    batch = sim.state.take_batch()
+    assert list(batch.metrics["resources/x"].steps) == [0, 1, 2]
+    assert list(batch.metrics["resources/y"].steps) == [0]
+    assert "other" not in batch.metrics
+    assert not any(math.isnan(v) for v in batch.metrics["resources/x"].values)
