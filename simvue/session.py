@@ -36,7 +36,7 @@ from typing import Any, Protocol
 from . import lifecycle
 from ._util import drain, safe_filename
 from .abort import AbortSignal
-from .aggregator.liveness import own_start_time
+from .aggregator.liveness import own_start_time, pid_namespace
 from .aggregator.receiver import Binding
 from .aggregator.service import Aggregator
 from .api.config import ServerConfig
@@ -501,6 +501,7 @@ def _hello(topology: Topology, role: str, started: float | None) -> dict[str, An
         "python": platform.python_version(),
         "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "created": own_start_time(),
+        "pid_namespace": pid_namespace(),
     }
 
 

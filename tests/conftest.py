@@ -1,7 +1,16 @@
-"""Shared fixtures: an isolated store per test, and helpers to read runs back."""
+"""Shared fixtures: an isolated store per test, helpers to read runs back, and the rule for
+tests of time: a run longer than every timeout.
+
+Real jobs run for hours, so every timeout and interval gets a test that lasts several
+multiples of it.  Such a test takes the ``scaled_timeouts`` fixture: every timeout scaled
+down (``SCALED_TIMEOUTS``, as environment variables for the processes it starts), and a
+check, when the test ends, that it lasted at least ``OUTLIVES`` times the longest of them.
+State logic is tested over simulated hours with an injected clock
+(tests/unit/test_aggregator_state.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +24,11 @@ from simvue.cli import export_run
 from simvue.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Tests of an optional extra skip cleanly where it is not installed.
+needs_server = pytest.mark.skipif(
+    importlib.util.find_spec("fastapi") is None, reason='the server extra is not installed: pip install "simvue[server]"'
+)
 
 
 @pytest.fixture(autouse=True)
@@ -33,6 +47,32 @@ def _isolated(tmp_path_factory, monkeypatch):
     # tests/test_resources.py covers the default.
     monkeypatch.setenv("SIMVUE_RESOURCES_INTERVAL_S", "0")
     yield
+
+
+# Every timeout and interval of a run, scaled down; the longest is LONGEST_TIMEOUT_S.
+SCALED_TIMEOUTS = {
+    "SIMVUE_SENDER_TIMEOUT_S": "2",
+    "SIMVUE_HEARTBEAT_INTERVAL_S": "0.4",
+    "SIMVUE_RUN_HEARTBEAT_TIMEOUT_S": "2",
+    "SIMVUE_REDUCE_WAIT_S": "1",
+    "SIMVUE_CLOSE_TIMEOUT_S": "2",
+    "SIMVUE_RESOURCES_INTERVAL_S": "1",
+}
+LONGEST_TIMEOUT_S = 2.0
+OUTLIVES = 5
+
+
+@pytest.fixture
+def scaled_timeouts():
+    """The environment of a run whose every timeout is scaled down; the test must last at
+    least ``OUTLIVES`` times the longest one, or it fails at teardown."""
+    started = time.monotonic()
+    yield dict(SCALED_TIMEOUTS)
+    lasted = time.monotonic() - started
+    assert lasted >= OUTLIVES * LONGEST_TIMEOUT_S, (
+        f"a scaled-timeout test must outlive its timeouts {OUTLIVES}x: it lasted {lasted:.1f} s,"
+        f" the longest timeout is {LONGEST_TIMEOUT_S:g} s"
+    )
 
 
 @pytest.fixture

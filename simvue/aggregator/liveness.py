@@ -1,13 +1,20 @@
 """Seeing at once that a process on the aggregator's node has ended.
 
-A sender on another node is lost only after ``sender_timeout_s`` of silence.  On the
-aggregator's own node there is no need to wait: a rank that calls ``os._exit`` or dies of a
-signal is seen here within ``PROBE_INTERVAL_S``, by its pid and its start time (so a pid
-reused by a new process is not mistaken for it).  A zombie counts as ended.
+A sender elsewhere is lost only after ``sender_timeout_s`` of silence.  A sender whose pid
+the aggregator can see needs no such wait: a rank that calls ``os._exit`` or dies of a
+signal is seen within ``PROBE_INTERVAL_S``, by its pid and its start time (so a pid reused by
+a new process is not mistaken for it); a zombie counts as ended.
+
+Which pids the aggregator can see is not a matter of host names (two nodes may share one,
+containers may hide each other's processes): every HELLO carries ``pid_namespace()``, the
+machine's boot id and the process's pid namespace, and only senders with the aggregator's
+own are checked.  Elsewhere than Linux there is no such id, and every sender keeps the
+heartbeat timeout.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import psutil
@@ -16,27 +23,17 @@ from .senders import SenderState
 
 PROBE_INTERVAL_S = 0.5
 _CREATED_TOLERANCE_S = 0.05
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
-class LivenessProbe:
-    """Which senders' processes have ended.  A sender is checked only once its process has
-    been seen running here: a pid that was never visible (another pid namespace, a host
-    with the same name) says nothing, and that sender keeps the heartbeat timeout."""
-
-    def __init__(self) -> None:
-        self._seen: set[bytes] = set()
-
-    def ended(self, senders: Iterable[SenderState]) -> list[SenderState]:
-        out = []
-        for state in senders:
-            assert state.pid is not None and state.created is not None
-            running = process_running(state.pid, state.created)
-            if running:
-                self._seen.add(state.sender_id)
-            elif state.sender_id in self._seen:
-                self._seen.discard(state.sender_id)
-                out.append(state)
-        return out
+def ended(senders: Iterable[SenderState]) -> list[SenderState]:
+    """Those of ``senders`` (each with a pid and a start time) whose process has ended."""
+    out = []
+    for state in senders:
+        assert state.pid is not None and state.created is not None
+        if not process_running(state.pid, state.created):
+            out.append(state)
+    return out
 
 
 def process_running(pid: int, created: float) -> bool:
@@ -56,4 +53,14 @@ def own_start_time() -> float | None:
     try:
         return psutil.Process().create_time()
     except (psutil.Error, OSError):
+        return None
+
+
+def pid_namespace() -> str | None:
+    """An id shared by exactly the processes that see the same pids: the boot id of the
+    machine and the inode of the pid namespace (Linux); None where there is none."""
+    try:
+        with open(_BOOT_ID) as boot:
+            return f"{boot.read().strip()}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
         return None

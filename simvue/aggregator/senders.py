@@ -52,6 +52,7 @@ class Producer:
     pid: int | None
     host: str | None
     cuda: str | None = None  # its CUDA_VISIBLE_DEVICES, for the node's resource sampler
+    pid_namespace: str | None = None  # whose pids it shares (see ``liveness.pid_namespace``)
     presence: Presence = LIVE
     exit_status: str | None = None  # the final status it reported with its goodbye
     reason: str | None = None  # why it was lost
@@ -135,6 +136,7 @@ class SenderTable:
             "pid": _int_or_none(info.get("pid")),
             "host": info.get("host") if isinstance(info.get("host"), str) else None,
             "cuda": info.get("cuda") if isinstance(info.get("cuda"), str) else None,
+            "pid_namespace": info.get("pid_namespace") if isinstance(info.get("pid_namespace"), str) else None,
         }
 
     def hello(self, sender_id: bytes, info: Mapping[str, Any], now: float) -> SenderState:

@@ -33,7 +33,7 @@ from ..store import Store, StoreBatch
 from ..transport.protocol import BadFrame
 from ..transport.rendezvous import AggregatorAddress
 from .instructions import Instruction, Reply, SampleHere
-from .liveness import PROBE_INTERVAL_S, LivenessProbe
+from . import liveness
 from .receiver import Binding, Receiver
 from .state import AggregatorState, Clock, SystemClock
 
@@ -100,7 +100,6 @@ class Aggregator:
             status=run.get("status", "running"),
         )
         self._receiver = Receiver(key, binding or Binding())
-        self._probe = LivenessProbe()
         self._sampler: NodeSampling | None = None
         if settings.resources_interval_s > 0:
             local = self.state.table.local
@@ -214,16 +213,16 @@ class Aggregator:
         now = clock.monotonic()
         next_commit = now + settings.commit_interval_s
         next_tick = now
-        next_probe = now + PROBE_INTERVAL_S
+        next_probe = now + liveness.PROBE_INTERVAL_S
         while True:
             if self._receiver.poll(poll_ms):
                 self._read_messages(next_commit)
             state.local_records(drain(self.local_buffer))
             now = clock.monotonic()
             if now >= next_probe:
-                for sender in self._probe.ended(state.senders_on_this_node()):
+                for sender in liveness.ended(state.senders_to_probe()):
                     state.process_gone(sender.sender_id)
-                next_probe = now + PROBE_INTERVAL_S
+                next_probe = now + liveness.PROBE_INTERVAL_S
             if now >= next_tick:
                 self._carry_out(state.tick())
                 next_tick = now + TICK_INTERVAL_S

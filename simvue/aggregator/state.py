@@ -178,11 +178,14 @@ class AggregatorState:
         are other MPI ranks, which finish the run in their own time."""
         return self.closing and all(p.role == "rank" for p in self.table.waiting_for())
 
-    def senders_on_this_node(self) -> list[SenderState]:
-        """Live senders on the aggregator's node whose process can be checked by pid."""
+    def senders_to_probe(self) -> list[SenderState]:
+        """Live senders whose process the aggregator can check by pid: those that share its
+        pid namespace (``liveness``) and are not yet known to have ended."""
+        namespace = self.table.local.pid_namespace
         return [
             s for s in self.table.live()
-            if s.host == self.host and s.pid is not None and s.created is not None and s.gone_since is None
+            if namespace is not None and s.pid_namespace == namespace and s.pid is not None and s.created is not None
+            and s.gone_since is None
         ]
 
     # -- stimuli --------------------------------------------------------------------------

@@ -20,9 +20,10 @@ Kinds, sender -> aggregator:
 =========  =============================================================================
 HELLO      body: map {rank, size, local_rank, pid, host, role: "rank"|"worker"|"process",
            started: epoch s, python, cuda: CUDA_VISIBLE_DEVICES|nil, created: the
-           process's start time (epoch s, as psutil reads it)|nil}.  First message of
-           every sender.  ``created`` lets the aggregator see at once that a process on
-           its own node has ended (see ``simvue.aggregator.liveness``).
+           process's start time (epoch s, as psutil reads it)|nil, pid_namespace:
+           boot id/pid namespace|nil}.  First message of every sender.  ``created`` and
+           ``pid_namespace`` let the aggregator see at once that a process whose pid it
+           can see has ended (see ``simvue.aggregator.liveness``).
 DATA       body: array of records (below), in the order the process produced them.
 HEARTBEAT  body: nil.  Sent when a sender has had nothing else to send for one heartbeat
            interval; the aggregator answers with ACK.

@@ -43,7 +43,7 @@ class Sim:
         self.state = AggregatorState(
             run={"name": "sim", "id": "run-id", "started": WALL0},
             settings=self.settings,
-            local={"role": "rank", "rank": 0, "pid": 1000, "host": "node0"},
+            local={"role": "rank", "rank": 0, "pid": 1000, "host": "node0", "pid_namespace": "boot0/1"},
             expected_ranks=ranks,
             namespace_ranks=ranks > 1,
             blobs=BlobStore(tmp_path / "blobs"),
@@ -69,7 +69,8 @@ class Sim:
 
     def hello(self, rank: int | None, host: str = "node0", role: str = "rank") -> bytes:
         sender = f"rank{rank}".encode() if rank is not None else f"w{len(self.seq)}".encode()
-        self.send(sender, MessageKind.HELLO, {"role": role, "rank": rank, "pid": 2000 + len(self.seq), "host": host})
+        self.send(sender, MessageKind.HELLO, {"role": role, "rank": rank, "pid": 2000 + len(self.seq), "host": host,
+                                              "created": 1.0, "pid_namespace": f"boot{host[-1]}/1"})
         return sender
 
     def log(self, sender: bytes, step: int, values: dict) -> None:
@@ -215,9 +216,7 @@ def test_a_process_on_this_node_that_ends_is_lost_within_the_grace_remote_ones_b
     sim = Sim(tmp_path, ranks=3)
     here = sim.hello(1, host="node0")
     there = sim.hello(2, host="node1")
-    sim.state.table.by_id[here].created = 1.0
-    sim.state.table.by_id[there].created = 1.0
-    assert [s.sender_id for s in sim.state.senders_on_this_node()] == [here]
+    assert [s.sender_id for s in sim.state.senders_to_probe()] == [here]
     sim.advance(HOUR, alive=(here, there))  # quiet but alive: heartbeats
     sim.state.process_gone(here)
     sim.advance(GONE_GRACE_S / 2, tick_every_s=0.1)

@@ -60,3 +60,16 @@ def test_the_tutorial_script_on_every_rank(store_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     for rank in range(2):
         check_run(store_dir, "tutorial-mpi", prefix=f"rank{rank}/")
+
+
+def test_the_tutorial_script_lasting_longer_than_every_timeout_ends_completed(store_dir, tmp_path, scaled_timeouts):
+    """The tutorial at a pace that makes it outlive every (scaled) timeout several times:
+    it ends completed, as a real tutorial run of minutes does with the real timeouts."""
+    script = tmp_path / SCRIPT.name
+    shutil.copy(SCRIPT, script)
+    env = {**os.environ, **SCALE, **scaled_timeouts, "TUTORIAL_PAUSE": "0.17", "TUTORIAL_NAME": "tutorial-long"}
+    result = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    run = check_run(store_dir, "tutorial-long")
+    assert "lost" not in run["metadata"]["simvue"]

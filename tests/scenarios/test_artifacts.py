@@ -19,7 +19,7 @@ from simvue.cli import main as cli_main
 from simvue.errors import SimvueValueError, SimvueWarning
 from simvue.store import Store
 
-from conftest import ROOT, mpiexec, read_run, run_script
+from conftest import ROOT, mpiexec, needs_server, read_run, run_script
 
 
 def _artifacts(store_dir: Path, run_name: str) -> dict[str, dict]:
@@ -253,6 +253,7 @@ with simvue.Run() as run:
 """
 
 
+@needs_server
 def test_artifacts_reach_a_server_once_and_the_cli_reads_them_back_from_it(tmp_path, store_dir, monkeypatch):
     from simvue.server.local import ServerProcess
 

@@ -15,10 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import jwt
 import msgpack
 import pytest
 import requests
+
+pytest.importorskip("fastapi", reason='the server extra is not installed: pip install "simvue[server]"')
+import jwt  # noqa: E402 - part of the server extra
 
 from simvue.server.local import ServerProcess
 

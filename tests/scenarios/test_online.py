@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import mpiexec, read_run, run_script
+from conftest import ROOT, mpiexec, read_run, run_script
 from simvue.server.local import ServerProcess
 from simvue.store import Store
+
+pytest.importorskip("fastapi", reason='the server extra is not installed: pip install "simvue[server]"')
 
 FAST = {
     "SIMVUE_UPLOAD_INTERVAL_S": "0.2",
@@ -94,7 +96,7 @@ def test_a_run_arrives_through_the_api_from_one_process(server):
 
 
 def test_mpi_job_sends_every_rank_through_one_process(server, tmp_path):
-    example = Path(__file__).parents[1] / "examples" / "mpi_sim.py"
+    example = ROOT / "examples" / "mpi_sim.py"
     env = client_env(server, MPI_SIM_NAME="online-mpi", MPI_SIM_STEPS="300")
     result = mpiexec(4, sys.executable, str(example), env=env, timeout=150)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -444,7 +446,7 @@ def test_alerts_and_their_states_reach_the_server(server):
 
 def test_resource_series_reach_the_server_through_rank_0_only(server):
     env = client_env(server, MPI_SIM_NAME="online-resources", MPI_SIM_STEPS="1200", SIMVUE_RESOURCES_INTERVAL_S="1")
-    example = Path(__file__).parents[1] / "examples" / "mpi_sim.py"
+    example = ROOT / "examples" / "mpi_sim.py"
     result = mpiexec(4, sys.executable, str(example), env=env, timeout=150)
     assert result.returncode == 0, result.stdout + result.stderr
     run = server.wait_for_status("online-resources")

@@ -1,6 +1,8 @@
 """pandas paths: DataFrame artifacts round trip, and Client results as DataFrames."""
 
-import pandas
+import pytest
+
+pandas = pytest.importorskip("pandas", reason="pandas is not installed")
 
 from conftest import run_script
 from simvue.client import Client

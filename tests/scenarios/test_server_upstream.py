@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("fastapi", reason='the server extra is not installed: pip install "simvue[server]"')
+
 from simvue.server.local import ServerProcess
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UPSTREAM_PYTHON = Path(os.environ.get("SIMVUE_UPSTREAM_PYTHON", ROOT / ".venv-upstream" / "bin" / "python"))
 
 pytestmark = pytest.mark.timeout(90)

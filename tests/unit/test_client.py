@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import mpiexec, run_script
+from conftest import mpiexec, needs_server, run_script
 from simvue.client import Client
 from simvue.errors import SimvueRunError, SimvueValueError
 from simvue.server.local import ServerProcess
@@ -92,6 +92,7 @@ def test_client_reads_the_local_store(tmp_path):
         assert json.loads(path.read_text()) == {"name": "alpha", "values": [1, 2, 3]}
 
 
+@needs_server
 def test_client_reads_a_server_the_same_way(tmp_path):
     with ServerProcess(tmp_path / "server") as server:
         make_runs(env=server.env)
@@ -118,6 +119,7 @@ def test_client_reads_every_rank_of_an_mpi_run(tmp_path):
             assert values[f"rank{rank}/x"] == {(step, run_id): float(rank * 100 + step) for step in range(20)}
 
 
+@needs_server
 def test_client_abort_run_stops_a_live_job(tmp_path):
     code = textwrap.dedent(
         """
