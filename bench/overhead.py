@@ -9,7 +9,7 @@ this script; the MPI phase under ``timeout -k 10 N mpiexec -n 4``) with a tempor
 ``SIMVUE_STORE``.  What is measured, and how, is described in docs/performance.md.
 
 The aggregator is instrumented from the outside only: in the benchmark's aggregating process
-``Aggregator._ingest``, ``Aggregator._commit``, ``Aggregator._loop`` and ``protocol.decode``
+``AggregatorState._ingest``, ``Aggregator._commit``, ``Aggregator._loop`` and ``protocol.decode``
 are wrapped with timers (wall and thread-CPU time).  No simvue code is changed.
 """
 
@@ -216,7 +216,7 @@ class Instrument:
         self.calls[key] = self.calls.get(key, 0) + 1
 
     def install(self, profile: bool = False) -> None:
-        from simvue.aggregator import service
+        from simvue.aggregator import receiver, service, state
         from simvue.transport import protocol
 
         instrument = self
@@ -232,13 +232,13 @@ class Instrument:
 
             return wrapper
 
-        service.Aggregator._ingest = timed("ingest", service.Aggregator._ingest)
+        state.AggregatorState._ingest = timed("ingest", state.AggregatorState._ingest)
         service.Aggregator._commit = timed("commit", service.Aggregator._commit)
-        service.protocol.decode = timed("decode", protocol.decode)  # the aggregator's module reference
+        receiver.protocol.decode = timed("decode", protocol.decode)  # the receiver's module reference
         original_loop = service.Aggregator._loop
         original_finish = service.Aggregator._finish
 
-        def loop(self_, sock):
+        def loop(self_):
             w0, c0 = pc(), tt()
             profiler = None
             if profile:
@@ -247,7 +247,7 @@ class Instrument:
                 profiler = cProfile.Profile()
                 profiler.enable()
             try:
-                return original_loop(self_, sock)
+                return original_loop(self_)
             finally:
                 if profiler is not None:
                     profiler.disable()

@@ -1,9 +1,10 @@
 """Where the Simvue server is, and whether to use it.
 
-Each of the URL and the token comes from the first source that has it:
+Each of the URL and the token comes from the first source that has it, by the one rule of
+every setting (docs/configuration.md): what the code says, then the environment, then files.
 
-1. the environment: ``SIMVUE_URL``, ``SIMVUE_TOKEN``;
-2. ``Run(server_url=..., server_token=...)``;
+1. ``Run(server_url=..., server_token=...)``;
+2. the environment: ``SIMVUE_URL``, ``SIMVUE_TOKEN``;
 3. a ``simvue.toml`` (or ``.simvue.toml``) ``[server]`` section, or ``[profiles.<name>]``
    when ``SIMVUE_SERVER_PROFILE`` names one;
 4. an older ``simvue.ini`` ``[server]`` section with ``url`` and ``token``;
@@ -69,8 +70,8 @@ def resolve(
     environ = os.environ if environ is None else environ
     cwd = Path.cwd() if cwd is None else cwd
     sources = [
-        ("environment", environ.get("SIMVUE_URL"), environ.get("SIMVUE_TOKEN")),
         ("Run() arguments", server_url, server_token),
+        ("environment", environ.get("SIMVUE_URL"), environ.get("SIMVUE_TOKEN")),
     ]
     toml = _toml_settings(cwd, environ)
     sources.append((toml.get("path", "simvue.toml"), toml.get("url"), toml.get("token")))

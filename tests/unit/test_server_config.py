@@ -19,12 +19,18 @@ def test_nothing_configured_is_offline_not_an_error(tmp_path):
     assert (config.mode, config.url, config.online) == ("offline", None, False)
 
 
-def test_environment_wins_over_arguments_and_files(tmp_path):
+def test_arguments_win_over_the_environment_which_wins_over_files(tmp_path):
+    """The one rule of every setting: the code, then the environment, then files."""
     write(tmp_path / "simvue.toml", '[server]\nurl = "http://file"\ntoken = "file-token"\n')
     environ = {"SIMVUE_URL": "http://env", "SIMVUE_TOKEN": TOKEN, "HOME": str(tmp_path)}
     config = resolve(server_url="http://arg", server_token="arg", cwd=tmp_path, environ=environ)
+    assert (config.url, config.token, config.source) == ("http://arg", "arg", "Run() arguments")
+    config = resolve(server_url="http://arg", cwd=tmp_path, environ=environ)
+    assert (config.url, config.token) == ("http://arg", TOKEN)  # field by field
+    config = resolve(cwd=tmp_path, environ=environ)
     assert (config.url, config.token, config.mode, config.source) == ("http://env", TOKEN, "online", "environment")
     assert config.api_url == "http://env/api"
+    assert resolve(cwd=tmp_path, environ={"HOME": str(tmp_path)}).url == "http://file"
 
 
 def test_arguments_win_over_files_field_by_field(tmp_path):
