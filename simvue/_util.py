@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import deque
 from typing import Any, TypeVar
@@ -37,3 +38,15 @@ def merge_dicts(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         else:
             base[key] = value
     return base
+
+
+def log_debug_to_stderr() -> None:
+    """``Run(debug=True)``: simvue's own ``logging`` records (logger ``simvue``), from DEBUG
+    up, written to stderr.  Once per process, however many runs ask."""
+    logger = logging.getLogger("simvue")
+    logger.setLevel(logging.DEBUG)
+    if not any(getattr(handler, "simvue_debug", False) for handler in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("simvue[%(process)d %(threadName)s] %(levelname)s: %(message)s"))
+        handler.simvue_debug = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)

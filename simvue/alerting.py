@@ -1,4 +1,4 @@
-"""The alert methods of ``Run``: the seeds' ``add_alert`` and today's ``create_*_alert``.
+"""The alert methods of ``Run``: the older ``add_alert`` and today's ``create_*_alert``.
 
 Definitions travel to the aggregator like any record and are evaluated there on the merged
 data (``simvue.aggregator.alerts``), so an alert added on every rank is defined once and
@@ -59,9 +59,11 @@ class AlertsMixin:
         trigger_abort: bool = False, attach_to_run: bool = True,
     ) -> str | None:
         """Critical when ``metric`` averages ``is above``/``is below`` ``threshold`` at
-        ``window`` consecutive evaluations, one every ``frequency`` minutes."""
+        ``window`` consecutive evaluations, one every ``frequency`` minutes.  With
+        ``attach_to_run=False`` (any ``create_*_alert``) the alert is only defined: kept with
+        the run and sent to a server, but neither evaluated for nor attached to this run."""
         return self._define_alert(
-            "create_metric_threshold_alert", name=name, source="metrics", rule=rule, metric=metric,
+            "create_metric_threshold_alert", name=name, source="metrics", rule=rule, metric=metric, attached=attach_to_run,
             threshold=threshold, frequency=frequency, window=window, notification=notification,
             description=description, trigger_abort=trigger_abort, aggregation=aggregation,
         )
@@ -73,7 +75,7 @@ class AlertsMixin:
     ) -> str | None:
         """Critical when ``metric`` averages ``is inside range``/``is outside range``."""
         return self._define_alert(
-            "create_metric_range_alert", name=name, source="metrics", rule=rule, metric=metric,
+            "create_metric_range_alert", name=name, source="metrics", rule=rule, metric=metric, attached=attach_to_run,
             range_low=range_low, range_high=range_high, frequency=frequency, window=window,
             notification=notification, description=description, trigger_abort=trigger_abort,
             aggregation=aggregation,
@@ -85,7 +87,7 @@ class AlertsMixin:
     ) -> str | None:
         """Critical once an event's message contains ``pattern``."""
         return self._define_alert(
-            "create_event_alert", name=name, source="events", pattern=pattern, frequency=frequency,
+            "create_event_alert", name=name, source="events", pattern=pattern, frequency=frequency, attached=attach_to_run,
             notification=notification, description=description, trigger_abort=trigger_abort,
         )
 
@@ -95,7 +97,7 @@ class AlertsMixin:
     ) -> str | None:
         """An alert whose state the run sets itself with ``log_alert``."""
         return self._define_alert(
-            "create_user_alert", name=name, source="user", notification=notification,
+            "create_user_alert", name=name, source="user", notification=notification, attached=attach_to_run,
             description=description, trigger_abort=trigger_abort,
         )
 

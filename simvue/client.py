@@ -271,6 +271,8 @@ def alert_summary(alert: dict[str, Any]) -> dict[str, Any]:
     if alert.get("source") in ("metrics", "events") and alert.get("frequency_s") is not None:
         summary["frequency"] = alert["frequency_s"] / 60.0
     summary.update(status=alert["status"], fired_at=optional_timestamp(alert["fired_at"]))
+    if not alert.get("attached", True):
+        summary["attached"] = False
     return summary
 
 

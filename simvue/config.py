@@ -25,15 +25,7 @@ REDUCERS: dict[str, Callable[[Sequence[float]], float]] = {
 REDUCE_OPTIONS = (*REDUCERS, "namespace")
 STORE_ENV = "SIMVUE_STORE"
 DEFAULT_STORE_DIR = ".simvue"
-
-# Names accepted by ``config()`` for compatibility with other Simvue clients; they are kept
-# on the settings object and read by the stages that implement them.
-COMPAT_OPTIONS = {
-    "storage_id",
-    "enable_emission_metrics",
-    "abort_on_alert",
-    "queue_blocking",
-}
+ABORT_ACTIONS = ("terminate", "run", "ignore")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +49,21 @@ class Settings:
     retry_max_interval_s: float = 30.0
     resources_interval_s: float = 30.0  # 0: no resource sampling (see simvue.resources)
     reduce: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
-    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # What a process does when the run is asked to stop (docs/online.md): "terminate" it,
+    # end the "run" and carry on, or "ignore" it.
+    abort_on_alert: str = "terminate"
+    # With a full buffer, wait up to close_timeout_s for room instead of spilling at once.
+    queue_blocking: bool = False
+    # A server's artifact storage, kept with the run's options (docs/artifacts.md).
+    storage_id: str | None = None
+    # Energy and CO2 estimates from the resource samples (docs/resources.md).
+    enable_emission_metrics: bool = False
+    cpu_watts_per_core: float = 10.0
+    co2_grams_per_kwh: float = 475.0
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` validated and applied; unknown names raise."""
-        fields = {f.name for f in dataclasses.fields(self)} - {"extra"}
-        extra = dict(self.extra)
+        fields = {f.name for f in dataclasses.fields(self)}
         own: dict[str, Any] = {}
         # An on/off switch wins over an interval given in the same call.
         for key, value in sorted(changes.items(), key=lambda item: RESOURCES_OPTIONS.get(item[0]) in ("on", "off")):
@@ -72,14 +73,14 @@ class Settings:
                 )
             elif key in fields:
                 own[key] = _check(key, value)
-            elif key in COMPAT_OPTIONS:
-                extra[key] = value
             else:
                 raise SimvueValueError(
-                    f"unknown configuration option {key!r}; known: "
-                    f"{', '.join(sorted(fields | COMPAT_OPTIONS | RESOURCES_OPTIONS.keys()))}"
+                    f"unknown configuration option {key!r}; known: {', '.join(sorted(fields | RESOURCES_OPTIONS.keys()))}"
                 )
-        return dataclasses.replace(self, extra=extra, **own)
+        settings = dataclasses.replace(self, **own)
+        if settings.enable_emission_metrics and not settings.resources_interval_s:
+            raise SimvueValueError("enable_emission_metrics needs resource sampling: set resources_metrics_interval too")
+        return settings
 
     def store_path(self) -> Path:
         """The directory of the local store: ``store`` setting, ``$SIMVUE_STORE``, or ``./.simvue``."""
@@ -90,13 +91,15 @@ def from_environment() -> Settings:
     """Defaults overlaid with any ``SIMVUE_<FIELD>`` environment variables."""
     changes: dict[str, Any] = {}
     for field in dataclasses.fields(Settings):
-        if field.name in ("reduce", "extra", "store"):
+        if field.name in ("reduce", "store"):
             continue
         raw = os.environ.get(f"SIMVUE_{field.name.upper()}")
         if raw is None:
             continue
         try:
-            if field.type == "bool":
+            if field.type in ("str", "str | None"):
+                changes[field.name] = raw
+            elif field.type == "bool":
                 changes[field.name] = raw.strip().lower() in ("1", "true", "yes", "on")
             elif field.type == "int":
                 changes[field.name] = int(raw)
@@ -140,9 +143,19 @@ def _resources_interval(key: str, value: Any, current: float) -> float:
 
 
 def _check(key: str, value: Any) -> Any:
-    if key == "suppress_errors":
+    if key in ("suppress_errors", "queue_blocking", "enable_emission_metrics"):
         if not isinstance(value, bool):
-            raise SimvueTypeError("suppress_errors must be True or False")
+            raise SimvueTypeError(f"{key} must be True or False")
+        return value
+    if key == "abort_on_alert":
+        if isinstance(value, bool):  # older clients: True stops the process, False ignores
+            return "terminate" if value else "ignore"
+        if value not in ABORT_ACTIONS:
+            raise SimvueValueError(f"abort_on_alert must be one of {', '.join(ABORT_ACTIONS)}, not {value!r}")
+        return value
+    if key == "storage_id":
+        if value is not None and not isinstance(value, str):
+            raise SimvueTypeError("storage_id must be a str")
         return value
     if key == "store":
         if value is not None and not isinstance(value, (str, os.PathLike)):
@@ -154,8 +167,9 @@ def _check(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SimvueValueError("max_buffered_records must be a positive int")
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise SimvueValueError(f"{key} must be a positive number of seconds, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        unit = "" if key in ("cpu_watts_per_core", "co2_grams_per_kwh") else " of seconds"
+        raise SimvueValueError(f"{key} must be a positive, finite number{unit}, got {value!r}")
     return float(value)
 
 

@@ -18,12 +18,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import lifecycle, session, topology, validation
+from ._util import log_debug_to_stderr
 from .alerting import AlertsMixin
 from .api import config as api_config
 from .artifacts import ArtifactsMixin
 from .compat import CompatMixin
 from .config import Settings, from_environment, normalise_reduce
-from .errors import ErrorPolicy, SimvueError, SimvueRunError, SimvueValueError, SimvueWarning
+from .errors import ErrorPolicy, SimvueError, SimvueRunError, SimvueTypeError, SimvueValueError, SimvueWarning
 from .names import random_name
 from .transport.protocol import (
     EventRecord,
@@ -69,7 +70,9 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
     ) -> None:
         """``mode``: ``online`` (the default; the local store alone when no server is
         configured), ``offline`` or ``disabled``; unset, ``$SIMVUE_MODE`` or the config file
-        decide.  ``abort_callback(run)`` is called when the server asks the run to stop."""
+        decide.  ``abort_callback(run)`` is called when the server asks the run to stop.
+        ``debug=True`` writes what simvue does in this process (which part it plays, where
+        it connects, how the run ends, what it sends to a server) to stderr."""
         self._lock = threading.RLock()
         self._abort_callback = abort_callback
         self._server_url = server_url
@@ -91,6 +94,10 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
         self._reset_process_state()
         if environment_error is not None:
             self._fail("config", environment_error)
+        if debug is True:
+            log_debug_to_stderr()
+        elif debug is not False:
+            self._fail("debug", SimvueTypeError(f"debug must be True or False, not {debug!r}"))
         if mode is not None and mode not in api_config.MODES:
             self._fail("mode", SimvueValueError(f"mode must be one of {', '.join(api_config.MODES)}, not {mode!r}"))
         elif mode == "disabled":
@@ -104,6 +111,7 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
         self._steps = None
         self._known_names: frozenset[str] = frozenset()
         self._max_buffered = self._settings.max_buffered_records
+        self._full_wait_s = self._settings.close_timeout_s if self._settings.queue_blocking else None
         self._closed_here = False
 
     # -- context manager ------------------------------------------------------------------
@@ -137,6 +145,7 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
             return self._fail("config", exc)
         self._errors.suppress_errors = self._settings.suppress_errors
         self._max_buffered = self._settings.max_buffered_records
+        self._full_wait_s = self._settings.close_timeout_s if self._settings.queue_blocking else None
         return True
 
     def init(
@@ -162,6 +171,13 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
         Under MPI every rank calls ``init``; rank 0 creates the run (its arguments define
         it) and the other ranks join it, waiting at most ``rendezvous_timeout_s``.
         ``reduce`` selects cross-rank reduction, e.g. ``{"loss": ["mean", "max"]}``.
+
+        For a server: ``notification`` (``none``, ``all``, ``error``, ``lost``: when it
+        e-mails), ``retention_period`` (``"30 days"``: when it may delete the run) and
+        ``visibility`` (``"public"``, ``"tenant"`` or a list of user names).  They are kept
+        with the run in the local store and sent with it.  ``record_shell_vars`` (names or
+        globs, ``["SLURM_*"]``) copies those environment variables into the metadata under
+        ``shell``.  ``no_color`` is accepted: simvue prints no colours.
         """
         with self._lock:
             if self._state == DISABLED:
@@ -171,13 +187,23 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
             try:
                 if not running and status == "running":
                     status = "created"
+                shell = validation.shell_variables(record_shell_vars, os.environ)
+                if not isinstance(no_color, bool):
+                    raise SimvueTypeError(f"no_color must be True or False, not {no_color!r}")
+                checked_metadata = validation.metadata(metadata or {})
                 fields = {
                     "name": random_name() if name is None else validation.run_name(name),
-                    "metadata": validation.metadata(metadata or {}),
+                    "metadata": {**checked_metadata, "shell": shell} if shell else checked_metadata,
                     "tags": validation.tags(tags or []),
                     "description": validation.description(description),
                     "folder": validation.folder(folder),
                     "status": validation.status(status),
+                    "options": {
+                        "ttl": validation.retention_period(retention_period),
+                        "visibility": validation.visibility(visibility),
+                        "notifications": {"state": validation.notification(notification)},
+                        **({"storage_id": self._settings.storage_id} if self._settings.storage_id else {}),
+                    },
                     "now": _now(),
                 }
                 if fields["status"] not in ("running", "created"):
@@ -300,7 +326,7 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
             (_METRICS, step, now - self._t0 if time is None else time, now if timestamp is None else timestamp, metrics)
         )
         if len(buffer) >= self._max_buffered:
-            self._pipe.buffer_full(self._max_buffered)
+            self._pipe.buffer_full(self._max_buffered, self._full_wait_s)
         return True
 
     log = log_metrics  # the older ``Simvue()`` client's name, without an extra call
@@ -476,12 +502,7 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
     def _abort_action(self) -> str:
         """``abort_on_alert``: ``terminate`` (default; stop the process, the run ends
         ``terminated``), ``run`` (end the run, let the process go on) or ``ignore``."""
-        action = self._settings.extra.get("abort_on_alert", "terminate")
-        if action is True:
-            return "terminate"
-        if action is False:
-            return "ignore"
-        return action if action in ("terminate", "run", "ignore") else "terminate"
+        return self._settings.abort_on_alert
 
     def _end_quietly(self) -> None:
         """Close, and ignore later calls without warnings (the ``run`` abort action)."""

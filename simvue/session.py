@@ -20,6 +20,7 @@ import dataclasses
 import getpass
 import hashlib
 import itertools
+import logging
 import os
 import threading
 import weakref
@@ -57,6 +58,7 @@ from .transport.transfer import ArtifactJob, ArtifactQueue, StreamToSender
 from .upload import Uploader, start_upload
 
 SPILL_DIRECTORY = "spill"
+log = logging.getLogger(__name__)
 
 
 class Pipe(Protocol):
@@ -65,7 +67,9 @@ class Pipe(Protocol):
     buffer: deque
     spill: SpillFile | None  # where undeliverable records went, if this pipe can spill
 
-    def buffer_full(self, limit: int) -> None: ...
+    def buffer_full(self, limit: int, wait_s: float | None) -> None:
+        """The buffer holds ``limit`` records: wait up to ``wait_s`` (None: the pipe's own
+        short wait) for room, then keep the rest elsewhere if the pipe can."""
 
     def save_artifact(self, job: ArtifactJob) -> bool: ...
 
@@ -202,8 +206,8 @@ class LocalPipe:
         self.spill = None
         self.artifacts = ArtifactQueue(self._copy_into_store, aggregator.losses)
 
-    def buffer_full(self, limit: int) -> None:
-        deadline = time.monotonic() + 1.0
+    def buffer_full(self, limit: int, wait_s: float | None) -> None:
+        deadline = time.monotonic() + (1.0 if wait_s is None else wait_s)
         while len(self.buffer) >= limit and time.monotonic() < deadline and not self.aggregator.finished:
             time.sleep(0.005)
 
@@ -241,8 +245,8 @@ class SenderPipe:
         self.artifacts = ArtifactQueue(StreamToSender(sender), losses)
         self.sampling = sampling
 
-    def buffer_full(self, limit: int) -> None:
-        self.sender.buffer_full(limit)
+    def buffer_full(self, limit: int, wait_s: float | None) -> None:
+        self.sender.buffer_full(limit, wait_s)
 
     def save_artifact(self, job: ArtifactJob) -> bool:
         self.artifacts.put(job)
@@ -266,7 +270,7 @@ class SpillPipe:
         self.spill = spill
         self.buffer: deque = deque()
 
-    def buffer_full(self, limit: int) -> None:
+    def buffer_full(self, limit: int, wait_s: float | None) -> None:
         self._write()
 
     def save_artifact(self, job: ArtifactJob) -> bool:
@@ -378,6 +382,7 @@ def join(address: AggregatorAddress, settings: Settings, topology: Topology, *, 
                 stacklevel=4,
             )
     rendezvous.export(address)
+    log.debug("run %r: this process joins it as a %s, sending to %s", address.run_name, role, address.address)
     membership = Membership(
         SenderPipe(sender, losses, sampling),
         name=address.run_name,
@@ -437,6 +442,11 @@ def _aggregate(
         store.close()
         raise
     rendezvous.export(address)
+    log.debug(
+        "run %r (%s): this process (%s %s) aggregates it at %s, expecting %d rank(s); store %s%s",
+        run["name"], run["id"], role, topology.rank, address.address, expected_ranks, store.directory,
+        f"; uploading to {server.url}" if uploader is not None and server is not None else "",
+    )
     return Membership(
         LocalPipe(aggregator),
         name=aggregator.run_name,
@@ -463,6 +473,7 @@ def _start_run(store: Store, fields: dict[str, Any]) -> dict[str, Any]:
 
 def _spill_only(name: str | None, settings: Settings, topology: Topology) -> Membership:
     spill = SpillFile(_spill_path(settings, name or "unknown-run", f"rank{topology.rank}"), LossCounter())
+    log.debug("rank %s found no aggregator: records go to %s", topology.rank, spill.path)
     warnings.warn(
         f"simvue: rank {topology.rank} could not find its run's aggregator within "
         f"{settings.rendezvous_timeout_s:g} s; its records are kept in {spill.path}",

@@ -25,6 +25,7 @@ a heartbeat every ``server_heartbeat_interval_s`` and an abort poll every
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
@@ -48,6 +49,7 @@ MAX_POINTS_PER_REQUEST = 100_000
 MAX_EVENTS_PER_REQUEST = 16_000
 CHUNKS_PER_READ = 16
 MIN_SERVER_HEARTBEAT_TIMEOUT_S = 180.0
+log = logging.getLogger(__name__)
 
 
 class Replicator:
@@ -103,10 +105,10 @@ class Replicator:
             "metadata": run["metadata"],
             "system": run["system"],
             "heartbeat_timeout": timeout,
-            "ttl": None,
+            "ttl": run["options"].get("ttl"),
             "alerts": [],
-            "notifications": {"state": "none"},
-            "visibility": {"tenant": False, "public": False, "users": []},
+            "notifications": run["options"].get("notifications", {"state": "none"}),
+            "visibility": run["options"].get("visibility", {"tenant": False, "public": False, "users": []}),
         }
         answer = self.connection.request("POST", "/runs", json=body, conflict_ok=True)
         if not isinstance(answer, dict) or not answer.get("id"):
@@ -221,14 +223,20 @@ class Replicator:
         on the server (its final status sent)."""
         self.create(heartbeat_interval_s)
         run = self.store.run(self.run_id)
+        points = events = 0
         while sent := self.send_metrics():
+            points += sent
             if progress:
                 progress(sent)
-        while self.send_events():
-            pass
+        while sent := self.send_events():
+            events += sent
         self.send_alerts()
-        self.send_artifacts()
-        return self.send_changes(run)
+        artifacts = self.send_artifacts()
+        complete = self.send_changes(run)
+        if points or events or artifacts:
+            log.debug("run %s: sent %d points, %d events, %d artifacts to %s", self.run_id, points, events, artifacts,
+                      self.server)
+        return complete
 
     def send_artifacts(self) -> int:
         """Upload the run's artifacts not yet on the server; returns how many were sent."""
@@ -278,10 +286,11 @@ class Replicator:
             if not isinstance(answer, dict) or not answer.get("id"):
                 raise ServerRejected("POST", "/alerts", 200, f"the answer has no alert id: {answer!r}")
             known[alert["name"]] = {"id": answer["id"], "status": "ok"}
-        if new:
-            ids = [entry["id"] for entry in known.values()]
+        attached = [alert for alert in alerts if alert.get("attached", True)]
+        if any(alert.get("attached", True) for alert in new):
+            ids = [known[alert["name"]]["id"] for alert in attached]
             self.connection.request("PUT", f"/runs/{self.remote_id}", json={"alerts": ids})
-        for alert in alerts:
+        for alert in attached:
             entry = known[alert["name"]]
             if alert["status"] != entry["status"]:
                 self.connection.request(
@@ -464,7 +473,9 @@ class Uploader:
                             aborted = True
                             self.abort.request("the server asked this run to stop")
                 except ServerUnavailable as exc:
-                    retry_at = time.monotonic() + backoff.next_delay(exc.retry_after)
+                    delay = backoff.next_delay(exc.retry_after)
+                    log.debug("run %r: %s; retrying in %.1f s", self.run_name, exc, delay)
+                    retry_at = time.monotonic() + delay
                     if not self._warned_unreachable:
                         self._warned_unreachable = True
                         os.write(

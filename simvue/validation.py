@@ -7,6 +7,7 @@ message names the offending argument; callers route the exception through ``Erro
 from __future__ import annotations
 
 import datetime as _dt
+import fnmatch
 import json
 import math
 import numbers
@@ -188,3 +189,72 @@ def event_message(value: Any) -> str:
 
 def event_level(value: Any) -> str:
     return _choice(value, EVENT_LEVELS, "log level")
+
+
+NOTIFICATIONS = ("none", "all", "error", "lost")
+_TIMESPAN_UNITS = {
+    "ms": 0.001, "millisecond": 0.001, "milliseconds": 0.001,
+    "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+    "w": 604800, "week": 604800, "weeks": 604800,
+    "y": 31536000, "year": 31536000, "years": 31536000,
+}
+_TIMESPAN_PART = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*,?")
+MAX_SHELL_VARS = 1000
+
+
+def notification(value: Any) -> str:
+    """When the server e-mails about the run: ``none``, ``all``, ``error`` or ``lost``."""
+    return _choice(value, NOTIFICATIONS, "notification")
+
+
+def retention_period(value: Any) -> int | None:
+    """A time span such as ``"30 days"``, ``"1h30m"`` or ``"2 weeks"``, in whole seconds
+    (a bare number is seconds); None keeps the run for good."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise SimvueTypeError(f"retention_period must be a str such as '30 days', not {type(value).__name__}")
+    text, seconds, position = value.strip().lower(), 0.0, 0
+    while position < len(text):
+        match = _TIMESPAN_PART.match(text, position)
+        if match is None or match.end() == position or match.group(2) not in _TIMESPAN_UNITS and match.group(2):
+            raise SimvueValueError(f"retention_period {value!r} is not a time span such as '30 days' or '1h30m'")
+        seconds += float(match.group(1)) * _TIMESPAN_UNITS.get(match.group(2), 1)
+        position = match.end()
+    if not text or not math.isfinite(seconds) or seconds < 1 or seconds > 1000 * 31536000:
+        raise SimvueValueError(f"retention_period {value!r} must be between one second and 1000 years")
+    return int(seconds)
+
+
+def visibility(value: Any) -> dict[str, Any]:
+    """Who may see the run on the server, in the server's form: ``"public"``, ``"tenant"``,
+    a list of user names, or None (the owner only)."""
+    if value is None:
+        return {"tenant": False, "public": False, "users": []}
+    if value in ("public", "tenant"):
+        return {"tenant": value == "tenant", "public": value == "public", "users": []}
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise SimvueValueError(f"visibility must be 'public', 'tenant' or a list of user names, not {value!r}")
+    users = list(value)
+    if not all(isinstance(user, str) and user for user in users):
+        raise SimvueValueError(f"visibility: every user name must be a non-empty str, got {users!r}")
+    return {"tenant": False, "public": False, "users": users}
+
+
+def shell_variables(patterns: Any, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment variables whose names match ``patterns`` (names or globs such as
+    ``"SLURM_*"``), for the run's metadata."""
+    if patterns is None:
+        return {}
+    if isinstance(patterns, str) or not isinstance(patterns, Iterable):
+        raise SimvueTypeError(f"record_shell_vars must be a list of names or globs, not {type(patterns).__name__}")
+    patterns = list(patterns)
+    if not all(isinstance(pattern, str) and pattern for pattern in patterns):
+        raise SimvueValueError(f"record_shell_vars: every entry must be a non-empty str, got {patterns!r}")
+    names = sorted({name for pattern in patterns for name in fnmatch.filter(environ, pattern)})
+    if len(names) > MAX_SHELL_VARS:
+        raise SimvueValueError(f"record_shell_vars matches {len(names)} variables; at most {MAX_SHELL_VARS} are kept")
+    return {name: environ[name] for name in names}

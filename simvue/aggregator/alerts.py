@@ -46,6 +46,8 @@ class AlertSpec:
     notification: str = "none"
     description: str | None = None
     trigger_abort: bool = False  # a critical state asks the run to stop, as a server abort does
+    # False: defined (and sent to a server) but not evaluated for, or attached to, this run
+    attached: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -78,6 +80,7 @@ def alert_spec(
     notification: Any = "none",
     description: Any = None,
     trigger_abort: Any = False,
+    attached: Any = True,
 ) -> AlertSpec:
     """A checked ``AlertSpec``; raises ``SimvueValueError``/``SimvueTypeError`` naming the problem."""
     if not isinstance(name, str) or not name.strip():
@@ -86,12 +89,14 @@ def alert_spec(
         raise SimvueValueError(f"alert {name!r}: source must be one of {', '.join(SOURCES)}, not {source!r}")
     if notification not in NOTIFICATIONS:
         raise SimvueValueError(f"alert {name!r}: notification must be 'none' or 'email', not {notification!r}")
+    if not isinstance(attached, bool):
+        raise SimvueTypeError(f"alert {name!r}: attach_to_run must be True or False, not {attached!r}")
     frequency_s = _positive(name, "frequency", frequency_s)
     if isinstance(window, bool) or not isinstance(window, (int, float)) or window < 1 or window != int(window):
         raise SimvueValueError(f"alert {name!r}: window must be a whole number of evaluations >= 1, not {window!r}")
     fields: dict[str, Any] = {"name": name, "source": source, "frequency_s": frequency_s, "window": int(window),
                               "notification": notification, "description": description,
-                              "trigger_abort": bool(trigger_abort)}
+                              "trigger_abort": bool(trigger_abort), "attached": attached}
     if source == "metrics":
         if rule not in RULES:
             raise SimvueValueError(f"alert {name!r}: rule must be one of {', '.join(RULES)}, not {rule!r}")
@@ -174,6 +179,8 @@ class AlertEngine:
         if spec.name in self.alerts:
             return False
         state = self.alerts[spec.name] = AlertState(spec, next_due=now + spec.frequency_s)
+        if not spec.attached:
+            return True  # kept with the run for a server, never evaluated here
         if spec.source == "metrics":
             self._by_metric.setdefault(spec.metric, []).append(state)
         elif spec.source == "events":
@@ -203,7 +210,7 @@ class AlertEngine:
     def set_status(self, name: str, status: str, now: float) -> Transition | None:
         """A user alert's state, set by the run itself."""
         state = self.alerts.get(name)
-        if state is None or status not in (OK, CRITICAL) or status == state.status:
+        if state is None or not state.spec.attached or status not in (OK, CRITICAL) or status == state.status:
             return None
         return self._change(state, status, None, now)
 
@@ -211,7 +218,7 @@ class AlertEngine:
         """Evaluate the alerts that are due (all of them when ``final``)."""
         changes = []
         for state in self.alerts.values():
-            if state.spec.source == "user" or (now < state.next_due and not final):
+            if state.spec.source == "user" or not state.spec.attached or (now < state.next_due and not final):
                 continue
             state.next_due = now + state.spec.frequency_s
             change = self._evaluate(state, now)

@@ -17,6 +17,7 @@ up.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import traceback
@@ -41,6 +42,7 @@ MAX_MESSAGES_PER_LOOP = 2000
 MAX_POINTS_PER_COMMIT = 200_000
 TICK_INTERVAL_S = 0.1
 MAX_COMMIT_ATTEMPTS = 5
+log = logging.getLogger(__name__)
 
 
 class Follower(Protocol):
@@ -280,6 +282,9 @@ class Aggregator:
                 else:
                     self._failed_batches.append((item, attempts + 1))
                 continue
+            for time_, message, level in item.events:
+                if level in ("error", "warning") and log.isEnabledFor(logging.DEBUG):
+                    log.debug("run %r: %s", self.run_name, message)
             if item.status is not None or item.ended is not None:
                 for follower in self._followers:
                     follower.wake()
@@ -289,6 +294,11 @@ class Aggregator:
             self._sampler.stop(min(5.0, self.settings.close_timeout_s))  # the last sample goes in too
         self.state.local_records(drain(self.local_buffer))
         self._commit(self.state.finish(crashed=crashed))
+        log.debug(
+            "run %r finished %s: %s; losses %s", self.run_name, self.state.final_status,
+            ", ".join(f"{p.label} {p.presence.value}" for p in self.state.table.producers()),
+            self.losses.snapshot() or "none",
+        )
         self._store.close()
         for follower in self._followers:
             follower.finish(self.settings.close_timeout_s)

@@ -32,6 +32,7 @@ from .._util import merge_dicts
 from ..abort import AbortSignal
 from ..config import Settings
 from ..losses import LossCounter, LossReason
+from ..resources.emissions import EmissionEstimate
 from ..store import SeriesChunk, StoreBatch
 from ..store.blobs import BlobStore
 from ..transport.protocol import (
@@ -136,6 +137,11 @@ class AggregatorState:
         self.sampling = SamplingPlanner(self.host, settings.resources_interval_s)
         self._sampling_changed = True
         self._resource_steps: dict[str, int] = {}
+        self.emissions = (
+            EmissionEstimate(settings.cpu_watts_per_core, settings.co2_grams_per_kwh)
+            if settings.enable_emission_metrics else None
+        )
+        self._emission_step = 0
         self._batch = StoreBatch()
         local_producer = self.table.local
         self._batch.metadata = {"simvue": {"processes": {local_producer.label: local_producer.describe()}}}
@@ -461,12 +467,19 @@ class AggregatorState:
 
     def _on_resources(self, producer: Producer, record: ResourcesRecord) -> None:
         host = str(record.host)
+        t, ts = float(record.time), float(record.timestamp)
+        values = {
+            name: float(value) for name, value in record.values.items()
+            if isinstance(name, str) and name.startswith("resources/")
+        }
         step = self._resource_steps.get(host, 0)
         self._resource_steps[host] = step + 1
-        t, ts = float(record.time), float(record.timestamp)
-        for name, value in record.values.items():
-            if isinstance(name, str) and name.startswith("resources/"):
-                self._chunk(name).append(step, t, ts, float(value))
+        for name, value in values.items():
+            self._chunk(name).append(step, t, ts, value)
+        if self.emissions is not None and (points := self.emissions.add(host, t, values)):
+            step, self._emission_step = self._emission_step, self._emission_step + 1
+            for name, value in points.items():
+                self._chunk(name).append(step, t, ts, value)
 
     # -- helpers --------------------------------------------------------------------------
 

@@ -191,6 +191,7 @@ def export_run(store: Store, name: str) -> dict[str, Any]:
         "tags": run["tags"],
         "metadata": run["metadata"],
         "system": run["system"],
+        "options": run["options"],
         "created": optional_timestamp(run["created"]),
         "started": optional_timestamp(run["started"]),
         "ended": optional_timestamp(run["ended"]),

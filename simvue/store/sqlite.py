@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS runs (
     started REAL,
     ended REAL,
     heartbeat REAL,
-    heartbeat_timeout_s REAL
+    heartbeat_timeout_s REAL,
+    options TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS runs_by_name ON runs (name, created);
 CREATE TABLE IF NOT EXISTS folders (
@@ -252,6 +253,7 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._add_missing_columns()
         self._db.execute(
             "INSERT OR IGNORE INTO store_info (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
@@ -262,6 +264,14 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def _add_missing_columns(self) -> None:
+        """Columns added since a store was created (``CREATE TABLE IF NOT EXISTS`` keeps an
+        older table as it was)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+        if "options" not in columns:
+            with contextlib.suppress(sqlite3.OperationalError):  # another process added it first
+                self._db.execute("ALTER TABLE runs ADD COLUMN options TEXT NOT NULL DEFAULT '{}'")
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -276,15 +286,18 @@ class Store:
         status: str,
         system: dict[str, Any],
         heartbeat_timeout_s: float,
+        options: dict[str, Any] | None = None,
         run_id: str | None = None,
         now: float | None = None,
     ) -> str:
+        """Add a run; ``options`` are its settings for a server (``ttl``, ``visibility``,
+        ``notifications``, in the server's form)."""
         run_id = run_id or new_id()
         now = time.time() if now is None else now
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO runs (id, name, folder, description, status, metadata, tags, system, created,"
-                " started, heartbeat, heartbeat_timeout_s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " started, heartbeat, heartbeat_timeout_s, options) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     run_id,
                     name,
@@ -298,6 +311,7 @@ class Store:
                     now if status == "running" else None,
                     now,
                     heartbeat_timeout_s,
+                    json.dumps(options or {}),
                 ),
             )
             db.execute("INSERT OR IGNORE INTO folders (path) VALUES (?)", (folder,))
@@ -588,7 +602,7 @@ class Store:
 
 _RUN_COLUMNS = (
     "id, name, folder, description, status, metadata, tags, system, created, started, ended, heartbeat,"
-    " heartbeat_timeout_s"
+    " heartbeat_timeout_s, options"
 )
 
 
@@ -612,7 +626,7 @@ def _upload_dict(row: tuple) -> dict:
 
 def _run_dict(row: tuple, now: float) -> dict:
     (run_id, name, folder, description, status, metadata, tags, system, created, started, ended, heartbeat,
-     heartbeat_timeout_s) = row
+     heartbeat_timeout_s, options) = row
     if status == "running" and heartbeat is not None and heartbeat_timeout_s and now - heartbeat > heartbeat_timeout_s:
         status = "lost"  # nobody has written for this run in longer than its heartbeat timeout
     return {
@@ -629,5 +643,6 @@ def _run_dict(row: tuple, now: float) -> dict:
         "ended": ended,
         "heartbeat": heartbeat,
         "heartbeat_timeout_s": heartbeat_timeout_s,
+        "options": json.loads(options),
     }
 

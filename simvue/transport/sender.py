@@ -101,11 +101,12 @@ class Sender:
     def wake(self) -> None:
         self._wake.set()
 
-    def buffer_full(self, limit: int) -> None:
+    def buffer_full(self, limit: int, wait_s: float | None = None) -> None:
         """Called on the caller's thread when the buffer reached ``limit``: give the sender
-        one flush interval to catch up, then spill what is still buffered."""
+        ``wait_s`` (default: four flush intervals) to catch up, then spill what is still
+        buffered."""
         self._wake.set()
-        deadline = time.monotonic() + 4 * self._flush_interval_s
+        deadline = time.monotonic() + (4 * self._flush_interval_s if wait_s is None else wait_s)
         while len(self.buffer) >= limit and time.monotonic() < deadline:
             time.sleep(self._flush_interval_s / 4)
         if len(self.buffer) >= limit:

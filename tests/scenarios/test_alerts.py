@@ -134,3 +134,27 @@ def test_a_critical_alert_can_stop_the_run(store_dir):
     assert run["status"] == "terminated"
     assert alerts_by_name(run)["diverged"]["status"] == "critical"
     assert len(run["metrics"]["loss"]) < 2000
+
+
+def test_an_alert_not_attached_to_the_run_is_kept_but_never_evaluated(store_dir):
+    code = textwrap.dedent(
+        """
+        from simvue import Run
+        with Run() as run:
+            run.init(name="unattached")
+            run.create_metric_threshold_alert("elsewhere", "x", 1, "is above", frequency=0.001, window=1,
+                                              attach_to_run=False)
+            run.create_user_alert("mine", attach_to_run=False)
+            run.log_alert("mine", "critical")
+            for step in range(20):
+                run.log_metrics({"x": 10.0})
+        """
+    )
+    result = run_script(code)
+    assert result.returncode == 0, result.stderr
+    run = read_run(store_dir, "unattached")
+    alerts = {alert["name"]: alert for alert in run["alerts"]}
+    assert {name: (a["status"], a.get("attached")) for name, a in alerts.items()} == {
+        "elsewhere": ("ok", False), "mine": ("ok", False)
+    }
+    assert not [e for e in run["events"] if "alert" in e["message"]]

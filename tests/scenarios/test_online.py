@@ -428,6 +428,8 @@ def test_alerts_and_their_states_reach_the_server(server):
             run.create_metric_range_alert("band", "x", -1, 100, "is outside range", frequency=0.005, window=1)
             run.create_event_alert("errors", "ERROR", frequency=0.005)
             run.create_user_alert("manual")
+            run.create_metric_threshold_alert("shared", "x", 1, "is above", frequency=0.005, window=1,
+                                              attach_to_run=False)
             for step in range(20):
                 run.log_metrics({"x": float(step)})
                 time.sleep(0.02)
@@ -442,6 +444,8 @@ def test_alerts_and_their_states_reach_the_server(server):
     assert states == {"hot": "critical", "band": "ok", "errors": "critical", "manual": "critical"}
     hot = next(e["alert"] for e in server.get(f"/runs/{run['id']}")["alerts"] if e["alert"]["name"] == "hot")
     assert hot["source"] == "metrics" and hot["alert"]["threshold"] == 5 and hot["alert"]["rule"] == "is above"
+    # attach_to_run=False: defined on the server, not attached to this run.
+    assert "shared" in {alert["name"] for alert in server.get("/alerts")["data"]}
 
 
 def test_resource_series_reach_the_server_through_rank_0_only(server):

@@ -308,3 +308,34 @@ def test_other_nodes_are_sampled_by_one_of_their_processes_chosen_by_the_aggrega
     assert {"node-b", HOST} <= exported["metadata"]["simvue"]["hosts"].keys()
     # This node's sampler samples only this node's processes.
     assert len(_series(exported, f"resources/node/{HOST}/memory.usage")) >= 2
+
+
+def test_emission_metrics_are_estimated_from_the_samples(store_dir):
+    """``enable_emission_metrics``: a busy process for ~3 s at 1 s samples gives energy and
+    CO2 series whose totals add up their deltas and match cores x watts x time."""
+    code = textwrap.dedent(
+        """
+        import time
+        from simvue import Run
+        with Run() as run:
+            run.config(resources_metrics_interval=1, enable_emission_metrics=True, cpu_watts_per_core=20.0,
+                       co2_grams_per_kwh=400.0)
+            run.init(name="emissions")
+            end = time.time() + 3.3
+            while time.time() < end:
+                pass
+        """
+    )
+    result = run_script(code, env={"SIMVUE_RESOURCES_INTERVAL_S": "1"})
+    assert result.returncode == 0, result.stderr
+    exported = read_run(store_dir, "emissions")
+    energy = _series(exported, "sustainability.energy_consumed.delta")
+    total = _series(exported, "sustainability.energy_consumed.total")
+    co2 = _series(exported, "sustainability.emissions.total")
+    assert len(energy) >= 3 and [p[0] for p in energy] == list(range(len(energy)))
+    assert total[-1][2] == pytest.approx(sum(p[2] for p in energy))
+    assert co2[-1][2] == pytest.approx(total[-1][2] * 0.4)
+    cpu = _series(exported, "resources/cpu.usage.percentage")
+    expected = sum(p[2] / 100 * 20.0 * (b[1] - a[1]) for a, b, p in zip(cpu, cpu[1:], cpu[1:])) / 3.6e6
+    assert total[-1][2] == pytest.approx(expected, rel=1e-6)
+    assert 0.5 * 20 * 3 / 3.6e6 < total[-1][2] < 2.5 * 20 * 3.5 / 3.6e6  # about one busy core for ~3 s

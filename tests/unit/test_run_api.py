@@ -11,7 +11,7 @@ import pytest
 import simvue
 from simvue import Run, SimvueRunError, SimvueTypeError, SimvueValueError, SimvueWarning
 
-from conftest import read_run
+from conftest import read_run, run_script
 
 
 def test_context_manager_records_metrics_events_metadata_and_completes(store_dir):
@@ -181,7 +181,10 @@ def test_bad_arguments_raise_and_nothing_logged_is_lost(store_dir, call, error):
 
 def test_bad_init_arguments_raise(store_dir):
     for kwargs in ({"name": "has/slash"}, {"folder": "relative"}, {"tags": "x"}, {"metadata": 3},
-                   {"status": "completed"}):
+                   {"status": "completed"}, {"notification": "sms"}, {"retention_period": "1 parsec"},
+                   {"retention_period": 30}, {"retention_period": "0 s"}, {"retention_period": "nan days"},
+                   {"visibility": "everyone"}, {"visibility": ["ok", ""]}, {"visibility": 5},
+                   {"no_color": "yes"}, {"record_shell_vars": "PATH"}, {"record_shell_vars": [None]}):
         run = Run()
         run.config(suppress_errors=False)
         with pytest.raises((SimvueValueError, SimvueTypeError)):
@@ -245,3 +248,71 @@ def test_flush_commits_without_closing(store_dir):
 
 def test_public_names():
     assert {"Run", "SimvueError", "__version__"} <= set(simvue.__all__)
+
+
+def test_server_options_and_shell_variables_are_kept_with_the_run(store_dir, monkeypatch):
+    """``notification``, ``retention_period``, ``visibility`` and ``storage_id`` are kept in
+    the store in the server's form (and sent with the run, tests/scenarios/test_online.py);
+    ``record_shell_vars`` copies matching environment variables into the metadata."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("OTHER", "x")
+    with Run() as run:
+        run.config(suppress_errors=False, storage_id="fast-disk")
+        run.init(name="options", notification="lost", retention_period="1h30m", visibility=["alice", "bob"],
+                 no_color=True, record_shell_vars=["SLURM_*", "NOT_SET"], metadata={"a": 1})
+    exported = read_run(store_dir, "options")
+    assert exported["options"] == {
+        "ttl": 5400,
+        "visibility": {"tenant": False, "public": False, "users": ["alice", "bob"]},
+        "notifications": {"state": "lost"},
+        "storage_id": "fast-disk",
+    }
+    assert exported["metadata"]["shell"] == {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8"}
+    assert exported["metadata"]["a"] == 1
+    with Run() as run:
+        run.init(name="defaults", visibility="tenant")
+    assert read_run(store_dir, "defaults")["options"] == {
+        "ttl": None, "visibility": {"tenant": True, "public": False, "users": []}, "notifications": {"state": "none"}
+    }
+    assert "shell" not in read_run(store_dir, "defaults")["metadata"]
+
+
+@pytest.mark.parametrize("text, seconds", [("30 days", 2592000), ("1h30m", 5400), ("2 weeks", 1209600), ("90", 90),
+                                           ("1.5 hours", 5400), ("1 hour, 30 minutes", 5400), (" 10 S ", 10)])
+def test_retention_periods_read_as_people_write_them(text, seconds):
+    from simvue.validation import retention_period
+
+    assert retention_period(text) == seconds
+
+
+def test_compatibility_options_are_checked_and_take_effect(store_dir):
+    run = Run()
+    run.config(suppress_errors=False)
+    for options in ({"abort_on_alert": "explode"}, {"queue_blocking": "yes"}, {"storage_id": 5},
+                    {"enable_emission_metrics": 1}, {"enable_emission_metrics": True, "resources_interval_s": 0},
+                    {"cpu_watts_per_core": -1}, {"co2_grams_per_kwh": math.inf}):
+        with pytest.raises((SimvueValueError, SimvueTypeError)):
+            run.config(**options)
+    run.config(abort_on_alert=True, queue_blocking=True)
+    assert run._settings.abort_on_alert == "terminate" and run._settings.queue_blocking
+    run.config(abort_on_alert=False)
+    assert run._abort_action() == "ignore"
+
+
+def test_debug_writes_what_simvue_does_to_stderr(store_dir):
+    code = """
+from simvue import Run
+with Run(debug=True) as run:
+    run.init(name="debugged")
+    run.log_metrics({"x": 1.0})
+"""
+    result = run_script(code)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "DEBUG" in line]
+    assert any("run 'debugged'" in line and "aggregates it at tcp://127.0.0.1:" in line for line in lines), lines
+    assert any("run 'debugged' finished completed: main done; losses none" in line for line in lines), lines
+    quiet = run_script(code.replace("debug=True", "debug=False"))
+    assert quiet.returncode == 0 and "DEBUG" not in quiet.stderr
+    wrong = run_script(code.replace("debug=True", "debug='yes'"))
+    assert wrong.returncode == 0 and "debug must be True or False" in wrong.stderr

@@ -139,3 +139,39 @@ def test_a_sender_that_never_falls_silent_still_gets_acknowledged(store_dir):
         assert sender.close(None, {}, 10.0) is True
         assert losses.snapshot() == {}
     assert len(read_run(store_dir, "busy")["metrics"]["worker0/v"]) == step
+
+
+def test_a_full_buffer_spills_after_a_short_wait_or_with_queue_blocking_waits_for_room(store_dir):
+    """While the sender thread is held up (another thread holds its lock for a while), a full
+    buffer is spilled after four flush intervals by default; with a longer wait
+    (``queue_blocking``) the caller waits until the thread has made room, and nothing is
+    spilled."""
+    import threading
+
+    def hold(lock, seconds, held):
+        with lock:
+            held.set()
+            time.sleep(seconds)
+
+    with Run() as run:
+        run.init(name="full")
+        address = run._address
+        sender, losses = make_sender(address.address, address.key, store_dir / "spill" / "full.msgpack",
+                                     flush_interval_s=0.05)
+        for wait_s, spilled_so_far in ((None, 50), (10.0, 50)):  # the second wait spills nothing more
+            assert sender.flush(10)
+            held = threading.Event()
+            holder = threading.Thread(target=hold, args=(sender._acked, 0.6, held))
+            holder.start()
+            held.wait()
+            sender.wake()  # the sender thread now waits for the lock at its next flush check
+            time.sleep(0.1)
+            for step in range(50):
+                sender.buffer.append((RecordKind.METRICS, step, 0.0, 0.0, {"v": 1.0}))
+            started = time.monotonic()
+            sender.buffer_full(50, wait_s)
+            waited = time.monotonic() - started
+            holder.join()
+            assert losses.snapshot().get("spilled", 0) == spilled_so_far, (wait_s, waited)
+            assert (waited < 0.45) if wait_s is None else (waited >= 0.3)
+        assert sender.close(None, {}, 10.0) is True
