@@ -35,7 +35,10 @@ _LAZY = {
     "SimvueWarning": ".errors",
 }
 
-__all__ = [*_LAZY, "__version__"]
+__all__ = [  # the names of _LAZY, written out for type checkers and linters
+    "Client", "Handler", "Run", "Simvue", "SimvueError", "SimvueRunError", "SimvueTypeError", "SimvueValueError",
+    "SimvueWarning", "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

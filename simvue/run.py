@@ -14,7 +14,8 @@ import threading
 import time as _time
 import traceback
 import warnings
-from collections.abc import Iterable, Mapping
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from . import lifecycle, session, topology, validation
@@ -105,10 +106,10 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
         lifecycle.track(self)
 
     def _reset_process_state(self) -> None:
-        self._buffer = None  # the hot path's deque; None until this process has joined
+        self._buffer: deque[tuple] | None = None  # the hot path's deque; None until this process has joined
         self._pipe: session.Pipe | None = None
         self._membership: session.Membership | None = None
-        self._steps = None
+        self._steps: Iterator[int] = iter(())  # the membership's step counter, once joined
         self._known_names: frozenset[str] = frozenset()
         self._max_buffered = self._settings.max_buffered_records
         self._full_wait_s = self._settings.close_timeout_s if self._settings.queue_blocking else None
@@ -226,7 +227,7 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
                 return self._fail("reconnect", SimvueRunError("reconnect() needs a Run that was not started"))
             if not isinstance(run_id, str) or not run_id:
                 return self._fail("reconnect", SimvueValueError(f"reconnect() needs a run id or name, not {run_id!r}"))
-            fields = {
+            fields: dict[str, Any] = {
                 "name": run_id, "metadata": {}, "tags": [], "description": None, "folder": "/",
                 "status": "running", "now": _now(), "resume_id": run_id,
             }
@@ -305,17 +306,19 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
             or not metrics.keys() <= self._known_names
             or not _plain_finite(metrics.values())
         ):
-            metrics = self._checked_metrics(metrics)
-            if metrics is None:
+            checked = self._checked_metrics(metrics)
+            if checked is None:
                 return False
+            metrics = checked
         else:
             metrics = metrics.copy()
         auto_step = next(self._steps)
+        stamp = None
         if step is not None or time is not None or timestamp is not None:
             try:
                 step = auto_step if step is None else validation.step(step)
                 time = None if time is None else validation.elapsed_time(time)
-                timestamp = None if timestamp is None else validation.timestamp(timestamp)
+                stamp = None if timestamp is None else validation.timestamp(timestamp)
             except SimvueError as exc:
                 return self._fail("log_metrics", exc)
         else:
@@ -323,15 +326,15 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
         now = _now()
         # A MetricsRecord, built as a plain tuple of its layout: the cheapest object there is.
         buffer.append(
-            (_METRICS, step, now - self._t0 if time is None else time, now if timestamp is None else timestamp, metrics)
+            (_METRICS, step, now - self._t0 if time is None else time, now if stamp is None else stamp, metrics)
         )
-        if len(buffer) >= self._max_buffered:
+        if len(buffer) >= self._max_buffered and self._pipe is not None:
             self._pipe.buffer_full(self._max_buffered, self._full_wait_s)
         return True
 
     log = log_metrics  # the older ``Simvue()`` client's name, without an extra call
 
-    def _checked_metrics(self, metrics: Any) -> dict | None:
+    def _checked_metrics(self, metrics: Any) -> dict[str, int | float] | None:
         try:
             checked = validation.metrics(metrics)
         except SimvueError as exc:

@@ -22,14 +22,14 @@ import hashlib
 import itertools
 import logging
 import os
-import threading
-import weakref
 import platform
 import secrets
 import socket
 import sys
+import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from pathlib import Path
 from typing import Any, Protocol
@@ -65,7 +65,10 @@ class Pipe(Protocol):
     """Where a ``Run`` handle's records go in this process."""
 
     buffer: deque
-    spill: SpillFile | None  # where undeliverable records went, if this pipe can spill
+
+    @property
+    def spill(self) -> SpillFile | None:
+        """Where undeliverable records went, if this pipe can spill."""
 
     def buffer_full(self, limit: int, wait_s: float | None) -> None:
         """The buffer holds ``limit`` records: wait up to ``wait_s`` (None: the pipe's own
@@ -323,6 +326,7 @@ def open_run(
             if initialised_mpi() is not None:
                 rendezvous.broadcast_mpi(membership.address, settings.rendezvous_timeout_s)
             else:
+                assert membership.address is not None  # an aggregator always has one
                 path = rendezvous.file_for(topology, ordinal)
                 rendezvous.publish_file(path, membership.address)
                 membership.cleanup_path = path

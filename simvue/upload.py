@@ -28,14 +28,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
-
-import requests
 import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import requests
 
 from .abort import AbortSignal
 from .api.config import ServerConfig

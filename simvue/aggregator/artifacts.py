@@ -46,7 +46,7 @@ class ArtifactAssembly:
                 writer is None or writer.size != info.get("size") or writer.checksum() != info.get("checksum")
             ):
                 problem = "its content arrived incomplete"
-            if problem is not None:
+            if problem is not None or writer is None:
                 if writer is not None:
                     writer.discard()
                 return None, str(problem)

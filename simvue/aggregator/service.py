@@ -33,8 +33,8 @@ from ..resources import NodeSampling, Proc
 from ..store import Store, StoreBatch
 from ..transport.protocol import BadFrame
 from ..transport.rendezvous import AggregatorAddress
-from .instructions import Instruction, Reply, SampleHere
 from . import liveness
+from .instructions import Instruction, Reply, SampleHere
 from .receiver import Binding, Receiver
 from .state import AggregatorState, Clock, SystemClock
 
@@ -282,7 +282,7 @@ class Aggregator:
                 else:
                     self._failed_batches.append((item, attempts + 1))
                 continue
-            for time_, message, level in item.events:
+            for _, message, level in item.events:
                 if level in ("error", "warning") and log.isEnabledFor(logging.DEBUG):
                     log.debug("run %r: %s", self.run_name, message)
             if item.status is not None or item.ended is not None:

@@ -25,7 +25,7 @@ dropped and counted.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from .._util import merge_dicts
@@ -151,7 +151,7 @@ class AggregatorState:
         self._abort_announced = False
         self._last_heartbeat = float("-inf")
         self.final_status: str | None = None
-        self._control = {
+        self._control: dict[RecordKind, Callable[[Producer, Any], None]] = {
             RecordKind.EVENT: self._on_event,
             RecordKind.METADATA: self._on_metadata,
             RecordKind.TAGS: self._on_tags,
@@ -277,9 +277,9 @@ class AggregatorState:
         """The run's last batch: pending reductions, the final status and what was lost."""
         self.reducer.finish()
         for sender_id in self.artifacts.abandon():
-            state = self.table.by_id.get(sender_id)
+            sender = self.table.by_id.get(sender_id)
             self.losses.record(LossReason.ARTIFACT_FAILED)
-            self._event(f"an artifact from {state.label if state else 'a sender'} never finished arriving", "error")
+            self._event(f"an artifact from {sender.label if sender else 'a sender'} never finished arriving", "error")
         producers = list(self.table.producers())
         lost = [p.label for p in producers if p.presence is LOST] + [f"rank{r}" for r in self.table.never_joined]
         statuses = {p.exit_status for p in producers}
@@ -313,17 +313,16 @@ class AggregatorState:
             if not isinstance(body, dict):
                 raise ValueError("HELLO body is not a map")
             given_up = len(self.table.never_joined)
-            state = self.table.hello(sender_id, body, now)
+            joined = self.table.hello(sender_id, body, now)
             if len(self.table.never_joined) < given_up:
                 hours = (now - self.table.started) / 3600
-                self._event(f"{state.label} joined the run after all, {hours:.2f} h after it started", "warning")
-                self._merge_metadata({"simvue": {"lost": {state.label: None}}})
-            self.table.accept(state, seq, now)
-            self._merge_metadata({"simvue": {"processes": {state.label: state.describe()}}})
+                self._event(f"{joined.label} joined the run after all, {hours:.2f} h after it started", "warning")
+                self._merge_metadata({"simvue": {"lost": {joined.label: None}}})
+            self.table.accept(joined, seq, now)
+            self._merge_metadata({"simvue": {"processes": {joined.label: joined.describe()}}})
             self._sampling_changed = True
-            out: list[Instruction] = [
-                Reply(sender_id, MessageKind.ACK, {"seq": state.last_seq, "closed": False, "run": {**self.run, "label": state.label}})
-            ]
+            welcome = {"seq": joined.last_seq, "closed": False, "run": {**self.run, "label": joined.label}}
+            out: list[Instruction] = [Reply(sender_id, MessageKind.ACK, welcome)]
             if self._abort_announced:
                 out.append(Reply(sender_id, MessageKind.ABORT, None))
             return out
@@ -381,7 +380,7 @@ class AggregatorState:
                             target.add(step, t, ts, value)
                 else:
                     kind = RecordKind(record[0])
-                    self._control[kind](producer, RECORD_TYPES[kind]._make(record))  # type: ignore[attr-defined]
+                    self._control[kind](producer, RECORD_TYPES[kind]._make(record))
             except Exception:  # noqa: BLE001 - one bad record must not stop the others
                 self.losses.record(LossReason.BAD_RECORD)
                 for chunk in self._batch.metrics.values():

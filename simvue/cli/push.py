@@ -16,8 +16,8 @@ from typing import TextIO
 from ..api import config as api_config
 from ..api.connection import Backoff, Connection, ServerRejected, ServerUnavailable, retrying
 from ..config import from_environment
-from ..upload import Replicator
 from ..store import Store
+from ..upload import Replicator
 
 PROGRESS_INTERVAL_S = 0.2
 

@@ -192,7 +192,7 @@ class ResourcesRecord(NamedTuple):
     values: dict[str, float]  # complete names, ``resources/...``
 
 
-RECORD_TYPES: dict[RecordKind, type[tuple]] = {
+RECORD_TYPES: dict[RecordKind, Any] = {  # each a NamedTuple class, with ``_make``
     RecordKind.METRICS: MetricsRecord,
     RecordKind.EVENT: EventRecord,
     RecordKind.METADATA: MetadataRecord,
