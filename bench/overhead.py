@@ -9,7 +9,7 @@ this script; the MPI phase under ``timeout -k 10 N mpiexec -n 4``) with a tempor
 ``SIMVUE_STORE``.  What is measured, and how, is described in docs/performance.md.
 
 The aggregator is instrumented from the outside only: in the benchmark's aggregating process
-``AggregatorState._ingest``, ``Aggregator._commit``, ``Aggregator._loop`` and ``protocol.decode``
+``AggregatorState._ingest``, ``RunWriter.write``, ``Aggregator._loop`` and ``protocol.decode``
 are wrapped with timers (wall and thread-CPU time).  No simvue code is changed.
 """
 
@@ -216,7 +216,7 @@ class Instrument:
         self.calls[key] = self.calls.get(key, 0) + 1
 
     def install(self, profile: bool = False) -> None:
-        from simvue.aggregator import receiver, service, state
+        from simvue.aggregator import receiver, service, state, writer
         from simvue.transport import protocol
 
         instrument = self
@@ -233,7 +233,7 @@ class Instrument:
             return wrapper
 
         state.AggregatorState._ingest = timed("ingest", state.AggregatorState._ingest)
-        service.Aggregator._commit = timed("commit", service.Aggregator._commit)
+        writer.RunWriter.write = timed("commit", writer.RunWriter.write)
         receiver.protocol.decode = timed("decode", protocol.decode)  # the receiver's module reference
         original_loop = service.Aggregator._loop
         original_finish = service.Aggregator._finish
@@ -300,14 +300,14 @@ def watch_buffer_full() -> dict:
 
 def stored_points(store_dir: str, name: str | None = None) -> dict:
     """Points per metric in the store (summed over its chunks), for the run ``name`` or the
-    only run."""
+    only run; resource series (sampled beside the benchmark's own points) are left out."""
     from simvue.store import Store
 
     store = Store(store_dir)
     try:
         runs = store.runs()
         run = [r for r in runs if name is None or r["name"] == name][-1]
-        counts = store.metric_counts(run["id"])
+        counts = {n: c for n, c in store.metric_counts(run["id"]).items() if not n.startswith("resources/")}
         return {"run": run["name"], "status": run["status"], "series": len(counts),
                 "points": int(sum(counts.values())), "metadata_losses": run["metadata"].get("simvue", {}).get("losses")}
     finally:
@@ -904,7 +904,7 @@ def render(raw: dict, args, calls: int, rounds: int, mpi_rounds: int, total_s: f
         add("")
         add("Aggregator thread cost, from wrapping its methods (medians over repeats; CPU = thread CPU time):")
         add("")
-        add("| pipeline | decode (HMAC + unpack) | merge (`_ingest`) | commit (`_commit` → SQLite) | aggregator thread CPU, all | capacity if it had a core to itself |")
+        add("| pipeline | decode (HMAC + unpack) | merge (`_ingest`) | commit (`RunWriter.write` → SQLite) | aggregator thread CPU, all | capacity if it had a core to itself |")
         add("|---|---:|---:|---:|---:|---:|")
         for label, reps in rows:
             def per_point(key, reps=reps):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install simvue with its test extras into .venv and run every test: the serial suite, then
-# the MPI suite under mpiexec with 2 and 4 ranks (MPICH from PyPI; no system MPI needed).
+# Install simvue with its test extras into .venv, lint and type-check the package, and run
+# every test: the serial suite (tests/unit, tests/scenarios), then the MPI suite under
+# mpiexec with 2 and 4 ranks (MPICH from PyPI; no system MPI needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,10 @@ python -m pip install -q --disable-pip-version-check -e ".[mpi,server,gpu,test]"
 # since it is also called simvue).
 [ -x .venv-upstream/bin/python ] || python3 -m venv .venv-upstream
 .venv-upstream/bin/pip install -q --disable-pip-version-check "simvue==2.6.2"
+
+# The linter and the type checker, on the package (rules and settings: pyproject.toml).
+ruff check simvue
+mypy
 
 export PYTEST_ADDOPTS="-p no:cacheprovider --color=no"
 python -m pytest -q --timeout=180 --ignore=tests/mpi tests "$@"

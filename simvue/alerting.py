@@ -7,7 +7,7 @@ can watch ``rank3/loss`` or ``loss.max``.  ``frequency`` is in minutes (fraction
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .aggregator.alerts import CRITICAL, OK, RULES, AlertSpec, alert_spec
 from .errors import SimvueError, SimvueValueError
@@ -17,6 +17,12 @@ from .transport.protocol import AlertRecord, AlertStateRecord, RecordKind
 class AlertsMixin:
     """``add_alert``, ``create_metric_threshold_alert``, ``create_metric_range_alert``,
     ``create_event_alert``, ``create_user_alert`` and ``log_alert``."""
+
+    if TYPE_CHECKING:  # what this mixin uses of ``Run``, declared for the type checker only
+
+        def _fail(self, kind: str, error: SimvueError) -> bool: ...
+
+        def _record(self, record: tuple, call: str = "record") -> bool: ...
 
     def add_alert(
         self,
@@ -32,7 +38,7 @@ class AlertsMixin:
         notification: str = "none",
         pattern: str | None = None,
         *,
-        type: str | None = None,  # noqa: A002 - the older Simvue() client's name for rule
+        type: str | None = None,
         description: str | None = None,
         trigger_abort: bool = False,
     ) -> bool:

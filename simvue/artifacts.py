@@ -28,11 +28,16 @@ import pickle
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import validation
 from .errors import SimvueError, SimvueRunError, SimvueValueError
 from .transport.transfer import ArtifactJob
+
+if TYPE_CHECKING:
+    from collections import deque
+
+    from .session import Pipe
 
 CATEGORIES = ("code", "input", "output")
 NUMPY_MIME = "application/vnd.simvue.numpy.v1"
@@ -97,7 +102,7 @@ def deserialize(data: bytes, mime_type: str, allow_pickle: bool = False) -> Any:
     if mime_type == JSON_MIME:
         return json.loads(data.decode("utf-8"))
     if mime_type == PICKLE_MIME and allow_pickle:
-        return pickle.loads(data)  # noqa: S301 - the caller opted in
+        return pickle.loads(data)
     return data
 
 
@@ -115,6 +120,15 @@ def _artifact_name(value: Any) -> str:
 
 class ArtifactsMixin:
     """The artifact methods of ``Run``."""
+
+    if TYPE_CHECKING:  # what this mixin uses of ``Run``, declared for the type checker only
+        _state: str
+        _buffer: deque[tuple] | None
+        _pipe: Pipe | None
+
+        def _process_buffer(self, call: str) -> deque[tuple] | None: ...
+
+        def _fail(self, kind: str, error: SimvueError) -> bool: ...
 
     # -- the upstream 2.x names -----------------------------------------------------------
 
@@ -297,7 +311,7 @@ class ArtifactsMixin:
             buffer = self._process_buffer(call)
             if buffer is None:
                 return self._state == "disabled"
-        if not self._pipe.save_artifact(job):
+        if self._pipe is None or not self._pipe.save_artifact(job):  # a buffer comes with its pipe
             return self._fail(
                 call, SimvueRunError(f"artifact {job.info['name']!r} not saved: this process has no aggregator to send it to")
             )

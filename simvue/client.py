@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from .api import config as api_config
-from .artifacts import deserialize
 from .api.connection import Connection
 from .api.remote import RemoteStore
+from .artifacts import deserialize
 from .config import Settings
 from .errors import SimvueRunError, SimvueValueError
 from .store import RunNotFound, Store
@@ -184,7 +184,7 @@ class Client:
         ]
         if not runs:
             return None
-        rows = []
+        rows: list[tuple[str, str, float, float]] = []  # run, metric, x, value
         for run in runs:
             label = run.name if use_run_names else run.id
             names = set(self._source.metric_names(run.id))

@@ -26,7 +26,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 
 class Closable(Protocol):
@@ -157,7 +157,7 @@ def _watch_for_unhandled_sigterm() -> None:
         os.close(read_fd)
         os.close(write_fd)
         return
-    main_ident = threading.main_thread().ident
+    main_ident = cast(int, threading.main_thread().ident)  # the main thread has always started
     pid = os.getpid()
 
     def watch() -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from ..errors import SimvueTypeError, SimvueValueError
 
@@ -58,11 +58,12 @@ class AlertSpec:
         return alert_spec(**{key: value for key, value in fields.items() if key in known})
 
     def holds(self, value: float) -> bool:
+        # ``alert_spec`` sets the threshold of an above/below rule and the range of the others.
         if self.rule == "is above":
-            return value > self.threshold
+            return value > cast(float, self.threshold)
         if self.rule == "is below":
-            return value < self.threshold
-        inside = self.range_low <= value <= self.range_high
+            return value < cast(float, self.threshold)
+        inside = cast(float, self.range_low) <= value <= cast(float, self.range_high)
         return inside if self.rule == "is inside range" else not inside
 
 
@@ -181,8 +182,8 @@ class AlertEngine:
         state = self.alerts[spec.name] = AlertState(spec, next_due=now + spec.frequency_s)
         if not spec.attached:
             return True  # kept with the run for a server, never evaluated here
-        if spec.source == "metrics":
-            self._by_metric.setdefault(spec.metric, []).append(state)
+        if spec.source == "metrics":  # ``alert_spec`` gives every metrics alert its metric
+            self._by_metric.setdefault(cast(str, spec.metric), []).append(state)
         elif spec.source == "events":
             self._event_alerts.append(state)
         return True
@@ -203,8 +204,8 @@ class AlertEngine:
             state.count += count
 
     def observe_event(self, message: str) -> None:
-        for state in self._event_alerts:
-            if state.spec.pattern in message:
+        for state in self._event_alerts:  # ``alert_spec`` gives every events alert its pattern
+            if cast(str, state.spec.pattern) in message:
                 state.matched = True
 
     def set_status(self, name: str, status: str, now: float) -> Transition | None:

@@ -5,7 +5,7 @@ It runs as a daemon thread, ``simvue-aggregator``, in the process that created t
 itself never touches: the ``Receiver`` (the ROUTER socket senders connect to), the local
 buffer (the deque this process's own ``Run`` appends to), and the store (one transaction
 per commit).  Each loop it feeds the state what arrived, carries out the instructions the
-state returns, and every ``commit_interval_s`` writes the state's batch.  It also runs this
+state returns, and every ``commit_interval_s`` writes the state's batch (``writer``).  It also runs this
 node's resource sampler and checks every ``liveness.PROBE_INTERVAL_S`` whether a sender's
 process on this node has ended.
 
@@ -23,36 +23,26 @@ import threading
 import traceback
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from .._util import drain
 from ..abort import AbortSignal
 from ..config import Settings
-from ..losses import LossCounter, LossReason
+from ..losses import LossCounter
 from ..resources import NodeSampling, Proc
-from ..store import Store, StoreBatch
+from ..store import Store
 from ..transport.protocol import BadFrame
 from ..transport.rendezvous import AggregatorAddress
 from . import liveness
 from .instructions import Instruction, Reply, SampleHere
 from .receiver import Binding, Receiver
 from .state import AggregatorState, Clock, SystemClock
+from .writer import Follower, RunWriter
 
 MAX_MESSAGES_PER_LOOP = 2000
 MAX_POINTS_PER_COMMIT = 200_000
 TICK_INTERVAL_S = 0.1
-MAX_COMMIT_ATTEMPTS = 5
 log = logging.getLogger(__name__)
-
-
-class Follower(Protocol):
-    """Reads the run back from the store as it is written (the uploader to a server)."""
-
-    def wake(self) -> None:
-        """The run's status changed in the store: act on it now."""
-
-    def finish(self, timeout_s: float) -> bool:
-        """The run has ended in the store; returns whether it caught up within ``timeout_s``."""
 
 
 class Aggregator:
@@ -85,9 +75,8 @@ class Aggregator:
         self.losses = losses or LossCounter()
         self.local_buffer: deque[tuple] = deque()
         self.blobs = store.blobs
-        self._store = store
+        self._writer = RunWriter(store, self.run_id, self.losses, followers)
         self._key = key
-        self._followers = list(followers)
         self._clock = clock or SystemClock()
         self.state = AggregatorState(
             run=run,
@@ -121,7 +110,6 @@ class Aggregator:
         self._lock = threading.Condition()
         self._flush_requested = False
         self._flush_round = 0
-        self._failed_batches: list[tuple[StoreBatch, int]] = []
         self._bind_error: BaseException | None = None
         self.address: AggregatorAddress | None = None
         self._thread = threading.Thread(target=self._run, name="simvue-aggregator", daemon=True)
@@ -232,7 +220,7 @@ class Aggregator:
                 flush_requested, self._flush_requested = self._flush_requested, False
             if flush_requested or now >= next_commit or state.pending_points >= MAX_POINTS_PER_COMMIT:
                 state.local_records(drain(self.local_buffer))
-                self._commit(state.take_batch())
+                self._writer.write(state.take_batch())
                 next_commit = now + settings.commit_interval_s
                 if flush_requested:
                     with self._lock:
@@ -242,7 +230,7 @@ class Aggregator:
                 if not state.closing:
                     self._carry_out(state.close_local(self._close_status))
                     state.local_records(drain(self.local_buffer))
-                    self._commit(state.take_batch())
+                    self._writer.write(state.take_batch())
                 if state.can_finish():
                     self._finish()
                     return
@@ -269,36 +257,14 @@ class Aggregator:
             elif isinstance(instruction, SampleHere) and self._sampler is not None:
                 self._sampler.set_processes(instruction.processes)
 
-    def _commit(self, batch: StoreBatch) -> None:
-        pending = [*self._failed_batches, (batch, 0)]
-        self._failed_batches = []
-        for item, attempts in pending:
-            try:
-                self._store.write(self.run_id, item)
-            except Exception as exc:  # noqa: BLE001 - keep the data and try again
-                if attempts + 1 >= MAX_COMMIT_ATTEMPTS:
-                    self.losses.record(LossReason.STORE_FAILED, item.point_count + len(item.events))
-                    os.write(2, f"simvue: could not write to {self._store.path}: {exc!r}; data dropped\n".encode())
-                else:
-                    self._failed_batches.append((item, attempts + 1))
-                continue
-            for _, message, level in item.events:
-                if level in ("error", "warning") and log.isEnabledFor(logging.DEBUG):
-                    log.debug("run %r: %s", self.run_name, message)
-            if item.status is not None or item.ended is not None:
-                for follower in self._followers:
-                    follower.wake()
-
     def _finish(self, crashed: bool = False) -> None:
         if self._sampler is not None:
             self._sampler.stop(min(5.0, self.settings.close_timeout_s))  # the last sample goes in too
         self.state.local_records(drain(self.local_buffer))
-        self._commit(self.state.finish(crashed=crashed))
+        self._writer.write(self.state.finish(crashed=crashed))
         log.debug(
             "run %r finished %s: %s; losses %s", self.run_name, self.state.final_status,
             ", ".join(f"{p.label} {p.presence.value}" for p in self.state.table.producers()),
             self.losses.snapshot() or "none",
         )
-        self._store.close()
-        for follower in self._followers:
-            follower.finish(self.settings.close_timeout_s)
+        self._writer.close(self.settings.close_timeout_s)

@@ -159,4 +159,7 @@ def _run_dict(run: dict) -> dict:
         "ended": seconds("endtime"),
         "heartbeat": seconds("heartbeat"),
         "heartbeat_timeout_s": run.get("heartbeat_timeout"),
+        "options": {
+            key: run[key] for key in ("ttl", "visibility", "notifications") if key in run
+        },
     }

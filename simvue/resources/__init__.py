@@ -27,7 +27,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import msgpack
 
@@ -62,7 +62,7 @@ class NodeSampling:
         self._plain_pid = plain_pid
         self._processes = tuple(processes)
         self._lock = threading.Lock()
-        self._process: subprocess.Popen | None = None
+        self._process: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
 
     def start(self) -> NodeSampling:
@@ -101,7 +101,7 @@ class NodeSampling:
                 return
             self._send({"stop": True}, process)
             try:
-                process.stdin.close()
+                cast(IO[bytes], process.stdin).close()  # started with stdin=PIPE
             except OSError:
                 pass
         if self._reader is not None:
@@ -112,18 +112,22 @@ class NodeSampling:
             process.kill()
             process.wait()
 
-    def _send(self, command: dict[str, Any], process: subprocess.Popen | None = None) -> None:
-        process = process or self._process
+    def _send(self, command: dict[str, Any], process: subprocess.Popen[bytes] | None = None) -> None:
+        process = cast("subprocess.Popen[bytes]", process or self._process)  # callers send only to a running one
+        stdin = cast(IO[bytes], process.stdin)  # started with stdin=PIPE
         try:
-            process.stdin.write(msgpack.packb(command))
-            process.stdin.flush()
+            stdin.write(msgpack.packb(command))
+            stdin.flush()
         except (OSError, ValueError):
             pass  # it has exited; its stderr says why
 
     def _read(self) -> None:
         process = self._process
+        if process is None:
+            return  # stopped before this thread began
+        stdout = cast(IO[bytes], process.stdout)  # started with stdout=PIPE
         unpacker = msgpack.Unpacker(use_list=True, strict_map_key=False)
-        fd = process.stdout.fileno()
+        fd = stdout.fileno()
         while True:
             try:
                 data = os.read(fd, 1 << 16)
@@ -135,7 +139,7 @@ class NodeSampling:
             for record in unpacker:
                 if isinstance(record, list) and record:
                     self._emit(tuple(record))
-        process.stdout.close()
+        stdout.close()
 
 
 class SamplingRole:

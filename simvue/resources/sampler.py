@@ -109,6 +109,7 @@ class NodeSampler:
     def _device_values(self, device: Any) -> dict[str, float]:
         readings = self._readings.get(device.index)
         if readings is None:
+            assert self.gpus is not None  # devices come from self.gpus, so it is set
             readings = self._readings[device.index] = self.gpus.device_values(device)
         return readings
 

@@ -55,7 +55,8 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
 
 def _route_templates(routers: list[tuple[str, APIRouter]]) -> list[tuple[re.Pattern, str]]:
     """Each route's full path and the pattern it matches, for counting requests by route."""
-    paths = [prefix + route.path for prefix, router in routers for route in router.routes]
+    # Starlette types ``routes`` as ``BaseRoute``, which has no ``path``; every route here is an ``APIRoute``.
+    paths = [prefix + route.path for prefix, router in routers for route in router.routes]  # type: ignore[attr-defined]
     return [(compile_path(path)[0], path) for path in paths]
 
 
@@ -76,7 +77,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(api)
     app.include_router(artifacts.content_router)
     routers = [(API_PREFIX, module.router) for module in _API_MODULES] + [("", artifacts.content_router)]
-    app.add_exception_handler(RequestValidationError, _invalid_request)
+    # Starlette types a handler as taking any ``Exception``, though it is only called with the class given.
+    app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
     app.add_middleware(
         RequestGuard,
         routes=_route_templates(routers),

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO, Any, cast
 
 import requests
 
@@ -49,7 +50,7 @@ class ServerProcess:
         self.extra_env = dict(env or {})
         self.url: str | None = None
         self.port = 0
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[str] | None = None
         self.output: list[str] = []
         self.start()
         try:
@@ -80,8 +81,9 @@ class ServerProcess:
         )
         deadline = time.monotonic() + START_TIMEOUT_S
         first_line = len(self.output)
+        stdout = cast(IO[str], self.process.stdout)  # stdout=PIPE
         while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
+            line = stdout.readline()
             if not line:
                 break
             self.output.append(line)
@@ -95,8 +97,8 @@ class ServerProcess:
         self.stop()
         raise RuntimeError("simvue server did not start:\n" + "".join(self.output[first_line:]))
 
-    def _keep_output(self, process: subprocess.Popen) -> None:
-        for line in process.stdout:
+    def _keep_output(self, process: subprocess.Popen[str]) -> None:
+        for line in cast(IO[str], process.stdout):  # started with stdout=PIPE
             self.output.append(line)
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
@@ -116,16 +118,17 @@ class ServerProcess:
     @property
     def env(self) -> dict[str, str]:
         """What a client process needs to use this server."""
-        return {"SIMVUE_URL": self.url, "SIMVUE_TOKEN": self.token}
+        # start() set the URL, or __init__ raised
+        return {"SIMVUE_URL": cast(str, self.url), "SIMVUE_TOKEN": self.token}
 
-    def get(self, path: str, **params) -> object:
+    def get(self, path: str, **params: Any) -> Any:
         response = requests.get(
             f"{self.url}/api{path}", params=params, headers={"Authorization": f"Bearer {self.token}"}, timeout=30
         )
         response.raise_for_status()
         return response.json()
 
-    def put(self, path: str, body: dict | None = None) -> object:
+    def put(self, path: str, body: dict | None = None) -> Any:
         response = requests.put(
             f"{self.url}/api{path}", json=body or {}, headers={"Authorization": f"Bearer {self.token}"}, timeout=30
         )

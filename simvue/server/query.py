@@ -20,7 +20,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from ..validation import timestamp
 
@@ -157,7 +157,8 @@ def order(records: list, keys: list[SortKey], fields: FieldValues) -> list:
     for key in reversed(keys):
         present = [r for r in records if fields(r, key.column)]
         missing = [r for r in records if not fields(r, key.column)]
-        present.sort(key=lambda r: _sortable(fields(r, key.column)[0]), reverse=key.descending)
+        # ``present`` holds only records with values for the column, so ``fields`` gives a list.
+        present.sort(key=lambda r: _sortable(cast(list, fields(r, key.column))[0]), reverse=key.descending)
         records = present + missing
     return records
 

@@ -285,13 +285,14 @@ class Store:
         tags: list[str],
         status: str,
         system: dict[str, Any],
-        heartbeat_timeout_s: float,
+        heartbeat_timeout_s: float | None,
         options: dict[str, Any] | None = None,
         run_id: str | None = None,
         now: float | None = None,
     ) -> str:
         """Add a run; ``options`` are its settings for a server (``ttl``, ``visibility``,
-        ``notifications``, in the server's form)."""
+        ``notifications``, in the server's form).  A run whose ``heartbeat_timeout_s`` is
+        None never reads as lost."""
         run_id = run_id or new_id()
         now = time.time() if now is None else now
         with self._transaction() as db:
@@ -469,7 +470,9 @@ class Store:
 
     def metric_series(self, run_id: str, name: str) -> dict[str, array]:
         """``{"steps", "times", "timestamps", "values"}`` arrays of one metric, in logging order."""
-        series = {"steps": array("q"), "times": array("d"), "timestamps": array("d"), "values": array("d")}
+        series: dict[str, array] = {
+            "steps": array("q"), "times": array("d"), "timestamps": array("d"), "values": array("d")
+        }
         rows = self._db.execute(
             "SELECT c.steps, c.times, c.timestamps, c.vals FROM metric_chunks c JOIN metrics m ON m.id = c.metric_id"
             " WHERE m.run_id=? AND m.name=? ORDER BY c.id",

@@ -366,6 +366,7 @@ def test_cli_reads_runs_from_the_configured_server(server):
     assert remote["metrics"] == local["metrics"]
     assert [e["message"] for e in remote["events"]] == [e["message"] for e in local["events"]]
     assert (remote["status"], remote["tags"]) == (local["status"], local["tags"])
+    assert remote["options"] == local["options"]  # sent with the run, read back the same
 
 
 def test_a_rejected_batch_stops_the_upload_but_keeps_everything_for_push(tmp_path):

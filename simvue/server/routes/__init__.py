@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -90,7 +90,10 @@ def _epoch_seconds(text: str) -> float:
 
 # Request-body field types shared by the route modules; a value they reject is a 422.
 FolderPath = Annotated[str, AfterValidator(validation.folder)]
-IsoTime = Annotated[str, AfterValidator(_epoch_seconds)]  # becomes seconds since the epoch
+if TYPE_CHECKING:  # what the routes read: the validator has made the string a number
+    IsoTime = float
+else:
+    IsoTime = Annotated[str, AfterValidator(_epoch_seconds)]  # becomes seconds since the epoch
 Metadata = Annotated[dict[str, Any], AfterValidator(validation.metadata)]  # finite JSON only
 Tag = Annotated[str, StringConstraints(min_length=1)]
 

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from ...store import new_id
-from . import Page, DataHandle, iso, not_found, require_run
+from . import DataHandle, Page, iso, not_found, require_run
 
 router = APIRouter()
 

@@ -22,7 +22,7 @@ from ...store import new_id
 from ..auth import blob_key, blob_key_matches
 from ..blobs import CHECKSUM, ChecksumMismatch, receive
 from ..db import Handle
-from . import Page, DataHandle, bad_request, iso, json_list, not_found, require_run, with_handle
+from . import DataHandle, Page, bad_request, iso, json_list, not_found, require_run, with_handle
 
 router = APIRouter()  # under /api, with the token check
 content_router = APIRouter()  # upload and download URLs, authorised by their key

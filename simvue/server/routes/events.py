@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ...store import StoreBatch
 from ..query import QueryError, parse_filters, select
-from . import Page, DataHandle, IsoTime, bad_request, iso, require_run
+from . import DataHandle, IsoTime, Page, bad_request, iso, require_run
 from .ingest import RawBody, write_once
 
 router = APIRouter()
@@ -35,7 +35,7 @@ def post_events(body: RawBody, handle: DataHandle, idempotency_key: Annotated[st
     request = body.parse(EventsPost)
     require_run(handle, request.run)
     now = time.time()
-    events = [
+    events: list[tuple[float, str, str]] = [
         (now if e.timestamp is None else e.timestamp, e.message, e.log_level or "info") for e in request.events
     ]
     written = write_once(handle, request.run, idempotency_key, StoreBatch(events=events, heartbeat=now))

@@ -14,11 +14,11 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from ...store import new_id
 from ..._util import merge_dicts
+from ...store import new_id
 from ..db import Handle
 from ..query import QueryError, dotted, order, parse_filters, parse_sorting, select
-from . import Page, DataHandle, FolderPath, Metadata, Tag, bad_request, iso, not_found
+from . import DataHandle, FolderPath, Metadata, Page, Tag, bad_request, iso, not_found
 
 router = APIRouter()
 

@@ -41,7 +41,7 @@ class Body:
         if "msgpack" in self.content_type:
             try:
                 return msgpack.unpackb(self.content, raw=False)
-            except Exception as exc:  # msgpack raises several unrelated types for bad input
+            except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types for bad input
                 raise HTTPException(status_code=400, detail=f"request body is not valid msgpack: {exc}") from None
         try:
             return json.loads(self.content)

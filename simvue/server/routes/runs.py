@@ -23,7 +23,7 @@ from ...names import random_name
 from ...store import StoreBatch, new_id
 from ..db import Handle
 from ..query import QueryError, dotted, order, parse_filters, parse_sorting, select
-from . import Page, DataHandle, FolderPath, IsoTime, Metadata, Tag, bad_request, iso, require_run
+from . import DataHandle, FolderPath, IsoTime, Metadata, Page, Tag, bad_request, iso, require_run
 from .alerts import attach_alerts, run_alerts
 from .folders import ensure_folder
 
