@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal, cast
 
@@ -150,7 +151,7 @@ class SenderTable:
             **self._identity(info),
             sender_id=sender_id,
             last_seen=now,
-            created=float(created) if created.__class__ in (int, float) else None,
+            created=float(created) if created.__class__ in (int, float) and math.isfinite(created) else None,
         )
         self.by_id[sender_id] = state
         self.live_labels.add(state.label)

@@ -256,6 +256,7 @@ def test_server_options_and_shell_variables_are_kept_with_the_run(store_dir, mon
     ``record_shell_vars`` copies matching environment variables into the metadata."""
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_RAW", b"caf\xe9".decode("utf-8", "surrogateescape"))  # not UTF-8 in the environment
     monkeypatch.setenv("OTHER", "x")
     with Run() as run:
         run.config(suppress_errors=False, storage_id="fast-disk")
@@ -268,7 +269,7 @@ def test_server_options_and_shell_variables_are_kept_with_the_run(store_dir, mon
         "notifications": {"state": "lost"},
         "storage_id": "fast-disk",
     }
-    assert exported["metadata"]["shell"] == {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8"}
+    assert exported["metadata"]["shell"] == {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8", "SLURM_RAW": "caf\udce9"}
     assert exported["metadata"]["a"] == 1
     with Run() as run:
         run.init(name="defaults", visibility="tenant")

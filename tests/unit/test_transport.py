@@ -175,3 +175,37 @@ def test_a_full_buffer_spills_after_a_short_wait_or_with_queue_blocking_waits_fo
             assert losses.snapshot().get("spilled", 0) == spilled_so_far, (wait_s, waited)
             assert (waited < 0.45) if wait_s is None else (waited >= 0.3)
         assert sender.close(None, {}, 10.0) is True
+
+
+def test_a_signed_message_with_a_malformed_body_cannot_end_the_aggregator(store_dir):
+    """Correctly signed frames whose bodies are the wrong shape (a DATA body that is an int,
+    a HELLO body that is a list, records of the wrong types) are dropped and counted; the
+    aggregator goes on, and everything sent before and after is stored."""
+    with Run() as run:
+        run.init(name="malformed")
+        key = run._address.key
+        sock = raw_dealer(run._address.address)
+        sock.send_multipart(protocol.encode(key, MessageKind.HELLO, 1, {"role": "worker", "pid": 1, "host": "h"}))
+        assert recv_ack(sock, key)["run"]["name"] == "malformed"
+        good = lambda seq, step: protocol.encode(  # noqa: E731
+            key, MessageKind.DATA, seq, [[RecordKind.METRICS, step, 0.0, time.time(), {"x": float(step)}]]
+        )
+        sock.send_multipart(good(2, 0))
+        sock.send_multipart(protocol.encode(key, MessageKind.DATA, 3, 12345))
+        sock.send_multipart(protocol.encode(key, MessageKind.HELLO, 4, [1, 2, 3]))
+        sock.send_multipart(protocol.encode(key, MessageKind.DATA, 5, [[RecordKind.METRICS, "step", 0.0, 0.0, {"x": 1.0}],
+                                                                         [RecordKind.EVENT, 1.0, {"not": "text"}, "info"],
+                                                                         [RecordKind.TAGS, "not-a-list"], "junk", None]))
+        sock.send_multipart(protocol.encode(key, MessageKind.ACK, 6, None))  # a kind only the aggregator sends
+        sock.send_multipart(good(7, 1))
+        run.log_metrics({"after": 1.0})
+        sock.send_multipart(protocol.encode(key, MessageKind.BYE, 8, {"status": None, "dropped": {}}))
+        assert recv_ack(sock, key, timeout_ms=10_000)["seq"] == 8
+        sock.close()
+    exported = read_run(store_dir, "malformed")
+    assert exported["status"] == "completed"
+    assert [(p[0], p[2]) for p in exported["metrics"]["worker0/x"]] == [(0, 0.0), (1, 1.0)]
+    assert [p[2] for p in exported["metrics"]["after"]] == [1.0]
+    losses = exported["metadata"]["simvue"]["losses"]
+    assert losses["bad_message"] == 3 and losses["bad_record"] == 5, losses
+    assert exported["tags"] == [] and exported["events"] == []
