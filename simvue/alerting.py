@@ -7,22 +7,17 @@ can watch ``rank3/loss`` or ``loss.max``.  ``frequency`` is in minutes (fraction
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ._run_parts import RunParts
 from .aggregator.alerts import CRITICAL, OK, RULES, AlertSpec, alert_spec
 from .errors import SimvueError, SimvueValueError
 from .transport.protocol import AlertRecord, AlertStateRecord, RecordKind
 
 
-class AlertsMixin:
+class AlertsMixin(RunParts):
     """``add_alert``, ``create_metric_threshold_alert``, ``create_metric_range_alert``,
     ``create_event_alert``, ``create_user_alert`` and ``log_alert``."""
-
-    if TYPE_CHECKING:  # what this mixin uses of ``Run``, declared for the type checker only
-
-        def _fail(self, kind: str, error: SimvueError) -> bool: ...
-
-        def _record(self, record: tuple, call: str = "record") -> bool: ...
 
     def add_alert(
         self,

@@ -28,16 +28,12 @@ import pickle
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import validation
+from ._run_parts import RunParts
 from .errors import SimvueError, SimvueRunError, SimvueValueError
 from .transport.transfer import ArtifactJob
-
-if TYPE_CHECKING:
-    from collections import deque
-
-    from .session import Pipe
 
 CATEGORIES = ("code", "input", "output")
 NUMPY_MIME = "application/vnd.simvue.numpy.v1"
@@ -118,17 +114,8 @@ def _artifact_name(value: Any) -> str:
     return value
 
 
-class ArtifactsMixin:
+class ArtifactsMixin(RunParts):
     """The artifact methods of ``Run``."""
-
-    if TYPE_CHECKING:  # what this mixin uses of ``Run``, declared for the type checker only
-        _state: str
-        _buffer: deque[tuple] | None
-        _pipe: Pipe | None
-
-        def _process_buffer(self, call: str) -> deque[tuple] | None: ...
-
-        def _fail(self, kind: str, error: SimvueError) -> bool: ...
 
     # -- the upstream 2.x names -----------------------------------------------------------
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import validation
+from .artifacts import ArtifactsMixin
 from .errors import SimvueError, SimvueTypeError, SimvueValueError
 from .transport.protocol import MetadataRecord, RecordKind, TagsRecord
 
@@ -42,44 +43,8 @@ def _parameters(parameters: Any) -> dict[str, Any]:
     return validation.metadata(parameters)
 
 
-class CompatMixin:
+class CompatMixin(ArtifactsMixin):
     """Methods ``Run`` offers under other clients' names; each maps onto a ``Run`` call."""
-
-    if TYPE_CHECKING:  # what this mixin uses of ``Run``, declared for the type checker only
-
-        # Any message: ``log_event`` checks it, and records an exception as "Type: message".
-        def log_event(self, message: Any, timestamp: str | None = None, log_level: str = "info") -> bool: ...
-
-        def set_folder_details(
-            self,
-            path: str | Mapping[str, Any] | None = None,
-            metadata: Mapping[str, Any] | None = None,
-            tags: Iterable[str] | None = None,
-            description: str | None = None,
-        ) -> bool: ...
-
-        def log_metrics(
-            self,
-            metrics: dict[str, int | float],
-            step: int | None = None,
-            time: float | None = None,
-            timestamp: str | None = None,
-        ) -> bool: ...
-
-        def save(
-            self,
-            filename: Any,
-            category: str,
-            filetype: str | None = None,
-            preserve_path: bool = False,
-            name: str | None = None,
-            allow_pickle: bool = False,
-            metadata: Mapping[str, Any] | None = None,
-        ) -> bool: ...
-
-        def _fail(self, kind: str, error: SimvueError) -> bool: ...
-
-        def _record(self, record: tuple, call: str = "record") -> bool: ...
 
     # -- the older Simvue() client: Simvue(), log, event, folder_details ----------------------
 
