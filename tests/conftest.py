@@ -10,7 +10,7 @@ State logic is tested over simulated hours with an injected clock
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -25,9 +25,20 @@ from simvue.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+
+def _importable(*modules: str) -> bool:
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 # Tests of an optional extra skip cleanly where it is not installed.
 needs_server = pytest.mark.skipif(
-    importlib.util.find_spec("fastapi") is None, reason='the server extra is not installed: pip install "simvue[server]"'
+    not _importable("fastapi", "uvicorn", "jwt"), reason='the server extra is not installed: pip install "simvue[server]"'
 )
 
 
