@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections import deque
@@ -22,11 +23,17 @@ def drain(buffer: deque[T], limit: int | None = None) -> list[T]:
     return [popleft() for _ in range(count)]
 
 
-def safe_filename(text: str, fallback: str = "unknown") -> str:
+def safe_filename(text: str, fallback: str = "unknown", *, distinct: bool = False) -> str:
     """``text`` with every character but ASCII letters, digits, ``.``, ``_`` and ``-``
-    replaced by ``_``: safe in a file name on any file system, never a path."""
-    safe = _UNSAFE_IN_FILENAMES.sub("_", text)
-    return fallback if safe in ("", ".", "..") else safe
+    replaced by ``_``: safe in a file name on any file system, never a path.  With
+    ``distinct``, a changed name gets a short hash of the original, so that ``a/b`` and
+    ``a_b`` (or ``résumé`` and ``r_sum_``) never share a file."""
+    safe = _UNSAFE_IN_FILENAMES.sub("_", text)[:100]
+    if safe in ("", ".", ".."):
+        safe = fallback
+    if distinct and safe != text:
+        safe = f"{safe}-{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+    return safe
 
 
 def merge_dicts(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -40,15 +40,17 @@ from .transport.rendezvous import AggregatorAddress
 _now = _time.time
 _isfinite = math.isfinite
 _METRICS = RecordKind.METRICS
+_INT64_MIN, _INT64_MAX = validation.INT64_MIN, validation.INT64_MAX
 
 NEW, ACTIVE, CLOSED, DISABLED = "new", "active", "closed", "disabled"
 
 
 def _plain_finite(values: Any) -> bool:
-    """True when every value is a plain int/float and none is inf or nan (the fast check)."""
+    """True when every value is a plain float, or an int that fits in 64 bits, and none is
+    inf or nan (the fast check; anything else takes ``validation.metrics``)."""
     for value in values:
         cls = value.__class__
-        if cls is not float and cls is not int:
+        if cls is not float and (cls is not int or not _INT64_MIN <= value <= _INT64_MAX):
             return False
     return _isfinite(sum(values))
 

@@ -488,7 +488,7 @@ def _spill_only(name: str | None, settings: Settings, topology: Topology) -> Mem
 
 
 def _spill_path(settings: Settings, run_name: str, label: str) -> Path:
-    return settings.store_path() / SPILL_DIRECTORY / f"{safe_filename(run_name)}-{label}-{os.getpid()}.msgpack"
+    return settings.store_path() / SPILL_DIRECTORY / f"{safe_filename(run_name, distinct=True)}-{label}-{os.getpid()}.msgpack"
 
 
 def _explicit_key(explicit: tuple[str, bytes | None]) -> bytes:

@@ -12,6 +12,7 @@ import json
 import math
 import numbers
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -19,10 +20,13 @@ from .errors import SimvueTypeError, SimvueValueError
 
 # The metric-name alphabet the Simvue server accepts.
 METRIC_NAME = re.compile(r"^[a-zA-Z0-9\-_\s/.:=><+()%]+$")
-RUN_NAME = re.compile(r"^[a-zA-Z0-9\-_.:+=()%@ ]+$")
 FOLDER = re.compile(r"^/([a-zA-Z0-9\-_.:+=()% ]+(/[a-zA-Z0-9\-_.:+=()% ]+)*)?/?$")
 MAX_NAME_LENGTH = 256
 MAX_EVENT_LENGTH = 1 << 20
+MAX_METADATA_DEPTH = 64  # levels of nested dicts and lists
+MAX_METADATA_BYTES = 16 << 20  # as JSON; one update_metadata call
+# What every stage can carry: msgpack on the wire, int64 columns in the store, the server.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 RUN_STATUSES = ("created", "running", "completed", "failed", "terminated", "lost")
 FINAL_STATUSES = ("completed", "failed", "terminated", "lost")
@@ -41,17 +45,27 @@ def metric_name(name: Any) -> str:
 
 
 def metric_value(name: str, value: Any) -> float | int:
-    if value.__class__ is int or value.__class__ is float:
+    if value.__class__ is float:
         pass
+    elif value.__class__ is int:
+        if not INT64_MIN <= value <= INT64_MAX:  # stored as a float64 anyway: say so once here
+            value = _float(name, value)
     elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise SimvueTypeError(
             f"metric {name!r} has a {type(value).__name__} value {value!r}; metrics must be int or float"
         )
     else:  # numpy scalars, fractions, ...: store a plain float
-        value = float(value)
+        value = _float(name, value)
     if not math.isfinite(value):
         raise SimvueValueError(f"metric {name!r} is {value!r}; metric values must be finite")
     return value
+
+
+def _float(name: str, value: Any) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise SimvueValueError(f"metric {name!r} is too large for a float64: {str(value)[:40]}...") from None
 
 
 def metrics(values: Any) -> dict[str, float | int]:
@@ -66,8 +80,8 @@ def metrics(values: Any) -> dict[str, float | int]:
 def step(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise SimvueTypeError(f"step must be an int, not {type(value).__name__} {value!r}")
-    if value < 0:
-        raise SimvueValueError(f"step must be >= 0, got {value}")
+    if not 0 <= value <= INT64_MAX:
+        raise SimvueValueError(f"step must be between 0 and 2**63 - 1, got {value}")
     return int(value)
 
 
@@ -110,13 +124,16 @@ def optional_timestamp(seconds: float | None) -> str | None:
 
 
 def run_name(value: Any) -> str:
+    """Any text a person would call a run: 1-256 characters, not only spaces, no control
+    characters, valid Unicode (``résultat-1``, ``a/b``, ``Lauf 3 (ω=2)``).  Where a name
+    becomes part of a file name it is mapped with ``_util.safe_filename``."""
     if not isinstance(value, str):
         raise SimvueTypeError(f"run name must be a str, not {type(value).__name__}")
-    if not value or len(value) > MAX_NAME_LENGTH or not RUN_NAME.match(value):
-        raise SimvueValueError(
-            f"invalid run name {value!r}: use 1-{MAX_NAME_LENGTH} letters, digits, spaces and - _ . : + = ( ) % @"
-        )
-    return value
+    if not value.strip() or len(value) > MAX_NAME_LENGTH:
+        raise SimvueValueError(f"invalid run name {value!r}: use 1-{MAX_NAME_LENGTH} characters, not only spaces")
+    if not value.isprintable() and any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
+        raise SimvueValueError(f"invalid run name {value!r}: no control characters or lone surrogates")
+    return utf8(value, "run name")
 
 
 def folder(value: Any) -> str:
@@ -128,6 +145,8 @@ def folder(value: Any) -> str:
 
 
 def metadata(value: Any) -> dict[str, Any]:
+    """A checked copy of ``value``: what JSON can hold, finite, at most ``MAX_METADATA_DEPTH``
+    levels and ``MAX_METADATA_BYTES``, ints that fit in 64 bits, text that is valid UTF-8."""
     if not isinstance(value, Mapping):
         raise SimvueTypeError(f"metadata must be a dict, not {type(value).__name__}")
     for key in value:
@@ -135,9 +154,46 @@ def metadata(value: Any) -> dict[str, Any]:
             raise SimvueTypeError(f"metadata key {key!r} is not a str")
     try:
         # A JSON round trip both checks and copies: what the store keeps is what JSON can hold.
-        return json.loads(json.dumps(dict(value), allow_nan=False, default=_jsonable))
+        text = json.dumps(dict(value), allow_nan=False, default=_jsonable)
+    except RecursionError:
+        raise SimvueValueError(f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep") from None
     except (TypeError, ValueError) as exc:
         raise SimvueValueError(f"metadata cannot be stored: {exc}") from None
+    if len(text) > MAX_METADATA_BYTES:
+        raise SimvueValueError(f"metadata is {len(text):,} bytes as JSON; the limit is {MAX_METADATA_BYTES:,}")
+    copy = json.loads(text)
+    _check_portable(copy, "metadata")
+    return copy
+
+
+def _check_portable(value: Any, what: str) -> None:
+    """Raise unless every stage can carry ``value`` (decoded JSON): nesting, 64-bit ints,
+    UTF-8 text.  Iterative, so a deep value cannot exhaust the stack."""
+    todo = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if depth > MAX_METADATA_DEPTH:
+            raise SimvueValueError(f"{what} is nested more than {MAX_METADATA_DEPTH} levels deep")
+        if isinstance(item, dict):
+            for key, child in item.items():
+                utf8(key, f"{what} key")
+                todo.append((child, depth + 1))
+        elif isinstance(item, list):
+            todo.extend((child, depth + 1) for child in item)
+        elif isinstance(item, str):
+            utf8(item, what)
+        elif item.__class__ is int and not INT64_MIN <= item <= INT64_MAX:
+            raise SimvueValueError(f"{what} holds the int {item}, which does not fit in 64 bits")
+
+
+def utf8(text: str, what: str) -> str:
+    """``text`` if it can be encoded as UTF-8 (no lone surrogates), else an error naming ``what``."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise SimvueValueError(f"{what} {text[:40]!r} is not valid Unicode text: {exc.reason}") from None
+    return text
 
 
 def _jsonable(value: Any) -> Any:
@@ -157,14 +213,14 @@ def tags(value: Any) -> list[str]:
     for tag in value:
         if not isinstance(tag, str) or not tag:
             raise SimvueValueError(f"tag {tag!r} is not a non-empty str")
-        out.append(tag)
+        out.append(utf8(tag, "tag"))
     return out
 
 
 def description(value: Any) -> str | None:
     if value is not None and not isinstance(value, str):
         raise SimvueTypeError(f"description must be a str, not {type(value).__name__}")
-    return value
+    return None if value is None else utf8(value, "description")
 
 
 def _choice(value: Any, choices: tuple[str, ...], what: str) -> str:
@@ -184,7 +240,7 @@ def event_message(value: Any) -> str:
         raise SimvueTypeError(f"event message must be a str, not {type(value).__name__}")
     if len(value) > MAX_EVENT_LENGTH:
         raise SimvueValueError(f"event message is {len(value)} characters; the limit is {MAX_EVENT_LENGTH}")
-    return value
+    return utf8(value, "event message")
 
 
 def event_level(value: Any) -> str:

@@ -44,6 +44,9 @@ class Receiver:
         try:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.RCVHWM, RCV_HWM_MESSAGES)
+            # libzmq drops a larger frame unread and disconnects its sender: memory stays
+            # bounded whatever an unauthenticated process sends.
+            sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_BYTES)
             sock.setsockopt(zmq.LINGER, 0)
             if self._binding.address:
                 sock.bind(self._binding.address)

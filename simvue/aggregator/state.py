@@ -60,6 +60,7 @@ from .sampling import SamplingPlanner
 from .senders import LOST, Producer, SenderState, SenderTable
 
 RUN_HEARTBEAT_INTERVAL_S = 1.0  # how often the run's heartbeat in the store is refreshed
+_LOSS_REASONS = {reason.value for reason in LossReason}
 _METRICS = RecordKind.METRICS
 
 
@@ -351,6 +352,11 @@ class AggregatorState:
                 if isinstance(dropped, dict) and dropped:
                     counts = {str(k): v for k, v in dropped.items() if v.__class__ is int}
                     self._merge_metadata({"simvue": {"dropped_calls": {state.label: counts}}})
+                losses = body.get("losses")
+                if isinstance(losses, dict):  # what the sender itself could not deliver
+                    for reason, count in losses.items():
+                        if reason in _LOSS_REASONS and count.__class__ is int and count > 0:
+                            self.losses.record(LossReason(reason), count)
             return [self._ack(state)]
         raise ValueError(f"a sender does not send {kind.name}")
 

@@ -27,8 +27,10 @@ HELLO      body: map {rank, size, local_rank, pid, host, role: "rank"|"worker"|"
 DATA       body: array of records (below), in the order the process produced them.
 HEARTBEAT  body: nil.  Sent when a sender has had nothing else to send for one heartbeat
            interval; the aggregator answers with ACK.
-BYE        body: map {status: null|"completed"|"failed"|"terminated", dropped: {reason: n}}.
-           The last message; the aggregator answers with ACK once it has processed it.
+BYE        body: map {status: null|"completed"|"failed"|"terminated", dropped: {call: n},
+           losses: {reason: n}}.  The last message; the aggregator answers with ACK once
+           it has processed it, and adds ``losses`` (records the sender itself spilled or
+           could not send) to the run's.
 =========  =============================================================================
 
 Kinds, aggregator -> sender:
@@ -208,6 +210,11 @@ RECORD_TYPES: dict[RecordKind, Any] = {  # each a NamedTuple class, with ``_make
 
 ARTIFACT_CHUNK_BYTES = 1 << 20
 MAX_ARTIFACT_BYTES_IN_FLIGHT = 8 << 20
+# A sender's DATA payload is at most MAX_PAYLOAD_BYTES (a batch that would be larger is split);
+# the aggregator's socket refuses any frame larger than MAX_FRAME_BYTES (libzmq drops it
+# unread), so no sender, honest or not, can make it hold more than that at once.
+MAX_PAYLOAD_BYTES = 32 << 20
+MAX_FRAME_BYTES = 64 << 20
 
 MAC_BYTES = 32
 
@@ -224,7 +231,13 @@ class BadFrame(Exception):
 
 def encode(key: bytes, kind: MessageKind, seq: int, body: Any) -> list[bytes]:
     """The frames of one message."""
-    payload = msgpack.packb((PROTOCOL_VERSION, kind, seq, body))
+    return encode_packed(key, kind, seq, msgpack.packb(body))
+
+
+def encode_packed(key: bytes, kind: MessageKind, seq: int, packed_body: bytes) -> list[bytes]:
+    """The frames of one message whose body is already packed: the payload array is its
+    header and first three elements followed by the body's bytes, as ``packb`` would make it."""
+    payload = b"\x94" + msgpack.packb(PROTOCOL_VERSION) + msgpack.packb(kind) + msgpack.packb(seq) + packed_body
     return [hmac.new(key, payload, hashlib.sha256).digest(), payload]
 
 

@@ -94,7 +94,7 @@ def directory() -> Path:
 
 
 def file_for(topology: Topology, ordinal: int) -> Path:
-    return directory() / f"{safe_filename(str(topology.job_id))}.{ordinal}.json"
+    return directory() / f"{safe_filename(str(topology.job_id), distinct=True)}.{ordinal}.json"
 
 
 def publish_file(path: Path, address: AggregatorAddress) -> None:

@@ -17,11 +17,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import zmq
 
 from .._util import drain
 from ..abort import AbortSignal
-from ..losses import LossCounter
+from ..losses import LossCounter, LossReason
 from . import protocol
 from .protocol import MessageKind
 from .spill import SpillFile, data_records
@@ -93,6 +94,7 @@ class Sender:
         self.welcomed = threading.Event()
         self._abort = abort
         self._on_sample = on_sample
+        self._warned_bad_record = False
         self._thread = threading.Thread(target=self._run, name="simvue-sender", daemon=True)
         self._thread.start()
 
@@ -222,15 +224,53 @@ class Sender:
         return protocol.encode(self._key, kind, seq, body)
 
     def _queue(self, kind: MessageKind, body: Any) -> None:
+        self._queue_packed(kind, msgpack.packb(body))
+
+    def _queue_packed(self, kind: MessageKind, packed_body: bytes) -> None:
         self._sent_seq += 1
-        frames = self._frames(kind, self._sent_seq, body)
+        frames = protocol.encode_packed(self._key, kind, self._sent_seq, packed_body)
         self._unacked.append((self._sent_seq, frames[1]))
         self._outbox.append((self._sent_seq, frames))
+
+    def _queue_records(self, records: list) -> None:
+        """Queue ``records`` as DATA messages of at most ``MAX_PAYLOAD_BYTES``.  A record that
+        cannot be packed (a value the Run API let through, or a bug) or is too large on its
+        own is dropped and counted; the others go on."""
+        try:
+            body = msgpack.packb(records)
+        except Exception:  # noqa: BLE001 - find the bad records, keep the rest
+            records = [record for record in records if self._packable(record)]
+            if not records:
+                return
+            body = msgpack.packb(records)
+        if len(body) > protocol.MAX_PAYLOAD_BYTES:
+            if len(records) == 1:
+                self._drop(f"a record of {len(body):,} bytes, above the {protocol.MAX_PAYLOAD_BYTES:,}-byte limit")
+                return
+            half = len(records) // 2
+            self._queue_records(records[:half])
+            self._queue_records(records[half:])
+            return
+        self._queue_packed(MessageKind.DATA, body)
+
+    def _packable(self, record: Any) -> bool:
+        try:
+            msgpack.packb(record)
+        except Exception as exc:  # noqa: BLE001 - any packing failure drops this record only
+            self._drop(f"a record that cannot be sent ({exc!r}): {str(record)[:80]}")
+            return False
+        return True
+
+    def _drop(self, what: str) -> None:
+        self._losses.record(LossReason.BAD_RECORD)
+        if not self._warned_bad_record:
+            self._warned_bad_record = True
+            os.write(2, f"simvue: dropped {what}; further such records are counted\n".encode())
 
     def _send_buffered(self) -> bool:
         """Queue everything buffered; returns whether artifact chunks were among it."""
         while self.buffer:
-            self._queue(MessageKind.DATA, drain(self.buffer, MAX_BATCH_RECORDS))
+            self._queue_records(drain(self.buffer, MAX_BATCH_RECORDS))
         sent_bulk = False
         while self._bulk:
             with self._acked:
@@ -288,7 +328,10 @@ class Sender:
 
     def _say_bye(self, sock: zmq.Socket) -> None:
         self._send_buffered()
-        self._queue(MessageKind.BYE, {"status": self._close_status, "dropped": self._dropped_at_close})
+        self._queue(
+            MessageKind.BYE,
+            {"status": self._close_status, "dropped": self._dropped_at_close, "losses": self._losses.snapshot()},
+        )
         bye_seq = self._sent_seq
         deadline = time.monotonic() + self._close_timeout_s
         while time.monotonic() < deadline:

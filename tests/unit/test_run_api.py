@@ -180,7 +180,8 @@ def test_bad_arguments_raise_and_nothing_logged_is_lost(store_dir, call, error):
 
 
 def test_bad_init_arguments_raise(store_dir):
-    for kwargs in ({"name": "has/slash"}, {"folder": "relative"}, {"tags": "x"}, {"metadata": 3},
+    for kwargs in ({"name": ""}, {"name": "   "}, {"name": "tab\there"}, {"name": "x" * 257}, {"name": "bad\ud800"},
+                   {"name": 5}, {"description": "bad\udc80"}, {"tags": ["ok", "\ud800"]}, {"folder": "relative"}, {"tags": "x"}, {"metadata": 3},
                    {"status": "completed"}, {"notification": "sms"}, {"retention_period": "1 parsec"},
                    {"retention_period": 30}, {"retention_period": "0 s"}, {"retention_period": "nan days"},
                    {"visibility": "everyone"}, {"visibility": ["ok", ""]}, {"visibility": 5},
@@ -317,3 +318,57 @@ with Run(debug=True) as run:
     assert quiet.returncode == 0 and "DEBUG" not in quiet.stderr
     wrong = run_script(code.replace("debug=True", "debug='yes'"))
     assert wrong.returncode == 0 and "debug must be True or False" in wrong.stderr
+
+
+@pytest.mark.parametrize("name", ["résultat-1", "a/b", "Lauf 3 (ω=2)", "..", "x" * 256, "../../etc/passwd"])
+def test_any_name_a_person_would_give_a_run_is_recorded(store_dir, name):
+    with Run() as run:
+        run.config(suppress_errors=False)
+        assert run.init(name=name)
+        run.log_metrics({"x": 1.0})
+    exported = read_run(store_dir, name)
+    assert exported["name"] == name and exported["metrics"]["x"][0][2] == 1.0
+
+
+def test_names_become_distinct_safe_file_names():
+    from simvue._util import safe_filename
+
+    names = ["a/b", "a_b", "résumé", "r_sum_", "..", "../../etc/passwd", "", "x" * 300]
+    files = [safe_filename(name, distinct=True) for name in names]
+    assert len(set(files)) == len(files)
+    for file in files:
+        assert file and "/" not in file and file not in (".", "..") and len(file) <= 120 and file.isascii()
+    assert safe_filename("plain-name_1.2", distinct=True) == "plain-name_1.2"
+
+
+@pytest.mark.parametrize("values, stored", [({"x": 10**400}, None), ({"x": 2**64}, float(2**64)),
+                                             ({"x": -(2**63) - 1}, float(-(2**63) - 1)), ({"x": 2**63 - 1}, float(2**63 - 1))])
+def test_huge_ints_are_stored_as_floats_or_refused_with_a_warning_never_raised(store_dir, values, stored):
+    with Run() as run:
+        run.init(name="huge")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            accepted = run.log_metrics(values)
+        assert accepted is (stored is not None)
+        assert len(caught) == (0 if accepted else 1)
+        assert run.log_metrics({"x": 1.0}, step=2**63) is False  # beyond int64: refused
+    points = read_run(store_dir, "huge")["metrics"].get("x", [])
+    assert [p[2] for p in points] == ([] if stored is None else [stored])
+
+
+def test_deep_or_unportable_metadata_is_refused_with_a_warning_never_raised(store_dir):
+    deep: dict = {}
+    cursor = deep
+    for _ in range(10_000):
+        cursor["a"] = {}
+        cursor = cursor["a"]
+    with Run() as run:
+        run.init(name="unportable")
+        for bad in (deep, {"k": "\ud800"}, {"\udc80": 1}, {"n": 2**64}, {"l": [[[[[[[[1]]]]]]]] * 2, "big": "x" * (17 << 20)}):
+            with warnings.catch_warnings(record=True):
+                warnings.simplefilter("always")
+                assert run.update_metadata(bad) is False
+        assert run.update_metadata({"fine": {"n": 2**63 - 1, "t": "ünïcode"}}) is True
+    metadata = read_run(store_dir, "unportable")["metadata"]
+    assert metadata["fine"] == {"n": 2**63 - 1, "t": "ünïcode"}
+    assert metadata["simvue"]["dropped_calls"]["main"]["update_metadata"] == 5

@@ -209,3 +209,87 @@ def test_a_signed_message_with_a_malformed_body_cannot_end_the_aggregator(store_
     losses = exported["metadata"]["simvue"]["losses"]
     assert losses["bad_message"] == 3 and losses["bad_record"] == 5, losses
     assert exported["tags"] == [] and exported["events"] == []
+
+
+def test_a_record_the_sender_cannot_pack_is_dropped_alone_and_counted_in_the_run(store_dir):
+    """A record that slipped past the Run API (an int beyond 64 bits, an object msgpack cannot
+    pack, a lone surrogate) costs that record only: the sender goes on, the others arrive,
+    and the run's metadata counts the loss."""
+    with Run() as run:
+        run.init(name="unpackable")
+        address = run._address
+        sender, losses = make_sender(address.address, address.key, store_dir / "spill" / "bad.msgpack")
+        for step in range(30):
+            sender.buffer.append((RecordKind.METRICS, step, 0.0, 0.0, {"v": float(step)}))
+            if step == 10:
+                sender.buffer.append((RecordKind.METRICS, 2**64, 0.0, 0.0, {"v": 1.0}))
+                sender.buffer.append((RecordKind.EVENT, 0.0, "lone \ud800", "info"))
+                sender.buffer.append((RecordKind.METADATA, {"x": object()}))
+        assert sender.flush(10)
+        sender.buffer.append((RecordKind.METRICS, 30, 0.0, 0.0, {"v": 30.0}))
+        assert sender.close(None, {}, 10.0) is True
+        assert losses.snapshot() == {"bad_record": 3}
+    exported = read_run(store_dir, "unpackable")
+    assert [p[0] for p in exported["metrics"]["worker0/v"]] == list(range(31))
+    assert exported["metadata"]["simvue"]["losses"] == {"bad_record": 3}
+
+
+def test_a_batch_larger_than_a_message_is_split_and_every_record_arrives(store_dir):
+    from simvue.transport.protocol import MAX_PAYLOAD_BYTES
+
+    with Run() as run:
+        run.init(name="split")
+        address = run._address
+        sender, losses = make_sender(address.address, address.key, store_dir / "spill" / "split.msgpack")
+        text = "y" * (1 << 20)
+        count = MAX_PAYLOAD_BYTES // len(text) + 8  # more than one message's worth
+        for i in range(count):
+            sender.buffer.append((RecordKind.EVENT, float(i), f"{i} {text}", "info"))
+        assert sender.close(None, {}, 30.0) is True
+        assert losses.snapshot() == {}
+    events = read_run(store_dir, "split")["events"]
+    assert [int(e["message"].split()[1]) for e in events] == list(range(count))
+
+
+def test_an_oversized_frame_from_anyone_is_refused_without_holding_it_in_memory(store_dir, tmp_path):
+    """libzmq refuses a frame above MAX_FRAME_BYTES before reading it: a 256 MB frame from an
+    unauthenticated local process leaves the aggregator's memory where it was."""
+    import subprocess
+    import sys
+    import threading
+
+    import psutil
+
+    from simvue.transport.protocol import MAX_FRAME_BYTES
+
+    with Run() as run:
+        run.init(name="oversized")
+        me = psutil.Process()
+        before = me.memory_info().rss
+        peak = [before]
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.is_set():
+                peak[0] = max(peak[0], me.memory_info().rss)
+                time.sleep(0.005)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        code = (
+            "import sys, uuid, zmq\n"
+            "c = zmq.Context(); s = c.socket(zmq.DEALER); s.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)\n"
+            "s.connect(sys.argv[1])\n"
+            "s.send_multipart([b'm' * 32, b'x' * (256 << 20)]); s.close(linger=30000); c.term(); print('sent')\n"
+        )
+        result = subprocess.run([sys.executable, "-c", code, run._address.address], capture_output=True, text=True,
+                                timeout=60)
+        time.sleep(0.5)
+        sampling.set()
+        sampler.join()
+        assert result.stdout.strip() == "sent", result.stderr
+        run.log_metrics({"after": 1.0})
+    grew = peak[0] - before
+    assert grew < MAX_FRAME_BYTES, f"the aggregator's process grew by {grew / 2**20:.0f} MB"
+    exported = read_run(store_dir, "oversized")
+    assert exported["status"] == "completed" and exported["metrics"]["after"][0][2] == 1.0
