@@ -80,9 +80,10 @@ def metrics(values: Any) -> dict[str, float | int]:
 def step(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise SimvueTypeError(f"step must be an int, not {type(value).__name__} {value!r}")
-    if not 0 <= value <= INT64_MAX:
-        raise SimvueValueError(f"step must be between 0 and 2**63 - 1, got {value}")
-    return int(value)
+    number = int(value)
+    if not 0 <= number <= INT64_MAX:
+        raise SimvueValueError(f"step must be between 0 and 2**63 - 1, got {number}")
+    return number
 
 
 def elapsed_time(value: Any) -> float:
