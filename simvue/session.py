@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
-import hashlib
 import itertools
 import logging
 import os
@@ -315,30 +314,40 @@ def open_run(
         return _aggregate(
             run_fields, settings, topology, server, expected_ranks=1, namespace=False, role="process"
         )
+    # The run's key is a random secret: given with an explicit address, or made by rank 0 and
+    # shared only through MPI (if the user initialised it) or the private rendezvous file.
     explicit = rendezvous.explicit()
     if topology.rank == 0:
         membership = _aggregate(
             run_fields, settings, topology, server, expected_ranks=topology.size, namespace=True, role="rank",
-            bind_address=_bind_address(explicit[0]) if explicit else None,
-            key=_explicit_key(explicit) if explicit else None,
+            explicit_address=explicit[0] if explicit else None,
+            key=explicit[1] if explicit else None,
         )
-        if explicit is None:
+        if explicit is None or explicit[1] is None:
+            assert membership.address is not None  # an aggregator always has one
             if initialised_mpi() is not None:
                 rendezvous.broadcast_mpi(membership.address, settings.rendezvous_timeout_s)
             else:
-                assert membership.address is not None  # an aggregator always has one
                 path = rendezvous.file_for(topology, ordinal)
-                rendezvous.publish_file(path, membership.address)
-                membership.cleanup_path = path
+                try:
+                    rendezvous.publish_file(path, membership.address)
+                    membership.cleanup_path = path
+                except (rendezvous.RendezvousRefused, OSError) as exc:
+                    warnings.warn(f"simvue: the other ranks cannot join this run: {exc}", SimvueWarning, stacklevel=4)
         return membership
-    if explicit is not None:
-        address: AggregatorAddress | None = AggregatorAddress(address=explicit[0], key=_explicit_key(explicit))
+    address: AggregatorAddress | None = None
+    refused = None
+    if explicit is not None and explicit[1] is not None:
+        address = AggregatorAddress(address=explicit[0], key=explicit[1])
     elif initialised_mpi() is not None:
         address = rendezvous.broadcast_mpi(None, settings.rendezvous_timeout_s)
     else:
-        address = rendezvous.find_file(rendezvous.file_for(topology, ordinal), settings.rendezvous_timeout_s)
+        try:
+            address = rendezvous.find_file(rendezvous.file_for(topology, ordinal), settings.rendezvous_timeout_s)
+        except (rendezvous.RendezvousRefused, OSError) as exc:
+            refused = str(exc)
     if address is None:
-        return _spill_only(run_fields.get("name"), settings, topology)
+        return _spill_only(run_fields.get("name"), settings, topology, refused)
     return join(address, settings, topology, role="rank")
 
 
@@ -408,7 +417,7 @@ def _aggregate(
     expected_ranks: int,
     namespace: bool,
     role: str,
-    bind_address: str | None = None,
+    explicit_address: str | None = None,
     key: bytes | None = None,
 ) -> Membership:
     """Create (or resume) the run in the local store, start its aggregator and, when a
@@ -424,7 +433,6 @@ def _aggregate(
             except Exception:
                 store.write(run["id"], StoreBatch(status="failed", ended=time.time()))
                 raise
-        local = topology.single_node or not topology.is_mpi
         aggregator = Aggregator(
             store=store,
             run=run,
@@ -434,11 +442,7 @@ def _aggregate(
             namespace_ranks=namespace,
             key=key or secrets.token_bytes(32),
             abort=abort,
-            binding=Binding(
-                host="127.0.0.1" if local else "*",
-                advertise_host="127.0.0.1" if local else socket.getfqdn(),
-                address=bind_address,
-            ),
+            binding=_binding(topology, explicit_address),
             followers=[uploader] if uploader is not None else [],
         )
         address = aggregator.start()
@@ -475,15 +479,16 @@ def _start_run(store: Store, fields: dict[str, Any]) -> dict[str, Any]:
     return {"id": run_id, "name": fields["name"], "started": now, "status": fields["status"]}
 
 
-def _spill_only(name: str | None, settings: Settings, topology: Topology) -> Membership:
+def _spill_only(name: str | None, settings: Settings, topology: Topology, refused: str | None = None) -> Membership:
     spill = SpillFile(_spill_path(settings, name or "unknown-run", f"rank{topology.rank}"), LossCounter())
     log.debug("rank %s found no aggregator: records go to %s", topology.rank, spill.path)
-    warnings.warn(
-        f"simvue: rank {topology.rank} could not find its run's aggregator within "
-        f"{settings.rendezvous_timeout_s:g} s; its records are kept in {spill.path}",
-        SimvueWarning,
-        stacklevel=4,
-    )
+    if refused is not None:
+        why = f"refused the rendezvous: {refused}"
+    else:
+        why = f"could not find its run's aggregator within {settings.rendezvous_timeout_s:g} s"
+        if rendezvous.explicit() is not None:
+            why += f" (with {rendezvous.ADDRESS_ENV} set, set {rendezvous.KEY_ENV} too when the ranks share no directory)"
+    warnings.warn(f"simvue: rank {topology.rank} {why}; its records are kept in {spill.path}", SimvueWarning, stacklevel=4)
     return Membership(SpillPipe(spill), name=name, run_id=None, started=time.time(), address=None, abort=AbortSignal())
 
 
@@ -491,17 +496,31 @@ def _spill_path(settings: Settings, run_name: str, label: str) -> Path:
     return settings.store_path() / SPILL_DIRECTORY / f"{safe_filename(run_name, distinct=True)}-{label}-{os.getpid()}.msgpack"
 
 
-def _explicit_key(explicit: tuple[str, bytes | None]) -> bytes:
-    address, key = explicit
-    # Without SIMVUE_AGGREGATOR_KEY the key is derived from the address: frames are still
-    # checked for integrity, but anyone who knows the address can forge them.
-    return key or hashlib.sha256(f"simvue:{address}".encode()).digest()
+def _binding(topology: Topology, explicit_address: str | None) -> Binding:
+    """Where the aggregator listens: loopback when the whole job is on this node; else the
+    interface this host's name resolves to (all interfaces only if that cannot be bound);
+    an explicit ``tcp://host:port`` the same way, on that port."""
+    if explicit_address is not None:
+        scheme, _, rest = explicit_address.partition("://")
+        if scheme != "tcp":
+            return Binding(address=explicit_address, advertise=explicit_address)
+        host, _, port = rest.rpartition(":")
+        return Binding(address=f"tcp://{_interface(host)}:{port}", advertise=explicit_address)
+    if topology.single_node or not topology.is_mpi:
+        return Binding(host="127.0.0.1", advertise_host="127.0.0.1")
+    name = socket.getfqdn()
+    return Binding(host=_interface(name), advertise_host=name)
 
 
-def _bind_address(address: str) -> str:
-    scheme, _, rest = address.partition("://")
-    port = rest.rsplit(":", 1)[-1]
-    return f"{scheme}://*:{port}" if scheme == "tcp" else address
+def _interface(host: str) -> str:
+    """The local address ``host`` resolves to, if this process can listen on it; else ``*``."""
+    try:
+        ip = socket.gethostbyname(host.strip("[]"))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((ip, 0))
+    except OSError:
+        return "*"
+    return "*" if ip.startswith("127.") and not host.startswith("127.") and host != "localhost" else ip
 
 
 def _hello(topology: Topology, role: str, started: float | None) -> dict[str, Any]:

@@ -20,12 +20,14 @@ RCV_HWM_MESSAGES = 10_000
 
 @dataclasses.dataclass(frozen=True)
 class Binding:
-    """Where to listen: an explicit ``address`` (``tcp://*:5555``), or a random port on
-    ``host``, advertised to senders as ``advertise_host``."""
+    """Where to listen: an explicit ``address`` (``tcp://10.0.0.5:5555``) advertised to
+    senders as ``advertise`` (``tcp://node1:5555``), or a random port on ``host``,
+    advertised as ``advertise_host``."""
 
     host: str = "127.0.0.1"
     advertise_host: str = "127.0.0.1"
     address: str | None = None
+    advertise: str | None = None
 
 
 class Receiver:
@@ -50,7 +52,7 @@ class Receiver:
             sock.setsockopt(zmq.LINGER, 0)
             if self._binding.address:
                 sock.bind(self._binding.address)
-                return self._binding.address
+                return self._binding.advertise or self._binding.address
             port = sock.bind_to_random_port(f"tcp://{self._binding.host}")
             return f"tcp://{self._binding.advertise_host}:{port}"
         except BaseException:

@@ -12,11 +12,17 @@ In order of precedence:
    ``~/.cache/simvue/rendezvous``) and polled by the other ranks.
 
 Every wait is bounded by ``timeout_s``; ``None`` means "not found" and the caller spills.
+
+The file holds the run's secret key, so it is trusted only if nobody else could have written
+it: it must belong to this user and be readable by nobody else, in a directory that belongs
+to this user and that nobody else can write.  Anything else raises ``RendezvousRefused``
+with what is wrong and what to do, for the writer and for every reader.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import tempfile
@@ -32,6 +38,11 @@ ADDRESS_ENV = "SIMVUE_AGGREGATOR_ADDRESS"
 KEY_ENV = "SIMVUE_AGGREGATOR_KEY"
 DIRECTORY_ENV = "SIMVUE_RENDEZVOUS_DIR"
 MPI_MESSAGE_BYTES = 4096
+MAX_FILE_BYTES = 64 << 10
+
+
+class RendezvousRefused(Exception):
+    """The rendezvous directory or file could have been written by another user."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +108,27 @@ def file_for(topology: Topology, ordinal: int) -> Path:
     return directory() / f"{safe_filename(str(topology.job_id), distinct=True)}.{ordinal}.json"
 
 
+def check_private_directory(directory: Path) -> None:
+    """Raise ``RendezvousRefused`` unless ``directory`` is this user's and nobody else can
+    write it (another user could then plant or replace the file that carries the key)."""
+    info = os.stat(directory)
+    if info.st_uid != os.getuid():
+        raise RendezvousRefused(
+            f"the rendezvous directory {directory} belongs to user id {info.st_uid}, not to you; set "
+            f"{DIRECTORY_ENV} to a directory of your own (visible to every node of the job)"
+        )
+    if info.st_mode & 0o022:
+        raise RendezvousRefused(
+            f"the rendezvous directory {directory} can be written by other users (mode {info.st_mode & 0o777:o}); "
+            f"run chmod go-w on it, or set {DIRECTORY_ENV} to a private directory"
+        )
+
+
 def publish_file(path: Path, address: AggregatorAddress) -> None:
-    """Write ``address`` to ``path`` atomically, readable by the owner only."""
+    """Write ``address`` to ``path`` atomically, readable by the owner only.  Raises
+    ``RendezvousRefused`` if the directory is not private to this user."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    check_private_directory(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
     try:
         os.fchmod(fd, 0o600)
@@ -115,18 +144,42 @@ def publish_file(path: Path, address: AggregatorAddress) -> None:
 
 
 def find_file(path: Path, timeout_s: float) -> AggregatorAddress | None:
-    """Poll for ``path`` (10 ms, growing to 200 ms) until it appears or ``timeout_s`` passes."""
+    """Poll for ``path`` (10 ms, growing to 200 ms) until it appears or ``timeout_s`` passes.
+    Raises ``RendezvousRefused`` for a file or directory another user could have written."""
     deadline = time.monotonic() + timeout_s
     pause_s = 0.01
     while True:
         try:
-            return AggregatorAddress.from_json(path.read_text())
+            return AggregatorAddress.from_json(_read_private(path))
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             pass
         if time.monotonic() >= deadline:
             return None
         time.sleep(pause_s)
         pause_s = min(pause_s * 1.5, 0.2)
+
+
+def _read_private(path: Path) -> bytes:
+    """The content of ``path``, checked on the open file itself (no symlink is followed, so
+    what is checked is what is read)."""
+    if path.parent.exists():
+        check_private_directory(path.parent)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise RendezvousRefused(f"the rendezvous file {path} is a symbolic link; only a plain file is trusted") from None
+    try:
+        info = os.fstat(fd)
+        if info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise RendezvousRefused(
+                f"the rendezvous file {path} belongs to user id {info.st_uid} with mode {info.st_mode & 0o777:o}: only"
+                f" a file of your own that only you can read is trusted (another user may have planted it); remove it"
+            )
+        return os.read(fd, MAX_FILE_BYTES)
+    finally:
+        os.close(fd)
 
 
 def remove_file(path: Path) -> None:

@@ -7,6 +7,8 @@ import stat
 import threading
 import time
 
+import pytest
+
 from simvue.topology import Topology, detect
 from simvue.transport import rendezvous
 from simvue.transport.rendezvous import AggregatorAddress
@@ -81,3 +83,51 @@ def test_a_process_never_joins_the_run_it_exported_itself(monkeypatch):
         rendezvous.export(None)
     monkeypatch.setenv(rendezvous.INHERITED_ENV, AggregatorAddress(address="tcp://x:1", key=b"k", pid=-5).to_json())
     assert rendezvous.inherited().address == "tcp://x:1"
+
+
+def _address(port: int = 5555) -> AggregatorAddress:
+    return AggregatorAddress(address=f"tcp://127.0.0.1:{port}", key=b"k" * 32, run_name="r", run_id="i", started=1.0,
+                             pid=1)
+
+
+def test_a_rendezvous_directory_others_can_write_is_refused_by_writer_and_readers(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # like /tmp
+    path = shared / "job.1.json"
+    with pytest.raises(rendezvous.RendezvousRefused, match="can be written by other users"):
+        rendezvous.publish_file(path, _address())
+    assert not path.exists()
+    path.write_text(_address().to_json())
+    os.chmod(path, 0o600)
+    with pytest.raises(rendezvous.RendezvousRefused, match="can be written by other users"):
+        rendezvous.find_file(path, timeout_s=5)
+
+
+def test_a_rendezvous_file_readable_by_others_or_a_symlink_is_refused(tmp_path):
+    private = tmp_path / "rv"
+    private.mkdir(mode=0o700)
+    loose = private / "loose.json"
+    loose.write_text(_address().to_json())
+    os.chmod(loose, 0o644)
+    with pytest.raises(rendezvous.RendezvousRefused, match="only you can read"):
+        rendezvous.find_file(loose, timeout_s=5)
+    link = private / "link.json"
+    link.symlink_to(loose)
+    with pytest.raises(rendezvous.RendezvousRefused, match="symbolic link"):
+        rendezvous.find_file(link, timeout_s=5)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="planting a file owned by another user needs root")
+def test_a_rendezvous_file_planted_by_another_user_is_refused(tmp_path):
+    private = tmp_path / "rv"
+    private.mkdir(mode=0o700)
+    planted = private / "job.1.json"
+    planted.write_text(_address(6666).to_json())
+    os.chmod(planted, 0o600)
+    os.chown(planted, 65534, 65534)
+    with pytest.raises(rendezvous.RendezvousRefused, match="belongs to user id 65534"):
+        rendezvous.find_file(planted, timeout_s=5)
+    os.chown(private, 65534, 65534)
+    with pytest.raises(rendezvous.RendezvousRefused, match="belongs to user id 65534"):
+        rendezvous.publish_file(private / "job.2.json", _address())
