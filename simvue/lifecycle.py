@@ -95,13 +95,37 @@ def _close_all(status: str | None = None) -> None:
 
 def _exit_status() -> str | None:
     # The interpreter records an uncaught exception in sys.last_value before exit hooks run.
-    if getattr(sys, "last_value", None) is not None:
+    last = getattr(sys, "last_value", None)
+    if isinstance(last, KeyboardInterrupt):
+        return "terminated"
+    if last is not None:
         return "failed"
     return None
 
 
+def _in_mpi_job() -> bool:
+    from .topology import detect  # not at the top: topology hooks fork through this module
+
+    return detect().is_mpi and not in_worker_process()
+
+
+def _exit_instead_of_signal(code: int) -> None:
+    """End this MPI rank with ``code`` now.  An MPI launcher that sees a rank die by a signal
+    SIGKILLs every other rank at once, rank 0 (the run's aggregator) included, which may be
+    finishing the run; a rank that ends with an exit status leaves the others be."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    os._exit(code)
+
+
 def _at_exit() -> None:
-    _close_all(_exit_status())
+    status = _exit_status()
+    _close_all(status)
+    if status == "terminated" and _in_mpi_job():
+        _exit_instead_of_signal(128 + signal.SIGINT)  # the interpreter would re-raise SIGINT
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -113,6 +137,8 @@ def _on_sigterm(signum: int, frame: object) -> None:
         # mid-flush or wait on locks the interrupted one holds; the worker exits anyway.
         return
     _close_all(None if in_worker_process() else "terminated")
+    if _in_mpi_job():
+        _exit_instead_of_signal(128 + signal.SIGTERM)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
 

@@ -19,7 +19,8 @@ class LossReason(str, enum.Enum):
     GAP = "gap"  # messages a sender sent that never arrived
     LATE_STEP = "late_step"  # a value for a reduced step that had already been written
     UNKNOWN_SENDER = "unknown_sender"  # data from a sender that never said hello
-    STORE_FAILED = "store_failed"  # a write the store refused
+    STORE_FAILED = "store_failed"  # records the store refused, and that could not be spilled either
+    STORE_SPILLED = "store_spilled"  # records the store refused (a full disk), kept in its spill/ directory instead
     BAD_RECORD = "bad_record"  # a record the aggregator could not interpret
     ARTIFACT_FAILED = "artifact_failed"  # a saved file or object that could not be stored
 

@@ -123,7 +123,7 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
+        if exc_type is None or (issubclass(exc_type, SystemExit) and exc is not None and exc.code in (0, None)):
             self.close()
             return
         status = "terminated" if issubclass(exc_type, KeyboardInterrupt) else "failed"
@@ -132,7 +132,7 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
             # Exit with a status instead of dying by SIGINT: an MPI launcher kills the whole
             # job when one rank dies by a signal, and rank 0 still has the run to finish.
             raise SystemExit(f"simvue: run {self._name!r} stopped: an abort was requested (by the server or an alert)") from None
-        if self._state == ACTIVE:
+        if self._state == ACTIVE and not self._closed_here:
             message = "".join(traceback.format_exception(exc_type, exc, tb))
             self._record(EventRecord(RecordKind.EVENT, _now(), f"{exc_type.__name__}: {exc}\n{message}", "error"))
         self._close(status)
@@ -461,7 +461,6 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
             done = membership.close(status, dict(self._errors.dropped))
         except Exception as exc:  # noqa: BLE001
             return self._fail("close", SimvueRunError(f"error while closing: {exc}"))
-        self._report_spilled()
         refused = membership.upload_error
         if refused is not None and not self._errors.suppress_errors:
             # Already reported on stderr as it happened; strict mode also raises it here.
@@ -472,16 +471,6 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
         """The shared membership was closed (by this or another handle): stop recording."""
         self._buffer = None
         self._closed_here = True
-
-    def _report_spilled(self) -> None:
-        spill = self._pipe.spill if self._pipe is not None else None
-        if spill is not None and spill.records:
-            warnings.warn(
-                f"simvue: {spill.records} records of run {self._name!r} could not reach the aggregator and were"
-                f" written to {spill.path}",
-                SimvueWarning,
-                stacklevel=3,
-            )
 
     # -- helpers --------------------------------------------------------------------------
 

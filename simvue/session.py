@@ -45,7 +45,7 @@ from .errors import SimvueWarning
 from .losses import LossCounter
 from .resources import SamplingRole
 from .resources.facts import cpu_model
-from .store import Store, StoreBatch
+from .store import SPILL_DIRECTORY, Store, StoreBatch
 from .topology import Topology, initialised_mpi
 from .transport import rendezvous
 from .transport.protocol import ArtifactRecord, MetadataRecord, RecordKind
@@ -56,7 +56,6 @@ from .transport.transfer import CLOSE_TIMEOUT_S as ARTIFACTS_CLOSE_TIMEOUT_S
 from .transport.transfer import ArtifactJob, ArtifactQueue, StreamToSender
 from .upload import Uploader, start_upload
 
-SPILL_DIRECTORY = "spill"
 log = logging.getLogger(__name__)
 
 
@@ -140,6 +139,14 @@ class Membership:
         for handle in list(self.handles):
             handle._detach()
         done = self.pipe.close(status, dropped, None)
+        spill = self.pipe.spill
+        if spill is not None and spill.records:  # also at exit, where no Run.close() reports it
+            warnings.warn(
+                f"simvue: {spill.records} records of run {self.name!r} could not reach the aggregator and were"
+                f" written to {spill.path}; `simvue spill import` adds them to the run",
+                SimvueWarning,
+                stacklevel=4,
+            )
         if self.cleanup_path is not None and not (self.aggregator is not None and not self.aggregator.finished):
             # Ranks still to start need the address: while the run goes on, the file stays
             # until the aggregator has finished (see _close_at_exit).
@@ -262,7 +269,7 @@ class SenderPipe:
     def close(self, status: str | None, dropped: dict[str, int], timeout_s: float | None) -> bool:
         self.sampling.stop(5.0 if timeout_s is None else min(timeout_s, 5.0))  # its last sample goes with the rest
         self.artifacts.wait(ARTIFACTS_CLOSE_TIMEOUT_S if timeout_s is None else timeout_s)
-        return self.sender.close(status, dropped, 30.0 if timeout_s is None else timeout_s)
+        return self.sender.close(status, dropped, timeout_s)
 
 
 class SpillPipe:
@@ -361,7 +368,20 @@ def join(address: AggregatorAddress, settings: Settings, topology: Topology, *, 
         role = "worker"
     losses = LossCounter()
     label = f"rank{topology.rank}" if role == "rank" else f"pid{os.getpid()}"
-    spill = SpillFile(_spill_path(settings, address.run_name or "run", label), losses)
+    hello = _hello(topology, role, address.started)
+
+    def spill_header() -> dict[str, Any]:
+        """Who writes the spill file, for which run (read by ``simvue spill import``)."""
+        welcome = sender.welcome or {}
+        return {
+            "run_id": welcome.get("id") or address.run_id,
+            "run_name": welcome.get("name") or address.run_name,
+            "sender": sender.sender_id.hex(),
+            "label": welcome.get("label") or (label if role == "rank" else None),
+            "hello": hello,
+        }
+
+    spill = SpillFile(_spill_path(settings, address.run_name or "run", label), losses, spill_header)
     abort = AbortSignal()
     buffer: deque[tuple] = deque()
     # The run's start time is known once the aggregator has answered (explicit addresses).
@@ -369,7 +389,7 @@ def join(address: AggregatorAddress, settings: Settings, topology: Topology, *, 
     sender = Sender(
         address.address,
         address.key,
-        hello=_hello(topology, role, address.started),
+        hello=hello,
         flush_interval_s=settings.flush_interval_s,
         heartbeat_interval_s=settings.heartbeat_interval_s,
         close_timeout_s=settings.close_timeout_s,
@@ -480,7 +500,9 @@ def _start_run(store: Store, fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def _spill_only(name: str | None, settings: Settings, topology: Topology, refused: str | None = None) -> Membership:
-    spill = SpillFile(_spill_path(settings, name or "unknown-run", f"rank{topology.rank}"), LossCounter())
+    label = f"rank{topology.rank}"
+    header = {"run_id": None, "run_name": name, "sender": None, "label": label, "hello": _hello(topology, "rank", None)}
+    spill = SpillFile(_spill_path(settings, name or "unknown-run", label), LossCounter(), lambda: header)
     log.debug("rank %s found no aggregator: records go to %s", topology.rank, spill.path)
     if refused is not None:
         why = f"refused the rendezvous: {refused}"

@@ -16,6 +16,7 @@ from ..transport.protocol import BadFrame, Message
 from .instructions import Reply
 
 RCV_HWM_MESSAGES = 10_000
+CLOSE_LINGER_MS = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +89,10 @@ class Receiver:
             pass
 
     def close(self) -> None:
+        """Close, giving the last replies (the final acknowledgements) ``CLOSE_LINGER_MS``
+        to leave."""
         if self._sock is not None:
-            self._sock.close(0)
+            self._sock.close(CLOSE_LINGER_MS)
             self._sock = None
         if self._context is not None:
             self._context.term()

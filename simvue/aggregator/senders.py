@@ -79,6 +79,15 @@ class SenderState(Producer):
     gone_since: float | None = None  # when its process was first seen gone
     drain_requested_at: float | None = None
     drained: bool = False
+    # Acknowledged means durable: messages up to ``covered_seq`` are in a batch handed to
+    # the store, up to ``committed_seq`` in the store; only the latter is acknowledged.
+    covered_seq: int = 0
+    committed_seq: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        # ``sender`` and ``last_seq`` say which of its messages the store holds, so that
+        # importing its spill file (``simvue spill import``) adds only the rest.
+        return {**super().describe(), "sender": self.sender_id.hex(), "last_seq": self.last_seq}
 
 
 class SenderTable:
@@ -93,6 +102,7 @@ class SenderTable:
         self,
         *,
         local: Mapping[str, Any],
+        local_label: str | None = None,
         expected_ranks: int,
         namespace_ranks: bool,
         timeout_s: float,
@@ -109,7 +119,10 @@ class SenderTable:
         self.never_joined: list[int] = []
         self.live_labels: set[str] = set()  # updated in place; the reducer reads it
         self._workers = 0
-        self.local = Producer(**self._identity(local))
+        identity = self._identity(local)
+        if local_label is not None:  # the label another aggregator gave it (importing a spill file)
+            identity.update(label=local_label, prefix="" if local_label == "main" else f"{local_label}/")
+        self.local = Producer(**identity)
         self.live_labels.add(self.local.label)
 
     def _identity(self, info: Mapping[str, Any]) -> dict[str, Any]:

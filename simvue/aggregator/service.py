@@ -30,7 +30,7 @@ from ..abort import AbortSignal
 from ..config import Settings
 from ..losses import LossCounter
 from ..resources import NodeSampling, Proc
-from ..store import Store
+from ..store import Store, StoreBatch
 from ..transport.protocol import BadFrame
 from ..transport.rendezvous import AggregatorAddress
 from . import liveness
@@ -75,7 +75,7 @@ class Aggregator:
         self.losses = losses or LossCounter()
         self.local_buffer: deque[tuple] = deque()
         self.blobs = store.blobs
-        self._writer = RunWriter(store, self.run_id, self.losses, followers)
+        self._writer = RunWriter(store, self.run_id, self.losses, followers, run_name=self.run_name)
         self._key = key
         self._clock = clock or SystemClock()
         self.state = AggregatorState(
@@ -146,20 +146,22 @@ class Aggregator:
         With ``wait_for_ranks`` it blocks while other MPI ranks are still alive (they are
         part of the run); without, it returns once the local records are committed and
         every pool worker has drained, leaving the thread to finish when the ranks leave.
-        Returns False if ``timeout_s`` passed first.
+        Returns False if ``timeout_s`` passed first, or if data did not reach the store (the
+        store refused it: it is still waiting in memory, was spilled or was lost; see
+        ``RunWriter.complete``).
         """
         if not self._close_requested.is_set():
             self._close_status = status
             self._close_requested.set()
         if wait_for_ranks:
-            return self._finished.wait(timeout_s)
+            return self._finished.wait(timeout_s) and self._writer.complete
         deadline = None if timeout_s is None else self._clock.monotonic() + timeout_s
         while not self._finished.is_set():
             if self._local_done.wait(0.05):
-                return True
+                return self._writer.complete
             if deadline is not None and self._clock.monotonic() >= deadline:
                 return False
-        return True
+        return self._writer.complete
 
     @property
     def finished(self) -> bool:
@@ -220,7 +222,7 @@ class Aggregator:
                 flush_requested, self._flush_requested = self._flush_requested, False
             if flush_requested or now >= next_commit or state.pending_points >= MAX_POINTS_PER_COMMIT:
                 state.local_records(drain(self.local_buffer))
-                self._writer.write(state.take_batch())
+                self._commit(state.take_batch())
                 next_commit = now + settings.commit_interval_s
                 if flush_requested:
                     with self._lock:
@@ -230,7 +232,7 @@ class Aggregator:
                 if not state.closing:
                     self._carry_out(state.close_local(self._close_status))
                     state.local_records(drain(self.local_buffer))
-                    self._writer.write(state.take_batch())
+                    self._commit(state.take_batch())
                 if state.can_finish():
                     self._finish()
                     return
@@ -257,11 +259,18 @@ class Aggregator:
             elif isinstance(instruction, SampleHere) and self._sampler is not None:
                 self._sampler.set_processes(instruction.processes)
 
+    def _commit(self, batch: StoreBatch) -> None:
+        """Write ``batch``; once the store holds everything so far, acknowledge it to the
+        senders (acknowledged means durable: see ``AggregatorState.committed``)."""
+        self._writer.write(batch)
+        if self._writer.holds_nothing:
+            self._carry_out(self.state.committed())
+
     def _finish(self, crashed: bool = False) -> None:
         if self._sampler is not None:
             self._sampler.stop(min(5.0, self.settings.close_timeout_s))  # the last sample goes in too
         self.state.local_records(drain(self.local_buffer))
-        self._writer.write(self.state.finish(crashed=crashed))
+        self._commit(self.state.finish(crashed=crashed))
         log.debug(
             "run %r finished %s: %s; losses %s", self.run_name, self.state.final_status,
             ", ".join(f"{p.label} {p.presence.value}" for p in self.state.table.producers()),

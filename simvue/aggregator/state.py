@@ -95,7 +95,8 @@ class _Reduced:
 
 class AggregatorState:
     """One run's aggregation.  ``run`` is ``{"name", "id", "started"}``; ``local`` is the
-    HELLO fields of the aggregating process (``session._hello``)."""
+    HELLO fields of the aggregating process (``session._hello``), ``local_label`` the label
+    it gets if not the one its fields give (a spill file's process, when it is imported)."""
 
     def __init__(
         self,
@@ -103,6 +104,7 @@ class AggregatorState:
         run: Mapping[str, Any],
         settings: Settings,
         local: Mapping[str, Any],
+        local_label: str | None = None,
         expected_ranks: int,
         namespace_ranks: bool,
         blobs: BlobStore,
@@ -118,6 +120,7 @@ class AggregatorState:
         self.abort = abort
         self.table = SenderTable(
             local=local,
+            local_label=local_label,
             expected_ranks=expected_ranks,
             namespace_ranks=namespace_ranks,
             timeout_s=settings.sender_timeout_s,
@@ -170,6 +173,11 @@ class AggregatorState:
     @property
     def closing(self) -> bool:
         return self._closing_since is not None
+
+    def continue_resource_steps(self, next_steps: Mapping[str, int]) -> None:
+        """Number each host's resource samples from ``next_steps[host]`` on (a run that
+        already has samples of that host, when a spill file is imported into it)."""
+        self._resource_steps.update(next_steps)
 
     @property
     def pending_points(self) -> int:
@@ -229,6 +237,10 @@ class AggregatorState:
         now = self.clock.monotonic()
         self._closing_since = now
         self.table.bye(self.table.local, status if status in FINAL_STATUSES else None)
+        if status in ("failed", "terminated") and self._user_status is None:
+            # Stored with the next commit, before waiting for anyone: if the job is killed
+            # while the run finishes (a launcher's SIGKILL after SIGTERM), it still says so.
+            self._batch.status = status
         out: list[Instruction] = []
         for state in self.table.live():
             if state.role == "worker":
@@ -269,10 +281,29 @@ class AggregatorState:
             self._last_heartbeat = self._batch.heartbeat = wall
         if self.alerts.alerts:
             self._evaluate_alerts(wall, final=final)
+        progress = {
+            s.label: {"sender": s.sender_id.hex(), "last_seq": s.last_seq}
+            for s in self.table.by_id.values() if s.last_seq != s.covered_seq
+        }
+        if progress:  # written with the data it covers: what a spill import may skip
+            self._merge_metadata({"simvue": {"processes": progress}})
+            for sender in self.table.by_id.values():
+                sender.covered_seq = sender.last_seq
         batch, self._batch = self._batch, StoreBatch()
         for producer in self.table.producers():
             producer.series.clear()
         return batch
+
+    def committed(self) -> list[Instruction]:
+        """Every batch taken so far is in the store: acknowledge what it covers to each
+        sender whose messages it holds.  A sender keeps a message until then, so what it
+        has had acknowledged survives the aggregator's death, and the rest it spills."""
+        out: list[Instruction] = []
+        for sender in self.table.by_id.values():
+            if sender.covered_seq > sender.committed_seq:
+                sender.committed_seq = sender.covered_seq
+                out.append(self._ack(sender))
+        return out
 
     def finish(self, *, crashed: bool = False) -> StoreBatch:
         """The run's last batch: pending reductions, the final status and what was lost."""
@@ -314,12 +345,15 @@ class AggregatorState:
             if not isinstance(body, dict):
                 raise ValueError("HELLO body is not a map")
             given_up = len(self.table.never_joined)
+            new = sender_id not in self.table.by_id
             joined = self.table.hello(sender_id, body, now)
             if len(self.table.never_joined) < given_up:
                 hours = (now - self.table.started) / 3600
                 self._event(f"{joined.label} joined the run after all, {hours:.2f} h after it started", "warning")
                 self._merge_metadata({"simvue": {"lost": {joined.label: None}}})
             self.table.accept(joined, seq, now)
+            if new:  # its HELLO holds no data: acknowledged at once, with the welcome
+                joined.covered_seq = joined.committed_seq = joined.last_seq
             self._merge_metadata({"simvue": {"processes": {joined.label: joined.describe()}}})
             self._sampling_changed = True
             welcome = {"seq": joined.last_seq, "closed": False, "run": {**self.run, "label": joined.label}}
@@ -361,7 +395,7 @@ class AggregatorState:
         raise ValueError(f"a sender does not send {kind.name}")
 
     def _ack(self, state: SenderState) -> Reply:
-        return Reply(state.sender_id, MessageKind.ACK, {"seq": state.last_seq, "closed": self.closing})
+        return Reply(state.sender_id, MessageKind.ACK, {"seq": state.committed_seq, "closed": self.closing})
 
     # -- records --------------------------------------------------------------------------
 

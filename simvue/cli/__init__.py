@@ -5,6 +5,7 @@
     simvue export NAME [--format json|csv] [--output FILE]
     simvue artifacts NAME [--get ARTIFACT --output FILE]
     simvue push [RUN ...]
+    simvue spill list / simvue spill import [FILE ...]
     simvue server [...] / simvue server token [...]
 
 ``runs`` and ``export`` read from the configured server (``SIMVUE_URL``/``SIMVUE_TOKEN`` or a
@@ -34,6 +35,7 @@ from ..store import RunNotFound, Store
 from ..store.sqlite import DATABASE_FILE
 from ..validation import format_timestamp, optional_timestamp
 from .push import add_push_command
+from .spill import add_spill_commands
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     artifacts.set_defaults(handler=_artifacts, reads=True)
 
     add_push_command(commands)
+    add_spill_commands(commands)
     add_server_commands(commands)
     return parser
 

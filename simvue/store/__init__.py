@@ -1,5 +1,25 @@
 """The local store: one SQLite database per project directory."""
 
-from .sqlite import RunNotFound, SeriesChunk, Store, StoreBatch, new_id
+from .sqlite import (
+    SPILL_DIRECTORY,
+    STORE_SPILL_SUFFIX,
+    RunNotFound,
+    SeriesChunk,
+    Store,
+    StoreBatch,
+    new_id,
+    pack_batch,
+    read_spilled_batches,
+)
 
-__all__ = ["RunNotFound", "SeriesChunk", "Store", "StoreBatch", "new_id"]
+__all__ = [
+    "SPILL_DIRECTORY",
+    "STORE_SPILL_SUFFIX",
+    "RunNotFound",
+    "SeriesChunk",
+    "Store",
+    "StoreBatch",
+    "new_id",
+    "pack_batch",
+    "read_spilled_batches",
+]

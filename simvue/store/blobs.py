@@ -4,6 +4,10 @@ Files are named by the sha256 of their content, so identical content is stored o
 many artifacts (or runs) share it.  Content is first written to a scratch file
 (``artifacts/.incoming-*``) while its checksum is computed, then moved into place atomically:
 a blob file that exists is always complete.
+
+A store holds a user's data: its directories are created 0700 and its files 0600, whatever
+the umask (``private_directory``, ``open_private``); a store made before that is tightened
+when its owner opens it.
 """
 
 from __future__ import annotations
@@ -12,13 +16,44 @@ import hashlib
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
 from typing import BinaryIO
 
 ARTIFACTS_DIRECTORY = "artifacts"
 COPY_CHUNK_BYTES = 1 << 20
 CHECKSUM = re.compile(r"^[0-9a-f]{64}$")
+PRIVATE_DIRECTORY_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
 _SCRATCH_PREFIX = ".incoming-"
+
+
+def tighten(path: Path, mode: int) -> None:
+    """Take away every permission of ``path`` beyond ``mode`` if this user owns it (a store
+    someone else owns is left as it is, and so is one that has vanished).  A no-op where
+    there are no POSIX owners (Windows)."""
+    if not hasattr(os, "getuid"):
+        return
+    try:
+        status = os.stat(path)
+        if status.st_uid == os.getuid() and stat.S_IMODE(status.st_mode) & ~mode:
+            os.chmod(path, stat.S_IMODE(status.st_mode) & mode)
+    except OSError:
+        pass
+
+
+def private_directory(path: Path) -> None:
+    """Create directory ``path`` (and its parents) readable only by its owner; an existing
+    one this user owns is tightened to that.  Parents it creates keep the umask's mode: they
+    are the user's directories, not the store's."""
+    path.mkdir(mode=PRIVATE_DIRECTORY_MODE, parents=True, exist_ok=True)
+    tighten(path, PRIVATE_DIRECTORY_MODE)  # mkdir's mode is only a ceiling; an old store is looser
+
+
+def open_private(path: Path, flags: int) -> int:
+    """``os.open`` a file that is created readable and writable only by its owner (the umask
+    can only take permissions away, so 0600 holds whatever it is)."""
+    return os.open(path, flags | os.O_CREAT, PRIVATE_FILE_MODE)
 
 
 class BlobWriter:
@@ -28,7 +63,7 @@ class BlobWriter:
         self.path = path
         self.size = 0
         self._digest = hashlib.sha256()
-        self._file: BinaryIO | None = open(path, "wb")
+        self._file: BinaryIO | None = os.fdopen(open_private(path, os.O_WRONLY | os.O_EXCL), "wb")
 
     def write(self, data: bytes) -> None:
         assert self._file is not None
@@ -54,6 +89,7 @@ class BlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        tighten(self.root, PRIVATE_DIRECTORY_MODE)  # one made by an older simvue
 
     def path(self, checksum: str) -> Path:
         if not CHECKSUM.match(checksum):  # the checksum becomes a file name
@@ -64,7 +100,7 @@ class BlobStore:
         return self.path(checksum).exists()
 
     def writer(self) -> BlobWriter:
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_directory(self.root)
         return BlobWriter(self.root / f"{_SCRATCH_PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
 
     def commit(self, writer: BlobWriter) -> str:

@@ -3,23 +3,32 @@
 Layout of a store directory (``.simvue/`` by default)::
 
     simvue.db        the database (WAL mode; ``simvue.db-wal``/``-shm`` beside it)
-    spill/           records a process could not deliver to its aggregator
+    spill/           records a process could not deliver to its aggregator (``*.msgpack``), and
+                     batches the database refused, a file per run (``*.store-batches``, msgpack:
+                     ``pack_batch``, ``read_spilled_batches``)
     artifacts/       saved files and objects, one file per distinct content (``blobs.py``)
+
+The directories are private to their owner (0700) and the files too (0600), whatever the
+umask; a store made looser by an older simvue is tightened when its owner opens it.
 
 Metrics are stored column-wise in chunks: each commit of the aggregator writes, per metric,
 one row holding the new points as packed arrays (int64 steps, float64 times, timestamps and
 values, little-endian).  Writing a chunk costs the same for 1 or 10,000 points, which is what
 lets one aggregator keep up with many ranks.  Readers concatenate a metric's chunks in order.
 
-Writes are batched: one ``write()`` is one transaction.  A run whose status is ``running``
-but whose heartbeat is older than its ``heartbeat_timeout_s`` reads as ``lost``.
+Writes are batched: one ``write()`` is one transaction.  A transaction that fails leaves
+nothing behind, in the database or in the connection's caches, so the same batch (or a part
+of it) can be written again.  A run whose status is ``running`` but whose heartbeat is older
+than its ``heartbeat_timeout_s`` reads as ``lost``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
+import os
 import secrets
 import sqlite3
 import string
@@ -31,10 +40,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 from .._util import merge_dicts
-from .blobs import ARTIFACTS_DIRECTORY, BlobStore
+from .blobs import ARTIFACTS_DIRECTORY, PRIVATE_FILE_MODE, BlobStore, open_private, private_directory, tighten
 
 DATABASE_FILE = "simvue.db"
+SPILL_DIRECTORY = "spill"
+STORE_SPILL_SUFFIX = ".store-batches"  # not ``.msgpack``: those are a sender's spill files, another format
+SPILLED_BATCH_FORMAT = "simvue-store-batch/1"
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30.0
 _ID_ALPHABET = string.ascii_letters + string.digits
@@ -179,6 +193,13 @@ class SeriesChunk:
     def appenders(self) -> tuple:
         return (self.steps.append, self.times.append, self.timestamps.append, self.values.append)
 
+    def extend(self, later: SeriesChunk) -> None:
+        """Append the points of ``later`` after these."""
+        self.steps.extend(later.steps)
+        self.times.extend(later.times)
+        self.timestamps.extend(later.timestamps)
+        self.values.extend(later.values)
+
     def repair(self) -> None:
         """Cut the columns back to equal length after an append failed half-way."""
         length = min(len(self.steps), len(self.times), len(self.timestamps), len(self.values))
@@ -212,18 +233,159 @@ class StoreBatch:
     def point_count(self) -> int:
         return sum(len(chunk) for chunk in self.metrics.values())
 
+    @property
+    def record_count(self) -> int:
+        """Points and events, plus one for each other row the batch writes (a folder, an
+        alert, an artifact, the metadata and tags, the status): what is lost if it is."""
+        return (
+            self.point_count + len(self.events) + len(self.folders) + len(self.alerts) + len(self.artifacts)
+            + bool(self.metadata or self.tags) + (self.status is not None or self.ended is not None)
+        )
+
+    def extend(self, later: StoreBatch) -> None:
+        """Add ``later`` to this batch: writing the one batch then does what writing this
+        batch and then ``later`` would.  Takes ownership of ``later``'s parts."""
+        for name, chunk in later.metrics.items():
+            mine = self.metrics.get(name)
+            if mine is None:
+                self.metrics[name] = chunk
+            else:
+                mine.extend(chunk)
+        self.events.extend(later.events)
+        if later.metadata:
+            # A copy: nested dicts may be shared with the batch they came from.
+            self.metadata = merge_dicts(copy.deepcopy(self.metadata), later.metadata)
+        self.tags = list(dict.fromkeys(self.tags + later.tags))  # the store keeps each tag once
+        self.folders.extend(later.folders)
+        for name, alert in later.alerts.items():
+            earlier = self.alerts.get(name)
+            if earlier is not None and earlier.get("fired_at") is not None:
+                alert = {**alert, "fired_at": earlier["fired_at"]}  # the store keeps the first firing
+            self.alerts[name] = alert
+        self.artifacts.extend(later.artifacts)
+        if later.status is not None:
+            self.status = later.status
+        if later.heartbeat is not None:
+            self.heartbeat = later.heartbeat
+        if later.ended is not None:
+            self.ended = later.ended
+
+    def split_bulk(self) -> tuple[StoreBatch, StoreBatch]:
+        """``(points and events, everything else)``: the part that grows with the data and
+        the small part (metadata, tags, folders, alerts, artifact rows, status)."""
+        bulk = StoreBatch(metrics=self.metrics, events=self.events)
+        rest = dataclasses.replace(self, metrics={}, events=[])
+        return bulk, rest
+
+    def parts(self) -> list[StoreBatch]:
+        """This batch as single-row batches (one metric's chunk, one event, one folder,
+        ...), in an order that writing them one by one applies them as the whole batch
+        would; the status, heartbeat and end come last."""
+        out = [StoreBatch(metrics={name: chunk}) for name, chunk in self.metrics.items() if chunk]
+        out += [StoreBatch(events=[event]) for event in self.events]
+        if self.metadata or self.tags:
+            out.append(StoreBatch(metadata=self.metadata, tags=self.tags))
+        out += [StoreBatch(folders=[folder]) for folder in self.folders]
+        out += [StoreBatch(alerts={name: alert}) for name, alert in self.alerts.items()]
+        out += [StoreBatch(artifacts=[artifact]) for artifact in self.artifacts]
+        if self.status is not None or self.heartbeat is not None or self.ended is not None:
+            out.append(StoreBatch(status=self.status, heartbeat=self.heartbeat, ended=self.ended))
+        return out
+
+    @classmethod
+    def joined(cls, batches: list[StoreBatch]) -> StoreBatch:
+        """One batch that writes ``batches`` in order (see ``extend``)."""
+        out = cls()
+        for batch in batches:
+            out.extend(batch)
+        return out
+
+    def describe(self) -> str:
+        """What the batch holds, in words: ``"3 points of 'loss', 1 event"``."""
+        words = [f"{len(chunk)} points of {name!r}" for name, chunk in self.metrics.items() if chunk]
+        for count, noun in (
+            (len(self.events), "event"), (len(self.folders), "folder"), (len(self.alerts), "alert"),
+            (len(self.artifacts), "artifact"),
+        ):
+            if count:
+                words.append(f"{count} {noun}{'s' if count > 1 else ''}")
+        if self.metadata or self.tags:
+            words.append("metadata")
+        if self.status is not None or self.ended is not None:
+            words.append("status")
+        return ", ".join(words) or "nothing"
+
+
+def pack_batch(run_id: str, batch: StoreBatch) -> bytes:
+    """``batch`` of run ``run_id`` as one msgpack map, the form of a spilled batch: ``format``
+    (``SPILLED_BATCH_FORMAT``), ``run_id``, the batch's fields, each metric as its four
+    columns packed as the store packs them (little-endian int64 steps, float64 times,
+    timestamps, values).  Strings the store could not take (lone surrogates) are kept."""
+    fields = {
+        "format": SPILLED_BATCH_FORMAT,
+        "run_id": run_id,
+        "metrics": {
+            name: [_pack(chunk.steps), _pack(chunk.times), _pack(chunk.timestamps), _pack(chunk.values)]
+            for name, chunk in batch.metrics.items()
+        },
+        "events": [list(event) for event in batch.events],
+        "metadata": batch.metadata,
+        "tags": batch.tags,
+        "folders": [list(folder) for folder in batch.folders],
+        "alerts": batch.alerts,
+        "artifacts": batch.artifacts,
+        "status": batch.status,
+        "heartbeat": batch.heartbeat,
+        "ended": batch.ended,
+    }
+    return msgpack.packb(fields, use_bin_type=True, unicode_errors="surrogatepass", default=str)
+
+
+def read_spilled_batches(path: str | Path) -> Iterator[tuple[str, StoreBatch]]:
+    """``(run id, batch)`` of every batch in a spill file written with ``pack_batch``, in
+    the order they were spilled; anything else in the file is skipped."""
+    with open(path, "rb") as spill:
+        unpacker = msgpack.Unpacker(spill, raw=False, strict_map_key=False, unicode_errors="surrogatepass")
+        for item in unpacker:
+            if not isinstance(item, dict) or item.get("format") != SPILLED_BATCH_FORMAT:
+                continue
+            metrics = {}
+            for name, (steps, times, timestamps, values) in item["metrics"].items():
+                chunk = SeriesChunk()
+                chunk.steps, chunk.times = _unpack("q", steps), _unpack("d", times)
+                chunk.timestamps, chunk.values = _unpack("d", timestamps), _unpack("d", values)
+                metrics[name] = chunk
+            yield item["run_id"], StoreBatch(
+                metrics=metrics,
+                events=[tuple(event) for event in item["events"]],
+                metadata=item["metadata"],
+                tags=item["tags"],
+                folders=[tuple(folder) for folder in item["folders"]],
+                alerts=item["alerts"],
+                artifacts=item["artifacts"],
+                status=item["status"],
+                heartbeat=item["heartbeat"],
+                ended=item["ended"],
+            )
+
 
 @contextlib.contextmanager
 def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """``db`` inside one write transaction: committed at the end of the block, rolled back
-    if it raises.  The one transaction helper of the store and the server."""
+    if it (or the commit) raises, and then the error that caused it is raised.  The one
+    transaction helper of the store and the server."""
     db.execute("BEGIN IMMEDIATE")
     try:
         yield db
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        # On some errors (SQLITE_FULL, SQLITE_IOERR, SQLITE_NOMEM, ...) SQLite has already
+        # rolled the transaction back: a ROLLBACK would fail ("cannot rollback - no
+        # transaction is active") and hide the error that matters.
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
 
 
 def _pack(column: array) -> bytes:
@@ -247,10 +409,16 @@ class Store:
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_directory(self.directory)
         self.path = self.directory / DATABASE_FILE
+        # SQLite would create the database 0644; it gives the -wal and -shm files it creates
+        # the database's own mode, so a database created 0600 here keeps all three private.
+        with contextlib.suppress(OSError):  # sqlite3.connect reports what is wrong
+            os.close(open_private(self.path, os.O_RDONLY))
         self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
+        for name in (DATABASE_FILE, f"{DATABASE_FILE}-wal", f"{DATABASE_FILE}-shm"):
+            tighten(self.directory / name, PRIVATE_FILE_MODE)  # a store made by an older simvue
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._add_missing_columns()
@@ -258,6 +426,7 @@ class Store:
             "INSERT OR IGNORE INTO store_info (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
         self._metric_ids: dict[tuple[str, str], int] = {}
+        self._new_metric_ids: list[tuple[str, str]] = []  # cached in the open transaction
         self._lock = threading.Lock()
         self.blobs = BlobStore(self.directory / ARTIFACTS_DIRECTORY)
 
@@ -428,18 +597,37 @@ class Store:
         )
 
     def _metric_id(self, db: sqlite3.Connection, run_id: str, name: str) -> int:
+        """The id of a run's metric, added if it is new; call inside ``_transaction``."""
         key = (run_id, name)
         metric_id = self._metric_ids.get(key)
         if metric_id is None:
             db.execute("INSERT OR IGNORE INTO metrics (run_id, name) VALUES (?, ?)", key)
             metric_id = db.execute("SELECT id FROM metrics WHERE run_id=? AND name=?", key).fetchone()[0]
             self._metric_ids[key] = metric_id
+            self._new_metric_ids.append(key)
         return metric_id
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, transaction(self._db) as db:
-            yield db
+        """One write transaction on this connection; if it fails, the caches forget what it
+        added, so that they match the database again."""
+        with self._lock:
+            if self._db.in_transaction:  # left open by a ROLLBACK that itself failed
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            self._new_metric_ids.clear()
+            try:
+                with transaction(self._db) as db:
+                    yield db
+            except BaseException:
+                # The ids given to metrics in a rolled-back transaction exist no more, and
+                # SQLite hands them to the next metrics inserted: a cached one would send
+                # later points of its metric to nowhere, or to another metric.
+                for key in self._new_metric_ids:
+                    self._metric_ids.pop(key, None)
+                raise
+            finally:
+                self._new_metric_ids.clear()
 
     # -- reads ----------------------------------------------------------------------------
 

@@ -36,9 +36,12 @@ BYE        body: map {status: null|"completed"|"failed"|"terminated", dropped: {
 Kinds, aggregator -> sender:
 
 =========  =============================================================================
-ACK        body: map {seq: highest seq processed, closed: bool, run: map|absent}.  Senders
-           keep every message until it is acknowledged, so an unacknowledged tail can be
-           spilled.  The answer to HELLO carries ``run``: {name, id, started}.
+ACK        body: map {seq: highest seq whose records are in the store, closed: bool,
+           run: map|absent}.  Senders keep every message until it is acknowledged, so
+           what they have not had acknowledged when the aggregator is gone is spilled,
+           and what they have is durable.  Sent in answer to HEARTBEAT and BYE, and after
+           each commit that holds a sender's new messages.  The answer to HELLO carries
+           ``run``: {name, id, started, label}.
 DRAIN      body: nil.  Sent to workers when the run is ending: send everything buffered,
            then a HEARTBEAT, without waiting for the process to exit.
 ABORT      body: nil.  The server asked the run to stop; every process acts on it as its

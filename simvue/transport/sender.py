@@ -34,6 +34,10 @@ LINGER_MS = 0
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 2000
 BULK_POLL_MS = 5
+# How long closing waits, beyond the wait for BYE's acknowledgement, for the unacknowledged
+# tail to be written to the spill file: the sender thread is a daemon, and at exit it would
+# be killed before it could spill.
+SPILL_GRACE_S = 10.0
 
 
 class Sender:
@@ -95,6 +99,7 @@ class Sender:
         self._abort = abort
         self._on_sample = on_sample
         self._warned_bad_record = False
+        self._bye_timeout_s = close_timeout_s
         self._thread = threading.Thread(target=self._run, name="simvue-sender", daemon=True)
         self._thread.start()
 
@@ -152,14 +157,19 @@ class Sender:
                 self._acked.wait(left)
         return True
 
-    def close(self, status: str | None, dropped: dict[str, int], timeout_s: float) -> bool:
-        """Send everything, say BYE with ``status`` and wait for the acknowledgement."""
+    def close(self, status: str | None, dropped: dict[str, int], timeout_s: float | None = None) -> bool:
+        """Send everything, say BYE with ``status`` and wait up to ``timeout_s`` (default:
+        ``close_timeout_s``) for its acknowledgement; what is still unacknowledged then is
+        spilled before this returns (``SPILL_GRACE_S`` more at most).  Returns whether
+        everything was acknowledged."""
         if not self._closing.is_set():
             self._close_status = status
             self._dropped_at_close = dropped
+            if timeout_s is not None:
+                self._bye_timeout_s = timeout_s
             self._closing.set()
             self._wake.set()
-        self._thread.join(timeout_s)
+        self._thread.join(self._bye_timeout_s + SPILL_GRACE_S)
         return self._finished.is_set() and not self._unacked and self._acked_seq >= self._sent_seq
 
     # -- flush thread -------------------------------------------------------------------
@@ -207,13 +217,14 @@ class Sender:
         except Exception as exc:  # noqa: BLE001 - a transport failure must not reach the user
             os.write(2, f"simvue: sender stopped after an error: {exc!r}\n".encode())
         finally:
-            if self.buffer:
-                self.spill.write_records(drain(self.buffer))
+            # Oldest first, so that a spill import keeps every series in logging order.
+            if self._unacked:
+                self._spill_unacked(len(self._unacked))
             if self._bulk:
                 self.spill.write_records([record for record, _ in self._bulk])
                 self._bulk.clear()
-            if self._unacked:
-                self._spill_unacked(len(self._unacked))
+            if self.buffer:
+                self.spill.write_records(drain(self.buffer))
             sock.close(linger=0)
             context.term()
             self._finished.set()
@@ -333,7 +344,7 @@ class Sender:
             {"status": self._close_status, "dropped": self._dropped_at_close, "losses": self._losses.snapshot()},
         )
         bye_seq = self._sent_seq
-        deadline = time.monotonic() + self._close_timeout_s
+        deadline = time.monotonic() + self._bye_timeout_s
         while time.monotonic() < deadline:
             self._pump(sock)
             self._read_acks(sock, 20)
@@ -342,4 +353,5 @@ class Sender:
 
     def _spill_unacked(self, count: int) -> None:
         payloads = [self._unacked.popleft()[1] for _ in range(min(count, len(self._unacked)))]
-        self.spill.write_payloads(payloads, sum(data_records(p) for p in payloads))
+        data = [p for p in payloads if data_records(p)]  # HELLO and BYE carry no records
+        self.spill.write_payloads(data, sum(data_records(p) for p in data))

@@ -1,15 +1,19 @@
 """Spill files: records that could not reach the aggregator, kept on local disk.
 
 A spill file is a sequence of message payloads exactly as they travel on the wire (one
-msgpack array ``[version, kind, seq, body]`` each), so ``simvue`` can read them back with
-the same decoder.  Writing one is always counted as ``LossReason.SPILLED``.
+msgpack array ``[version, kind, seq, body]`` each), so they are read back with the same
+decoder.  Its first entry is a HELLO whose body says who wrote it and for which run
+(``{run_id, run_name, sender, label, hello}``); then DATA messages, with the sequence number
+they had (0 for records spilled before they were ever sent).  ``simvue spill import`` puts
+them into their run, skipping what the run already holds (``simvue.cli.spill``).  Writing
+one is always counted as ``LossReason.SPILLED``.  Files are readable by their owner only.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,41 +21,53 @@ import msgpack
 
 from ..losses import LossCounter, LossReason
 from . import protocol
+from .protocol import MessageKind
 
 
 class SpillFile:
-    """Appends payloads to one file; safe to call from several threads."""
+    """Appends payloads to one file; safe to call from several threads.  ``header()`` gives
+    the body of the file's first entry, when the first records are written."""
 
-    def __init__(self, path: Path, losses: LossCounter) -> None:
+    def __init__(self, path: Path, losses: LossCounter, header: Callable[[], dict[str, Any]] | None = None) -> None:
         self.path = path
         self._losses = losses
+        self._header = header or dict
         self._lock = threading.Lock()
         self.records = 0
 
     def write_records(self, records: list) -> None:
-        self.write_payloads([msgpack.packb((protocol.PROTOCOL_VERSION, protocol.MessageKind.DATA, 0, records))], len(records))
+        """Records never sent (no sequence number)."""
+        self.write_payloads([_payload(MessageKind.DATA, 0, records)], len(records))
 
     def write_payloads(self, payloads: list[bytes], records: int) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._lock, open(self.path, "ab") as spill:
-                for payload in payloads:
-                    spill.write(payload)
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with self._lock:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                with os.fdopen(fd, "ab") as spill:
+                    if spill.tell() == 0:
+                        spill.write(_payload(MessageKind.HELLO, 0, self._header()))
+                    for payload in payloads:
+                        spill.write(payload)
         except OSError as exc:
             os.write(2, f"simvue: could not write spill file {self.path}: {exc}\n".encode())
         self.records += records
         self._losses.record(LossReason.SPILLED, records)
 
 
+def _payload(kind: MessageKind, seq: int, body: Any) -> bytes:
+    return msgpack.packb((protocol.PROTOCOL_VERSION, kind, seq, body))
+
+
 def read(path: Path) -> Iterator[tuple[int, int, Any]]:
-    """``(kind, seq, body)`` of every message in a spill file."""
+    """``(kind, seq, body)`` of every entry of a spill file, the header first."""
     with open(path, "rb") as spill:
-        for version, kind, seq, body in msgpack.Unpacker(spill, strict_map_key=False):
-            if version == protocol.PROTOCOL_VERSION:
-                yield kind, seq, body
+        for entry in msgpack.Unpacker(spill, strict_map_key=False):
+            if isinstance(entry, list) and len(entry) == 4 and entry[0] == protocol.PROTOCOL_VERSION:
+                yield entry[1], entry[2], entry[3]
 
 
 def data_records(payload: bytes) -> int:
     """How many records a DATA payload carries (0 for other kinds)."""
     _, kind, _, body = msgpack.unpackb(payload, strict_map_key=False)
-    return len(body) if kind == protocol.MessageKind.DATA else 0
+    return len(body) if kind == MessageKind.DATA else 0

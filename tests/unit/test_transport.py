@@ -34,6 +34,16 @@ def recv_ack(sock: zmq.Socket, key: bytes, timeout_ms: int = 5000) -> dict:
     return body
 
 
+def acked_up_to(sock: zmq.Socket, key: bytes, seq: int, timeout_s: float = 10.0) -> dict:
+    """Read ACKs until one covers ``seq`` (an ACK says what is in the store, so the one that
+    covers a message comes with the commit after it)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body = recv_ack(sock, key, max(1, int((deadline - time.monotonic()) * 1000)))
+        if body["seq"] >= seq:
+            return body
+
+
 def make_sender(address: str, key: bytes, spill_path, *, flush_interval_s=0.05, heartbeat_interval_s=1.0,
                 close_timeout_s=10.0) -> tuple[Sender, LossCounter]:
     losses = LossCounter()
@@ -79,7 +89,7 @@ def test_a_replayed_message_is_stored_once_and_bye_is_acknowledged(store_dir):
         sock.send_multipart(data)
         sock.send_multipart(data)
         sock.send_multipart(protocol.encode(key, MessageKind.BYE, 3, {"status": None, "dropped": {}}))
-        assert recv_ack(sock, key)["seq"] == 3
+        assert acked_up_to(sock, key, 3)["seq"] == 3
         sock.close()
     exported = read_run(store_dir, "replay")
     assert exported["metrics"]["worker0/x"] == [[0, 0.0, 1.5]]
@@ -114,7 +124,7 @@ def test_without_an_aggregator_records_are_spilled_to_disk_and_counted(tmp_path)
     for step in range(100):
         sender.buffer.append((RecordKind.METRICS, step, 0.0, 0.0, {"v": float(step)}))
     started = time.monotonic()
-    assert sender.close(None, {}, 5.0) is False
+    assert sender.close(None, {}) is False  # waits close_timeout_s (0.5 s) for the BYE's ACK, then spills
     assert time.monotonic() - started < 5.0
     assert losses.snapshot()["spilled"] == 100
     steps = [record[1] for kind, _, body in spill.read(path) if kind == MessageKind.DATA for record in body]
@@ -200,7 +210,7 @@ def test_a_signed_message_with_a_malformed_body_cannot_end_the_aggregator(store_
         sock.send_multipart(good(7, 1))
         run.log_metrics({"after": 1.0})
         sock.send_multipart(protocol.encode(key, MessageKind.BYE, 8, {"status": None, "dropped": {}}))
-        assert recv_ack(sock, key, timeout_ms=10_000)["seq"] == 8
+        assert acked_up_to(sock, key, 8)["seq"] == 8
         sock.close()
     exported = read_run(store_dir, "malformed")
     assert exported["status"] == "completed"
