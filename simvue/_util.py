@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+import stat
 from collections import deque
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -57,3 +60,38 @@ def log_debug_to_stderr() -> None:
         handler.setFormatter(logging.Formatter("simvue[%(process)d %(threadName)s] %(levelname)s: %(message)s"))
         handler.simvue_debug = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
+
+
+# Files simvue writes (store, blobs, spill files, a server's data) are their owner's alone.
+PRIVATE_DIRECTORY_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+
+def tighten(path: Path, mode: int) -> None:
+    """Take away every permission of ``path`` beyond ``mode`` if this user owns it (what
+    someone else owns is left as it is, and so is what has vanished).  A no-op where there
+    are no POSIX owners (Windows)."""
+    if not hasattr(os, "getuid"):
+        return
+    try:
+        status = os.lstat(path)
+        if stat.S_ISLNK(status.st_mode):
+            return
+        if status.st_uid == os.getuid() and stat.S_IMODE(status.st_mode) & ~mode:
+            os.chmod(path, stat.S_IMODE(status.st_mode) & mode)
+    except OSError:
+        pass
+
+
+def private_directory(path: Path) -> None:
+    """Create directory ``path`` (and its parents) readable only by its owner; an existing
+    one this user owns is tightened to that.  Parents it creates keep the umask's mode: they
+    are the user's directories, not simvue's."""
+    path.mkdir(mode=PRIVATE_DIRECTORY_MODE, parents=True, exist_ok=True)
+    tighten(path, PRIVATE_DIRECTORY_MODE)  # mkdir's mode is only a ceiling; an old one is looser
+
+
+def open_private(path: Path, flags: int) -> int:
+    """``os.open`` a file that is created readable and writable only by its owner (the umask
+    can only take permissions away, so 0600 holds whatever it is)."""
+    return os.open(path, flags | os.O_CREAT, PRIVATE_FILE_MODE)

@@ -45,6 +45,11 @@ from .errors import SimvueWarning
 from .store import Store
 from .validation import FINAL_STATUSES, format_timestamp
 
+# How long ``Run.init`` waits for the server's first answers, all of them together (the
+# version handshake, then creating the folder and the run).  A server that has not answered
+# by then does not hold up the job: the run starts locally and the uploader's thread creates
+# it on the server, with the ordinary timeouts and backoff, once the server answers.
+INIT_TIMEOUT_S = 5.0
 MAX_POINTS_PER_REQUEST = 100_000
 MAX_EVENTS_PER_REQUEST = 16_000
 CHUNKS_PER_READ = 16
@@ -88,12 +93,19 @@ class Replicator:
         """Record that the server refused this run; it stays local until pushed again."""
         self._save(state="rejected", error=error)
 
-    def create(self, heartbeat_interval_s: float) -> str:
-        """Create the run (and its folder) on the server, once."""
+    def create(self, heartbeat_interval_s: float, deadline: float | None = None) -> str:
+        """Create the run (and its folder) on the server, once; ``deadline`` (monotonic) bounds
+        the wait for the server's answers.
+
+        The creation carries an ``Idempotency-Key`` naming the local run: a creation retried
+        after its answer was lost (or not waited for) gives the same run on a server that
+        honours the key, as ``simvue server`` does."""
         if self.remote_id is not None:
             return self.remote_id
         run = self.store.run(self.run_id)
-        folder = self.connection.request("POST", "/folders", json={"path": run["folder"]}, conflict_ok=True) or {}
+        folder = self.connection.request(
+            "POST", "/folders", json={"path": run["folder"]}, conflict_ok=True, deadline=deadline
+        ) or {}
         status = "created" if run["status"] == "created" else "running"
         timeout = max(run["heartbeat_timeout_s"] or 0.0, 3 * heartbeat_interval_s, MIN_SERVER_HEARTBEAT_TIMEOUT_S)
         body = {
@@ -110,7 +122,10 @@ class Replicator:
             "notifications": run["options"].get("notifications", {"state": "none"}),
             "visibility": run["options"].get("visibility", {"tenant": False, "public": False, "users": []}),
         }
-        answer = self.connection.request("POST", "/runs", json=body, conflict_ok=True)
+        answer = self.connection.request(
+            "POST", "/runs", json=body, conflict_ok=True, deadline=deadline,
+            headers={"Idempotency-Key": f"{self.run_id}/create"},
+        )
         if not isinstance(answer, dict) or not answer.get("id"):
             raise ServerRejected("POST", "/runs", 200, f"the answer has no run id: {answer!r}")
         sent = {"status": status, "metadata": run["metadata"], "tags": run["tags"], "description": run["description"]}
@@ -186,7 +201,7 @@ class Replicator:
         self._save(event_id=rows[-1][0])
         return len(rows)
 
-    def send_changes(self, run: dict[str, Any]) -> bool:
+    def send_changes(self, run: dict[str, Any], *, job_over: bool = False) -> bool:
         """Send what changed in the run's fields since last time; ``run`` must have been read
         before the data was drained, so a final status is never sent ahead of data.
         Returns True once the run's final status is on the server."""
@@ -213,12 +228,17 @@ class Replicator:
                 self.connection.request("PUT", f"/folders/{self.state['folder_id']}", json=details)
             sent["folder"] = details
             self._save(sent=sent)
-        if status in FINAL_STATUSES:
+        if status in FINAL_STATUSES and (run["ended"] is not None or job_over):
+            # A final status is stored before the run has ended (a terminated job's, at
+            # once): while the job lives, the run is complete on the server only once its
+            # end is in the store.
             self._save(state="sent", error=None)
             return True
         return False
 
-    def sync(self, heartbeat_interval_s: float, progress: Callable[[int], None] | None = None) -> bool:
+    def sync(
+        self, heartbeat_interval_s: float, progress: Callable[[int], None] | None = None, *, job_over: bool = False
+    ) -> bool:
         """Send everything the store holds for the run now.  True when the run is complete
         on the server (its final status sent)."""
         self.create(heartbeat_interval_s)
@@ -232,7 +252,7 @@ class Replicator:
             events += sent
         self.send_alerts()
         artifacts = self.send_artifacts()
-        complete = self.send_changes(run)
+        complete = self.send_changes(run, job_over=job_over)
         if points or events or artifacts:
             log.debug("run %s: sent %d points, %d events, %d artifacts to %s", self.run_id, points, events, artifacts,
                       self.server)
@@ -357,14 +377,16 @@ def start_upload(
     directory: Path, config: ServerConfig, run_id: str, run_name: str, settings: Settings, abort: AbortSignal
 ) -> Uploader | None:
     """Create run ``run_id`` of the store at ``directory`` on the server and start following
-    it there.  A server that does not answer is retried by the uploader's thread.  A server
+    it there.  A server that does not answer within ``INIT_TIMEOUT_S`` is retried by the
+    uploader's thread, so the job is held up that long at most.  A server
     that refuses the run raises ``ServerRejected`` in strict mode; with ``suppress_errors``
     it gives one warning and None: the run stays in the local store, for ``simvue push``."""
     uploader = Uploader(directory, config, run_id, run_name, settings, abort)
     try:
-        uploader.create()
+        uploader.create(deadline=time.monotonic() + INIT_TIMEOUT_S)
     except ServerUnavailable as exc:
         os.write(2, f"simvue: {exc}; run '{run_name}' is kept locally and sent when the server answers\n".encode())
+        uploader.warned_unreachable = True  # one line says so, not one here and one from the thread
     except ServerRejected as exc:
         uploader.replicator.reject(str(exc))
         uploader.close()
@@ -403,16 +425,19 @@ class Uploader:
         self.replicator = Replicator(self.store, self.connection, run_id)
         self._wake = threading.Event()
         self._closing = threading.Event()
-        self._warned_unreachable = False
+        self.warned_unreachable = False  # the one stderr line about an unreachable server was written
+        self._version_checked = False
         self.error: ServerRejected | None = None
         self._thread = threading.Thread(target=self._run, name="simvue-uploader", daemon=True)
 
-    def create(self) -> None:
+    def create(self, deadline: float | None = None) -> None:
         """First contact, on the thread that starts the run: the version handshake and the
-        run's creation.  ``ServerUnavailable`` leaves it to the thread; ``ServerRejected``
-        is for the caller to report."""
-        self.connection.check_version()
-        self.replicator.create(self.settings.server_heartbeat_interval_s)
+        run's creation, all answered by ``deadline`` (monotonic) or ``ServerUnavailable``.
+        ``ServerUnavailable`` leaves both to the thread; ``ServerRejected`` is for the caller
+        to report."""
+        self.connection.check_version(deadline)
+        self._version_checked = True
+        self.replicator.create(self.settings.server_heartbeat_interval_s, deadline)
 
     def start(self) -> None:
         self._thread.start()
@@ -462,6 +487,9 @@ class Uploader:
                     continue  # woken during a backoff: keep waiting it out
                 closing = self._closing.is_set()
                 try:
+                    if not self._version_checked:  # init did not get that far
+                        self.connection.check_version()
+                        self._version_checked = True
                     complete = self.replicator.sync(settings.server_heartbeat_interval_s)
                     now = time.monotonic()
                     if not complete and now >= next_heartbeat:
@@ -476,8 +504,8 @@ class Uploader:
                     delay = backoff.next_delay(exc.retry_after)
                     log.debug("run %r: %s; retrying in %.1f s", self.run_name, exc, delay)
                     retry_at = time.monotonic() + delay
-                    if not self._warned_unreachable:
-                        self._warned_unreachable = True
+                    if not self.warned_unreachable:
+                        self.warned_unreachable = True
                         os.write(
                             2,
                             f"simvue: {exc}; keeping run '{self.run_name}' in the local store and retrying\n".encode(),

@@ -35,10 +35,9 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Protocol
 
-from .._util import merge_dicts, safe_filename
+from .._util import merge_dicts, open_private, private_directory, safe_filename
 from ..losses import LossCounter, LossReason
 from ..store import SPILL_DIRECTORY, STORE_SPILL_SUFFIX, Store, StoreBatch, pack_batch
-from ..store.blobs import open_private, private_directory
 
 # Points and events kept in memory while the store refuses writes (about 32 bytes a point):
 # past this the oldest go to the spill file.

@@ -84,20 +84,29 @@ class Connection:
         params: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
         conflict_ok: bool = False,
+        deadline: float | None = None,
     ) -> Any:
         """Send one request and return its decoded JSON body (None when empty).
 
         ``packed`` sends a msgpack body.  With ``conflict_ok`` a 409 answer counts as success
         (creations of things that already exist, which the server answers with their id).
+        With ``deadline`` (``time.monotonic()``), waiting to connect and for each part of the
+        answer stops then at the latest, as ``ServerUnavailable``.
         """
         headers = dict(headers or {})
         data = None
         if packed is not None:
             data = msgpack.packb(packed, use_bin_type=True)
             headers["Content-Type"] = "application/msgpack"
+        timeout = self.timeout
+        if deadline is not None:
+            left = round(deadline - time.monotonic(), 2)  # rounded: it is quoted in timeout messages
+            if left <= 0:
+                raise ServerUnavailable(f"{method} {self.base}{path}: not sent, the time allowed has passed")
+            timeout = (min(timeout[0], left), min(timeout[1], left))
         try:
             response = self._session.request(
-                method, self.base + path, json=json, data=data, params=params, headers=headers, timeout=self.timeout
+                method, self.base + path, json=json, data=data, params=params, headers=headers, timeout=timeout
             )
         except requests.RequestException as exc:
             raise ServerUnavailable(f"{method} {self.base}{path}: {_short(exc)}") from None
@@ -115,9 +124,9 @@ class Connection:
         except ValueError:
             return None
 
-    def check_version(self) -> str:
+    def check_version(self, deadline: float | None = None) -> str:
         """The server's API version; raises ``ServerRejected`` for one this client cannot speak."""
-        answer = self.request("GET", "/version") or {}
+        answer = self.request("GET", "/version", deadline=deadline) or {}
         version = str(answer.get("version", ""))
         major = version.split(".", 1)[0]
         if not major.isdigit() or int(major) != SUPPORTED_MAJOR_VERSION:

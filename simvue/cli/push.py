@@ -72,7 +72,9 @@ def _unsent(store: Store, server: str) -> list[dict]:
 def _push_one(replicator: Replicator, name: str, deadline: float, out: TextIO) -> None:
     progress = Progress(name, replicator.points_left(), sys.stderr)
     heartbeat_interval_s = from_environment().server_heartbeat_interval_s
-    retrying(lambda: replicator.sync(heartbeat_interval_s, progress.add), deadline, Backoff())
+    # The job has ended (push skips running runs): a final status completes the run even if
+    # the job was killed before it could store its end.
+    retrying(lambda: replicator.sync(heartbeat_interval_s, progress.add, job_over=True), deadline, Backoff())
     progress.done()
     out.write(f"{name}: sent as {replicator.remote_id}\n")
 

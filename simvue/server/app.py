@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
 from . import DEFAULT_MAX_BODY_MB
@@ -17,7 +17,7 @@ from .blobs import BlobStore
 from .db import ServerData
 from .faults import FaultRule, FaultSet
 from .guard import RequestGuard, RequestStats
-from .routes import alerts, artifacts, events, folders, metrics, runs, service
+from .routes import SafeJSONResponse, alerts, artifacts, events, folders, metrics, runs, service
 
 ARTIFACTS_DIR = "artifacts"
 API_PREFIX = "/api"
@@ -38,7 +38,7 @@ async def _require_token(request: Request) -> None:
         raise HTTPException(status_code=401, detail=exc.args[0], headers={"WWW-Authenticate": "Bearer"}) from None
 
 
-async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _invalid_request(request: Request, exc: RequestValidationError) -> SafeJSONResponse:
     """400 for a body that is not JSON at all; 422 with FastAPI's ``detail`` list otherwise.
 
     The list keeps ``loc``, ``msg`` and ``type`` (what the upstream client prints) and drops
@@ -48,9 +48,15 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
     for error in errors:
         if error.get("type") == "json_invalid":
             reason = error.get("ctx", {}).get("error", error.get("msg"))
-            return JSONResponse({"detail": f"request body is not valid JSON: {reason}"}, status_code=400)
+            return SafeJSONResponse({"detail": f"request body is not valid JSON: {reason}"}, status_code=400)
     detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors]
-    return JSONResponse({"detail": detail}, status_code=422)
+    return SafeJSONResponse({"detail": detail}, status_code=422)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> SafeJSONResponse:
+    """FastAPI's answer to an ``HTTPException``, written so that it cannot fail (a detail may
+    quote what the client sent)."""
+    return SafeJSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 def _route_templates(routers: list[tuple[str, APIRouter]]) -> list[tuple[re.Pattern, str]]:
@@ -62,7 +68,7 @@ def _route_templates(routers: list[tuple[str, APIRouter]]) -> list[tuple[re.Patt
 
 def create_app(settings: ServerSettings) -> FastAPI:
     """The server for one data directory.  Call ``app.state.data.close()`` after serving."""
-    app = FastAPI(title="simvue server", version=service.API_VERSION)
+    app = FastAPI(title="simvue server", version=service.API_VERSION, default_response_class=SafeJSONResponse)
     app.state.data = ServerData(settings.directory)
     app.state.secret, _ = load_or_create_secret(settings.directory)
     app.state.blobs = BlobStore(settings.directory / ARTIFACTS_DIR)
@@ -79,6 +85,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     routers = [(API_PREFIX, module.router) for module in _API_MODULES] + [("", artifacts.content_router)]
     # Starlette types a handler as taking any ``Exception``, though it is only called with the class given.
     app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_middleware(
         RequestGuard,
         routes=_route_templates(routers),

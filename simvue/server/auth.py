@@ -86,4 +86,6 @@ def blob_key(secret: bytes, purpose: str, artifact_id: str) -> str:
 
 
 def blob_key_matches(secret: bytes, purpose: str, artifact_id: str, key: str | None) -> bool:
-    return key is not None and hmac.compare_digest(blob_key(secret, purpose, artifact_id), key)
+    """Whether ``key`` authorises ``purpose`` of the artifact; a key that is not ASCII never
+    does (``compare_digest`` refuses to compare such strings rather than answer False)."""
+    return key is not None and key.isascii() and hmac.compare_digest(blob_key(secret, purpose, artifact_id), key)

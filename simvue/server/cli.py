@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import DEFAULT_MAX_BODY_MB
 from .auth import DEFAULT_TOKEN_DAYS, SECRET_FILE
+from .private import keep_private, make_private
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -72,6 +73,8 @@ def _token(args: argparse.Namespace) -> int:
         return 1
     from .auth import issue_token, load_or_create_secret
 
+    keep_private()  # the secret, and the directory if this creates it
+    make_private(Path(args.data))
     secret, _ = load_or_create_secret(Path(args.data))
     print(issue_token(secret, args.days))
     return 0
@@ -100,6 +103,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     url = _url(listener)
     directory = Path(args.data)
+    # Before anything is created: the database, its -wal and -shm files, the secret, server.json
+    # and every artifact are then the owner's alone (see private.py).
+    keep_private()
+    make_private(directory)
     first_start = not (directory / SECRET_FILE).exists()
     app = create_app(ServerSettings(directory=directory, faults=faults, max_body_mb=args.max_body_mb))
     server_file = directory / SERVER_FILE

@@ -69,6 +69,10 @@ CREATE TABLE IF NOT EXISTS server_run_artifacts (
     category TEXT NOT NULL,
     PRIMARY KEY (run_id, artifact_id)
 );
+CREATE TABLE IF NOT EXISTS server_run_keys (
+    key TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL
+);
 """
 
 
@@ -103,6 +107,8 @@ class ServerData:
         self._lock = threading.Lock()
         with self.checkout() as handle:
             handle.db.executescript(SCHEMA)
+            # The key of a creation cut off by a crash names no run: let its retry create it.
+            handle.db.execute("DELETE FROM server_run_keys WHERE run_id NOT IN (SELECT id FROM runs)")
 
     @contextlib.contextmanager
     def checkout(self) -> Iterator[Handle]:

@@ -149,6 +149,60 @@ class ServerProcess:
     def stats(self) -> dict:
         return self.get("/server/stats")
 
+    def unreadable(self, *run_ids: str) -> dict[str, str]:
+        """Every read the API offers, over everything the server holds; the ones that failed.
+
+        Reads each list (runs, folders, alerts, artifacts), each object it lists, and for each
+        run (those listed and ``run_ids``, which are read even if the run list fails) its
+        metrics in every form, events, artifacts, abort flag and alert statuses; an uploaded
+        artifact's content too.  Returns ``{request: "status body..."}`` for each read that did
+        not answer 200, so an empty dict means that everything stored can be read.
+        """
+        failed: dict[str, str] = {}
+
+        def read(path: str, **params: Any) -> Any:
+            label = path + (f" {params}" if params else "")
+            try:
+                response = self.api.get(f"{self.url}/api{path}", params=params, timeout=30)
+            except requests.RequestException as exc:
+                failed[label] = f"no answer: {exc}"
+                return None
+            if response.status_code != 200:
+                failed[label] = f"{response.status_code} {response.text[:300]}"
+                return None
+            try:
+                return response.json()
+            except ValueError:
+                return response.content
+
+        read("/version")
+        read("/server/stats")
+        listed: dict[str, list[dict]] = {}
+        for collection in ("runs", "folders", "alerts", "artifacts"):
+            answer = read(f"/{collection}")
+            listed[collection] = answer["data"] if isinstance(answer, dict) else []
+        for collection in ("folders", "alerts", "artifacts"):
+            for item in listed[collection]:
+                read(f"/{collection}/{item['id']}")
+                if collection == "artifacts" and item.get("uploaded"):
+                    read(f"/artifacts/{item['id']}/content")
+        for run_id in dict.fromkeys([*run_ids, *(run["id"] for run in listed["runs"])]):
+            run = read(f"/runs/{run_id}")
+            names = read(f"/runs/{run_id}/metrics/names")
+            read(f"/runs/{run_id}/metrics")
+            read("/metrics/names", runs=json.dumps([run_id]))
+            if names:
+                for xaxis in ("step", "time", "timestamp"):
+                    read("/metrics", runs=json.dumps([run_id]), metrics=json.dumps(names), xaxis=xaxis)
+                read("/metrics", runs=json.dumps([run_id]), metrics=json.dumps(names), aggregate="true")
+            read("/events", run=run_id)
+            read(f"/runs/{run_id}/abort")
+            for artifact in read(f"/runs/{run_id}/artifacts") or []:
+                read(f"/runs/{run_id}/artifacts/{artifact['id']}")
+            for alert in (run or {}).get("alerts", []):
+                read(f"/alerts/{alert['alert']['id']}/status/{run_id}")
+        return failed
+
     def wait_for_status(self, name: str, timeout_s: float = 60.0) -> dict:
         deadline = time.monotonic() + timeout_s
         while True:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from ..validation import timestamp
+from .bodies import loads_query
 
 FieldValues = Callable[[Any, str], "list | None"]
 
@@ -47,11 +48,11 @@ def parse_filters(text: str | None) -> list[Condition]:
     if not text:
         return []
     try:
-        items = json.loads(text)
+        items = loads_query(text)
     except ValueError:
-        raise QueryError(f"filters must be a JSON list of strings, not {text!r}") from None
+        items = None
     if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-        raise QueryError(f"filters must be a JSON list of strings, not {text!r}")
+        raise QueryError(f"filters must be a JSON list of strings, not {text[:200]!r}")
     return [_parse_condition(item.strip()) for item in items if item.strip()]
 
 
@@ -142,10 +143,10 @@ def parse_sorting(text: str | None, columns: Callable[[str], bool]) -> list[Sort
     if not text:
         return []
     try:
-        items = json.loads(text)
+        items = loads_query(text)
         keys = [SortKey(str(item["id"]), bool(item.get("desc", True))) for item in items]
     except (ValueError, TypeError, KeyError, AttributeError):
-        raise QueryError(f'sorting must be a JSON list of {{"id": column, "desc": bool}}, not {text!r}') from None
+        raise QueryError(f'sorting must be a JSON list of {{"id": column, "desc": bool}}, not {text[:200]!r}') from None
     for key in keys:
         if not columns(key.column):
             raise QueryError(f"cannot sort on {key.column!r}")

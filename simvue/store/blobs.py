@@ -16,44 +16,15 @@ import hashlib
 import os
 import re
 import secrets
-import stat
 from pathlib import Path
 from typing import BinaryIO
+
+from .._util import PRIVATE_DIRECTORY_MODE, open_private, private_directory, tighten
 
 ARTIFACTS_DIRECTORY = "artifacts"
 COPY_CHUNK_BYTES = 1 << 20
 CHECKSUM = re.compile(r"^[0-9a-f]{64}$")
-PRIVATE_DIRECTORY_MODE = 0o700
-PRIVATE_FILE_MODE = 0o600
 _SCRATCH_PREFIX = ".incoming-"
-
-
-def tighten(path: Path, mode: int) -> None:
-    """Take away every permission of ``path`` beyond ``mode`` if this user owns it (a store
-    someone else owns is left as it is, and so is one that has vanished).  A no-op where
-    there are no POSIX owners (Windows)."""
-    if not hasattr(os, "getuid"):
-        return
-    try:
-        status = os.stat(path)
-        if status.st_uid == os.getuid() and stat.S_IMODE(status.st_mode) & ~mode:
-            os.chmod(path, stat.S_IMODE(status.st_mode) & mode)
-    except OSError:
-        pass
-
-
-def private_directory(path: Path) -> None:
-    """Create directory ``path`` (and its parents) readable only by its owner; an existing
-    one this user owns is tightened to that.  Parents it creates keep the umask's mode: they
-    are the user's directories, not the store's."""
-    path.mkdir(mode=PRIVATE_DIRECTORY_MODE, parents=True, exist_ok=True)
-    tighten(path, PRIVATE_DIRECTORY_MODE)  # mkdir's mode is only a ceiling; an old store is looser
-
-
-def open_private(path: Path, flags: int) -> int:
-    """``os.open`` a file that is created readable and writable only by its owner (the umask
-    can only take permissions away, so 0600 holds whatever it is)."""
-    return os.open(path, flags | os.O_CREAT, PRIVATE_FILE_MODE)
 
 
 class BlobWriter:

@@ -42,8 +42,8 @@ from typing import Any
 
 import msgpack
 
-from .._util import merge_dicts
-from .blobs import ARTIFACTS_DIRECTORY, PRIVATE_FILE_MODE, BlobStore, open_private, private_directory, tighten
+from .._util import PRIVATE_FILE_MODE, merge_dicts, open_private, private_directory, tighten
+from .blobs import ARTIFACTS_DIRECTORY, BlobStore
 
 DATABASE_FILE = "simvue.db"
 SPILL_DIRECTORY = "spill"

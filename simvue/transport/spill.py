@@ -19,6 +19,7 @@ from typing import Any
 
 import msgpack
 
+from .._util import open_private, private_directory
 from ..losses import LossCounter, LossReason
 from . import protocol
 from .protocol import MessageKind
@@ -41,9 +42,9 @@ class SpillFile:
 
     def write_payloads(self, payloads: list[bytes], records: int) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_directory(self.path.parent)
             with self._lock:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                fd = open_private(self.path, os.O_WRONLY | os.O_APPEND)
                 with os.fdopen(fd, "ab") as spill:
                     if spill.tell() == 0:
                         spill.write(_payload(MessageKind.HELLO, 0, self._header()))

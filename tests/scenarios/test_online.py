@@ -75,6 +75,35 @@ def assert_complete(server: ServerProcess, name: str, steps: int, status: str = 
     return run
 
 
+def test_a_terminated_run_still_sends_everything_after_its_status(server, tmp_path):
+    """Rank 0 is interrupted: the status ``terminated`` is stored (and sent) at once, while
+    rank 1 goes on logging for a while; the upload goes on until the run's end is in the
+    store, so rank 1's later points reach the server too."""
+    script = tmp_path / "interrupted.py"
+    script.write_text(textwrap.dedent(
+        """
+        import time
+        from simvue import Run
+        from simvue.topology import detect
+        rank = detect().rank
+        with Run() as run:
+            run.init(name="interrupted")
+            for step in range(300):
+                run.log_metrics({"x": float(step)}, step=step)
+                if rank == 0 and step == 50:
+                    raise KeyboardInterrupt
+                time.sleep(0.005)
+        """
+    ))
+    result = mpiexec(2, sys.executable, str(script), env=client_env(server), timeout=120)
+    assert result.returncode != 0, result.stderr
+    run = server.wait_for_status("interrupted")
+    assert run["status"] == "terminated", run
+    metrics = server.metrics(run["id"])
+    assert metrics["rank0/x"]["steps"] == list(range(51))
+    assert metrics["rank1/x"]["steps"] == list(range(300))
+
+
 def test_a_run_arrives_through_the_api_from_one_process(server):
     result = run_script(LOGGING_SCRIPT, "online-one", "3000", "0", env=client_env(server))
     assert result.returncode == 0, result.stderr

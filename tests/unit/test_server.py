@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -241,6 +242,23 @@ def test_a_replayed_idempotency_key_is_not_applied_twice(server):
     assert post_metrics(server, second_run["id"], batch, **{"Idempotency-Key": "batch-1"}).json()["stored"] == 3
 
 
+
+def test_a_run_creation_retried_with_its_idempotency_key_creates_one_run(server):
+    """A client that gave up waiting for ``POST /api/runs`` (Run.init waits a few seconds)
+    retries it from its uploader: the server must not make a second run."""
+    body = {"name": "created-once", "folder": "/once", "status": "running"}
+    key = {"Idempotency-Key": "local-run-1/create"}
+    first = server.api.post(f"{server.url}/api/runs", json=body, headers=key)
+    again = server.api.post(f"{server.url}/api/runs", json=body, headers=key)
+    assert first.status_code == again.status_code == 200, again.text
+    assert again.json()["id"] == first.json()["id"]
+    other = server.api.post(f"{server.url}/api/runs", json=body, headers={"Idempotency-Key": "local-run-2/create"})
+    assert other.json()["id"] != first.json()["id"]
+    assert len(server.get("/runs", filters=json.dumps(["name == created-once"]))["data"]) == 2
+    server.api.delete(f"{server.url}/api/runs/{first.json()['id']}")
+    anew = server.api.post(f"{server.url}/api/runs", json=body, headers=key)
+    assert anew.status_code == 200 and anew.json()["id"] != first.json()["id"]  # the key went with its run
+
 def test_artifact_upload_with_checksum_check_and_download(server):
     run = create_run(server)
     content = b"hello artifact\n" * 100
@@ -371,6 +389,218 @@ def test_malformed_requests_get_a_4xx_with_a_reason_and_the_server_keeps_serving
     assert server.api.get(f"{url}/api/runs", params={"filters": "not json"}).status_code == 400
 
     assert server.api.get(f"{url}/api/version").status_code == 200
+
+
+
+JSON = "application/json"
+DEEP = 10_000  # levels of nesting in the "deeply nested" bodies
+
+
+def _json(value: object) -> bytes:
+    """``value`` as JSON text that may hold what strict JSON cannot: NaN, Infinity, lone surrogates."""
+    return json.dumps(value, allow_nan=True, ensure_ascii=True).encode()
+
+
+def _msgpack(value: object) -> bytes:
+    return msgpack.packb(value, use_bin_type=True, unicode_errors="surrogatepass")
+
+
+def hostile_requests(run_id: str, folder_id: str) -> list[tuple[str, str, str, bytes, str]]:
+    """``(label, method, path, body, content type)``: requests carrying values that no answer
+    can hold (non-finite numbers, integers past 64 bits, lone surrogates, dates outside years
+    1-9999, absurd nesting).  Each must be refused with a 4xx."""
+    nan, inf = float("nan"), float("inf")
+    deep_json = b"[" * DEEP + b"]" * DEEP
+    deep_msgpack = b"\x91" * DEEP + b"\xc0"  # a one-element array, DEEP times, around nil
+    year_0 = "0001-01-01T00:00:00+14:00"  # reads back as a date in year 0
+    year_10000 = "9999-12-31T23:59:59-01:00"
+    checksum = "a" * 64
+
+    def point(**fields: object) -> dict:
+        return {"time": 1.0, "step": 0, "values": {"x": 1.0}} | fields
+
+    cases: list[tuple[str, str, str, object]] = [
+        ("run system NaN", "POST", "/api/runs", {"system": {"x": nan}}),
+        ("run metadata Infinity", "POST", "/api/runs", {"metadata": {"x": inf}}),
+        ("run heartbeat_timeout Infinity", "POST", "/api/runs", {"heartbeat_timeout": inf}),
+        ("run heartbeat_timeout NaN", "POST", "/api/runs", {"heartbeat_timeout": nan}),
+        ("run visibility NaN", "POST", "/api/runs", {"visibility": {"users": [nan]}}),
+        ("run notifications -Infinity", "POST", "/api/runs", {"notifications": {"x": -inf}}),
+        ("run ttl 2**70", "POST", "/api/runs", {"ttl": 2**70}),
+        ("run ttl 2**63", "POST", "/api/runs", {"ttl": 2**63}),
+        ("run metadata 2**64", "POST", "/api/runs", {"metadata": {"x": 2**64}}),
+        ("run system -2**63-1", "POST", "/api/runs", {"system": {"x": -(2**63) - 1}}),
+        ("run description surrogate", "POST", "/api/runs", {"description": "\ud800"}),
+        ("run system key surrogate", "POST", "/api/runs", {"system": {"\udfff": 1}}),
+        ("run created in year 0", "POST", "/api/runs", {"created": year_0}),
+        ("run started in year 10000", "POST", "/api/runs", {"started": year_10000}),
+        ("run update system NaN", "PUT", f"/api/runs/{run_id}", {"system": {"x": nan}}),
+        ("run update heartbeat_timeout Infinity", "PUT", f"/api/runs/{run_id}", {"heartbeat_timeout": inf}),
+        ("run update ttl 2**70", "PUT", f"/api/runs/{run_id}", {"ttl": 2**70}),
+        ("run update description surrogate", "PUT", f"/api/runs/{run_id}", {"description": "\ud800"}),
+        ("run update endtime in year 0", "PUT", f"/api/runs/{run_id}", {"endtime": year_0}),
+        ("abort reason surrogate", "PUT", f"/api/runs/{run_id}/abort", {"reason": "\ud800"}),
+        ("folder metadata NaN", "POST", "/api/folders", {"path": "/hostile/a", "metadata": {"a": nan}}),
+        ("folder description surrogate", "POST", "/api/folders", {"path": "/hostile/b", "description": "\ud800"}),
+        ("folder update metadata Infinity", "PUT", f"/api/folders/{folder_id}", {"metadata": {"a": inf}}),
+        ("folder update description surrogate", "PUT", f"/api/folders/{folder_id}", {"description": "\udc00"}),
+        ("alert definition NaN", "POST", "/api/alerts", {"name": "a", "source": "user", "alert": {"threshold": nan}}),
+        ("alert extra field Infinity", "POST", "/api/alerts", {"name": "b", "source": "user", "x": inf}),
+        ("alert name surrogate", "POST", "/api/alerts", {"name": "\ud800", "source": "user"}),
+        ("artifact metadata NaN", "POST", "/api/artifacts", {"name": "n", "checksum": checksum, "metadata": {"a": nan}}),
+        ("artifact size 2**64", "POST", "/api/artifacts", {"name": "n", "checksum": checksum, "size": 2**64}),
+        ("artifact MIME type not Latin-1", "POST", "/api/artifacts",
+         {"name": "n", "checksum": checksum, "mime_type": "text/\u0100"}),
+        ("artifact MIME type with a newline", "POST", "/api/artifacts",
+         {"name": "n", "checksum": checksum, "mime_type": "text/plain\r\nX-Injected: 1"}),
+        ("metric time NaN", "POST", "/api/metrics", {"run": run_id, "metrics": [point(time=nan)]}),
+        ("metric time Infinity", "POST", "/api/metrics", {"run": run_id, "metrics": [point(time=inf)]}),
+        ("metric step 2**64", "POST", "/api/metrics", {"run": run_id, "metrics": [point(step=2**64)]}),
+        ("metric timestamp in year 0", "POST", "/api/metrics", {"run": run_id, "metrics": [point(timestamp=year_0)]}),
+        ("metrics run surrogate", "POST", "/api/metrics", {"run": "\ud800", "metrics": []}),
+        ("event message surrogate", "POST", "/api/events", {"run": run_id, "events": [{"message": "\ud800"}]}),
+        ("event timestamp in year 10000", "POST", "/api/events",
+         {"run": run_id, "events": [{"message": "m", "timestamp": year_10000}]}),
+    ]
+    requests_: list[tuple[str, str, str, bytes, str]] = [
+        (label, method, path, _json(body), JSON) for label, method, path, body in cases
+    ]
+    requests_ += [
+        ("run body nested 10,000 deep", "POST", "/api/runs", deep_json, JSON),
+        ("run system nested 10,000 deep", "POST", "/api/runs", b'{"system": ' + deep_json + b"}", JSON),
+        ("alert nested 10,000 deep", "POST", "/api/alerts",
+         b'{"name": "c", "source": "user", "alert": ' + deep_json + b"}", JSON),
+        ("metrics nested 10,000 deep", "POST", "/api/metrics", deep_json, JSON),
+        ("events nested 10,000 deep", "POST", "/api/events", deep_json, JSON),
+        ("metrics msgpack nested 10,000 deep", "POST", "/api/metrics", deep_msgpack, MSGPACK["Content-Type"]),
+    ]
+    msgpack_cases: list[tuple[str, str, object]] = [
+        ("metric time NaN (msgpack)", "/api/metrics", {"run": run_id, "metrics": [point(time=nan)]}),
+        ("metric time -Infinity (msgpack)", "/api/metrics", {"run": run_id, "metrics": [point(time=-inf)]}),
+        ("metric step 2**64-1 (msgpack)", "/api/metrics", {"run": run_id, "metrics": [point(step=2**64 - 1)]}),
+        ("metric timestamp in year 0 (msgpack)", "/api/metrics",
+         {"run": run_id, "metrics": [point(timestamp=year_0)]}),
+        ("metrics with a msgpack extension type", "/api/metrics",
+         {"run": run_id, "metrics": [point(values={"x": msgpack.ExtType(5, b"x")})]}),
+        ("event message surrogate (msgpack)", "/api/events", {"run": run_id, "events": [{"message": "\ud800"}]}),
+        ("event timestamp in year 10000 (msgpack)", "/api/events",
+         {"run": run_id, "events": [{"message": "m", "timestamp": year_10000}]}),
+    ]
+    requests_ += [(label, "POST", path, _msgpack(body), MSGPACK["Content-Type"]) for label, path, body in msgpack_cases]
+    deep_query = "[" * 2000  # short enough for the request line, far too deep to decode
+    requests_ += [
+        (f"GET {path} {parameter} nested 2,000 deep", "GET", f"{path}{'&' if '?' in path else '?'}{parameter}={deep_query}",
+         b"", JSON)
+        for path, parameter in (("/api/runs", "filters"), ("/api/runs", "sorting"), ("/api/folders", "filters"),
+                                ("/api/artifacts", "runs"), ("/api/metrics/names", "runs"),
+                                (f"/api/events?run={run_id}", "filters"))
+    ]
+    return requests_
+
+
+def test_hostile_values_get_a_4xx_and_nothing_stored_breaks_a_later_read(tmp_path):
+    """Finding: one run with ``"system": {"x": NaN}`` made ``GET /api/runs`` answer 500 for good."""
+    with ServerProcess(tmp_path / "server") as server:
+        run = create_run(server)
+        folder = server.api.post(f"{server.url}/api/folders", json={"path": "/hostile"}).json()
+        wrong: dict[str, str] = {}
+        for label, method, path, body, content_type in hostile_requests(run["id"], folder["id"]):
+            try:  # a connection of its own: a server that failed may also have dropped the last one
+                response = requests.request(method, server.url + path, data=body or None, timeout=30, headers={
+                    "Authorization": f"Bearer {server.token}", "Content-Type": content_type})
+            except requests.RequestException as exc:
+                wrong[label] = f"no answer: {exc}"
+                continue
+            if response.status_code not in (400, 422):
+                wrong[label] = f"{response.status_code} {response.text[:200]}"
+            elif not response.json().get("detail"):
+                wrong[label] = f"{response.status_code} without a detail"
+        assert wrong == {}
+        assert server.unreadable(run["id"]) == {}
+        server.stop()
+        server.start()  # what is stored is read back by a fresh process too
+        assert server.unreadable(run["id"]) == {}
+
+
+def test_a_refused_value_is_named_in_the_answer(server):
+    run = create_run(server)
+    answer = server.api.post(f"{server.url}/api/runs", data=b'{"system": {"gpu": {"temp": NaN}}}',
+                             headers={"Content-Type": JSON})
+    assert answer.status_code == 422
+    [error] = answer.json()["detail"]
+    assert error["loc"] == ["body", "system", "gpu", "temp"] and "finite" in error["msg"], error
+    packed = msgpack.packb({"run": run["id"], "metrics": [{"time": 1.0, "step": 2**64 - 1, "values": {"x": 1.0}}]})
+    answer = server.api.post(f"{server.url}/api/metrics", data=packed, headers=MSGPACK)
+    assert answer.status_code == 422
+    [error] = answer.json()["detail"]
+    assert error["loc"] == ["body", "metrics", 0, "step"] and "64-bit" in error["msg"], error
+    deep = server.api.post(f"{server.url}/api/events", data=b"[" * DEEP + b"]" * DEEP, headers={"Content-Type": JSON})
+    assert deep.status_code == 400 and "nested" in deep.json()["detail"]
+    # Non-finite metric values stay what they were: stored, and read back as null.
+    packed = msgpack.packb({"run": run["id"], "metrics": [{"time": 1.0, "step": 0, "values": {"x": float("nan")}}]})
+    assert server.api.post(f"{server.url}/api/metrics", data=packed, headers=MSGPACK).status_code == 200
+    assert server.metrics(run["id"])["x"]["values"] == [None]
+
+
+def test_values_an_older_server_stored_are_read_back_as_null(tmp_path):
+    """A data directory written before the server refused non-finite values still reads."""
+    from simvue.store import SeriesChunk, Store, StoreBatch
+
+    store = Store(tmp_path / "server")
+    try:
+        run_id = store.create_run(
+            name="legacy", folder="/legacy", description=None, metadata={"bad": float("nan"), "text": "\ud800"},
+            tags=[], status="running", system={"x": float("inf")}, heartbeat_timeout_s=float("inf"))
+        chunk = SeriesChunk()
+        chunk.append(0, float("nan"), time.time(), 1.0)
+        store.write(run_id, StoreBatch(metrics={"loss": chunk}))
+    finally:
+        store.close()
+    with ServerProcess(tmp_path / "server") as server:
+        assert server.unreadable(run_id) == {}
+        run = server.get(f"/runs/{run_id}")
+        assert run["metadata"] == {"bad": None, "text": "\ufffd"} and run["system"] == {"x": None}
+        assert run["heartbeat_timeout"] is None
+        assert server.metrics(run_id)["loss"]["times"] == [None]
+
+
+def test_the_data_directory_and_every_file_in_it_are_private(tmp_path):
+    """0700 directories and 0600 files, whatever the umask; a directory left readable by an
+    older server is made private too."""
+    from simvue.store import Store
+
+    def exposed(directory: Path) -> dict[str, str]:
+        found = {directory.name: oct(directory.stat().st_mode & 0o777)} if directory.stat().st_mode & 0o777 != 0o700 else {}
+        for path in directory.rglob("*"):
+            mode = path.lstat().st_mode & 0o777
+            if mode != (0o700 if path.is_dir() else 0o600):
+                found[str(path.relative_to(directory))] = oct(mode)
+        return found
+
+    data = tmp_path / "server"
+    previous = os.umask(0o022)
+    try:
+        Store(data).close()
+        for path in [data, *data.rglob("*")]:  # as an older server left it: readable by everyone
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        assert exposed(data), "the test needs a readable directory to start from"
+        with ServerProcess(data) as server:
+            run = create_run(server)
+            post_metrics(server, run["id"], points(3))
+            post_events(server, run["id"], [{"message": "m"}])
+            content = b"private content\n"
+            created = server.api.post(f"{server.url}/api/artifacts", json={
+                "name": "a.txt", "checksum": hashlib.sha256(content).hexdigest(), "run": run["id"]}).json()
+            assert requests.put(created["url"], data=content).status_code == 200
+            cli_token(data)
+            assert (data / "artifacts").is_dir() and (data / "server.json").exists()
+            assert exposed(data) == {}  # while it runs: the database's -wal and -shm files too
+        assert exposed(data) == {}
+        fresh = tmp_path / "fresh"
+        cli_token(fresh)  # `simvue server token` on a new directory creates it
+        assert exposed(fresh) == {}
+    finally:
+        os.umask(previous)
 
 
 def raw_request(url: str, head: str, body: bytes = b"") -> tuple[int, bytes]:

@@ -7,20 +7,56 @@ database :class:`~simvue.server.db.Handle` of its own for the length of the requ
 from __future__ import annotations
 
 import datetime as dt
-import json
+import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-from fastapi import Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, StringConstraints
 
 from ... import validation
 from ...store import RunNotFound
+from ..bodies import CheckedRoute, loads_query
 from ..db import Handle
 from ..query import page
 
 T = TypeVar("T")
+
+
+def checked_router() -> APIRouter:
+    """A router whose routes read bodies through ``bodies.decode_json`` (every route module's)."""
+    return APIRouter(route_class=CheckedRoute)
+
+
+class SafeJSONResponse(JSONResponse):
+    """A JSON answer that can always be written.
+
+    The server refuses non-finite numbers and lone surrogates on the way in, but a data
+    directory written by an older server (or a non-finite metric value, which is stored as
+    sent) can still hold them.  Rather than fail the whole answer, those become ``null`` and
+    U+FFFD.  The usual answer takes the ordinary path; only one that fails is walked.
+    """
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except (ValueError, UnicodeEncodeError):  # NaN or Infinity; a lone surrogate
+            return super().render(_answerable(content))
+
+
+def _answerable(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        # Lone surrogates become U+FFFD; a pair written as two code points becomes its character.
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {_answerable(key): _answerable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_answerable(item) for item in value]
+    return value
 
 
 def _checkout(request: Request) -> Iterator[Handle]:
@@ -71,11 +107,23 @@ def require_run(handle: Handle, run_id: str) -> dict:
     return run
 
 
-iso = validation.optional_timestamp  # timestamps in answers: UTC ISO, or null when unset
+# The instants an answer can write: 0001-01-01T00:00:00 to 9999-12-31T23:59:59 UTC.  A time
+# with an offset can fall outside them (0001-01-01T00:00:00+14:00 is in year 0).
+EARLIEST_S = dt.datetime(1, 1, 1, tzinfo=dt.timezone.utc).timestamp()
+LATEST_S = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc).timestamp()
+
+
+def iso(seconds: float | None) -> str | None:
+    """A timestamp in an answer: UTC ISO, or null when unset (or when a value stored by an
+    older server cannot be written as a date)."""
+    try:
+        return validation.optional_timestamp(seconds)
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def _epoch_seconds(text: str) -> float:
-    """Seconds since the epoch for a UTC ISO timestamp.
+    """Seconds since the epoch for a UTC ISO timestamp between years 1 and 9999.
 
     ``datetime.fromisoformat`` reads the common form about thirty times faster than
     ``validation.timestamp`` (which uses ``strptime``), and a metrics batch holds up to 16,000
@@ -85,7 +133,10 @@ def _epoch_seconds(text: str) -> float:
         moment = dt.datetime.fromisoformat(text.removesuffix("Z"))
     except ValueError:
         return validation.timestamp(text)
-    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).timestamp()
+    seconds = (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).timestamp()
+    if not EARLIEST_S <= seconds <= LATEST_S:
+        raise ValueError(f"timestamp {text!r} is not between years 1 and 9999 in UTC")
+    return seconds
 
 
 # Request-body field types shared by the route modules; a value they reject is a 422.
@@ -103,11 +154,11 @@ def json_list(text: str | None, parameter: str) -> list[str]:
     if text is None:
         return []
     try:
-        items = json.loads(text)
+        items = loads_query(text)
     except ValueError:
         items = None
     if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-        raise HTTPException(status_code=400, detail=f"{parameter} must be a JSON list of strings, not {text!r}")
+        raise HTTPException(status_code=400, detail=f"{parameter} must be a JSON list of strings, not {text[:200]!r}")
     return items
 
 

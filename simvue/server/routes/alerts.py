@@ -13,14 +13,12 @@ import sqlite3
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from ...store import new_id
-from . import DataHandle, Page, iso, not_found, require_run
+from . import DataHandle, Page, SafeJSONResponse, checked_router, iso, not_found, require_run
 
-router = APIRouter()
+router = checked_router()
 
 AlertStatus = Literal["ok", "critical"]
 
@@ -43,7 +41,8 @@ class AlertStatusUpdate(BaseModel):
 
 def _alert_object(row: tuple) -> dict:
     alert_id, definition, created = row
-    return {"id": alert_id, **json.loads(definition), "created": iso(created)}
+    # after the definition: an extra field called "id" or "created" must not replace them
+    return {**json.loads(definition), "id": alert_id, "created": iso(created)}
 
 
 def _alert(db: sqlite3.Connection, alert_id: str) -> dict:
@@ -68,15 +67,18 @@ def attach_alerts(db: sqlite3.Connection, run_id: str, alert_ids: list[str]) -> 
 
     Call inside a transaction.
     """
-    for alert_id in alert_ids:
+    wanted = dict.fromkeys(alert_ids)  # a list may repeat an id
+    for alert_id in wanted:
         _alert(db, alert_id)
-    placeholders = ",".join("?" * len(alert_ids))
-    db.execute(
-        f"DELETE FROM server_run_alerts WHERE run_id=? AND alert_id NOT IN ({placeholders})", (run_id, *alert_ids)
+    # Compared here rather than in one "NOT IN (?, ?, ...)": SQLite takes at most 32,766 values.
+    attached = [row[0] for row in db.execute("SELECT alert_id FROM server_run_alerts WHERE run_id=?", (run_id,))]
+    db.executemany(
+        "DELETE FROM server_run_alerts WHERE run_id=? AND alert_id=?",
+        [(run_id, alert_id) for alert_id in attached if alert_id not in wanted],
     )
     db.executemany(
         "INSERT OR IGNORE INTO server_run_alerts (run_id, alert_id) VALUES (?, ?)",
-        [(run_id, alert_id) for alert_id in alert_ids],
+        [(run_id, alert_id) for alert_id in wanted],
     )
 
 
@@ -86,7 +88,7 @@ def create_alert(body: AlertCreate, handle: DataHandle, deduplicate: bool = Fals
         if deduplicate:
             row = db.execute("SELECT id FROM server_alerts WHERE name=? ORDER BY created", (body.name,)).fetchone()
             if row is not None:
-                return JSONResponse(
+                return SafeJSONResponse(
                     status_code=409, content={"detail": f"an alert named {body.name!r} already exists", "id": row[0]}
                 )
         alert_id = new_id()

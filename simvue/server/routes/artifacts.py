@@ -14,7 +14,7 @@ import json
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import HTTPException, Request
 from fastapi.responses import FileResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, NonNegativeInt, StringConstraints
 
@@ -22,14 +22,17 @@ from ...store import new_id
 from ..auth import blob_key, blob_key_matches
 from ..blobs import CHECKSUM, ChecksumMismatch, receive
 from ..db import Handle
-from . import DataHandle, Page, bad_request, iso, json_list, not_found, require_run, with_handle
+from . import DataHandle, Page, bad_request, checked_router, iso, json_list, not_found, require_run, with_handle
 
-router = APIRouter()  # under /api, with the token check
-content_router = APIRouter()  # upload and download URLs, authorised by their key
+router = checked_router()  # under /api, with the token check
+content_router = checked_router()  # upload and download URLs, authorised by their key
 
 STORAGE_ID = "local"
 Category = Literal["input", "output", "code"]
 Checksum = Annotated[str, AfterValidator(str.lower), StringConstraints(pattern=CHECKSUM.pattern)]
+# A MIME type becomes the Content-Type header of downloads: printable ASCII on one line, or
+# the download could not be answered.
+MimeType = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e][\x20-\x7e]*$", max_length=255)]
 
 _COLUMNS = "id, name, original_path, size, mime_type, checksum, metadata, created"
 
@@ -40,7 +43,7 @@ class ArtifactCreate(BaseModel):
     checksum: Checksum
     original_path: str | None = ""
     size: NonNegativeInt | None = None
-    mime_type: str | None = None
+    mime_type: MimeType | None = None
     metadata: dict[str, Any] | None = None
     run: str | None = None
     category: Category = "output"
@@ -132,12 +135,11 @@ def list_artifacts(
     run_ids = json_list(runs, "runs")
     if runs is None:
         rows = handle.db.execute(f"SELECT {_COLUMNS} FROM server_artifacts ORDER BY created").fetchall()
-    else:
-        marks = ",".join("?" * len(run_ids))
+    else:  # the ids travel as one JSON value: SQLite takes at most 32,766 bound values
         rows = handle.db.execute(
-            f"SELECT {_COLUMNS} FROM server_artifacts WHERE id IN"
-            f" (SELECT artifact_id FROM server_run_artifacts WHERE run_id IN ({marks})) ORDER BY created",
-            run_ids,
+            f"SELECT {_COLUMNS} FROM server_artifacts WHERE id IN (SELECT artifact_id FROM server_run_artifacts"
+            " WHERE run_id IN (SELECT value FROM json_each(?))) ORDER BY created",
+            (json.dumps(run_ids),),
         ).fetchall()
     data = [_response(request, handle, _from_row(row)) for row in paging(rows)]
     return {"data": data, "count": len(rows)}

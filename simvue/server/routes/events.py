@@ -5,16 +5,15 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header
-from fastapi.responses import JSONResponse
+from fastapi import Header
 from pydantic import BaseModel, ConfigDict
 
 from ...store import StoreBatch
 from ..query import QueryError, parse_filters, select
-from . import DataHandle, IsoTime, Page, bad_request, iso, require_run
+from . import DataHandle, IsoTime, Page, SafeJSONResponse, bad_request, checked_router, iso, require_run
 from .ingest import RawBody, write_once
 
-router = APIRouter()
+router = checked_router()
 
 
 class Event(BaseModel):
@@ -64,4 +63,4 @@ def get_events(
         events = select(events, parse_filters(filters), _event_fields)
     except QueryError as exc:
         raise bad_request(str(exc)) from None
-    return JSONResponse({"data": paging(events), "count": len(events)})  # may be long
+    return SafeJSONResponse({"data": paging(events), "count": len(events)})  # may be long

@@ -10,17 +10,15 @@ from __future__ import annotations
 import json
 import time
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from ..._util import merge_dicts
 from ...store import new_id
 from ..db import Handle
 from ..query import QueryError, dotted, order, parse_filters, parse_sorting, select
-from . import DataHandle, FolderPath, Metadata, Page, Tag, bad_request, iso, not_found
+from . import DataHandle, FolderPath, Metadata, Page, SafeJSONResponse, Tag, bad_request, checked_router, iso, not_found
 
-router = APIRouter()
+router = checked_router()
 
 _COLUMNS = "f.id, f.path, f.created, s.description, s.metadata, s.tags"
 _FROM = "server_folders f JOIN folders s ON s.path = f.path"
@@ -108,7 +106,7 @@ def _update(handle: Handle, path: str, changes: FolderUpdate) -> None:
 def create_folder(body: FolderCreate, handle: DataHandle):
     folder_id, created = ensure_folder(handle, body.path)
     if not created:
-        return JSONResponse(
+        return SafeJSONResponse(
             status_code=409, content={"detail": f"folder {body.path!r} already exists", "id": folder_id}
         )
     _update(handle, body.path, body)

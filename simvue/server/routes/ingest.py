@@ -1,23 +1,23 @@
 """What the two ingest routes (``POST /api/metrics`` and ``POST /api/events``) share.
 
 Their bodies are msgpack (``Content-Type: application/msgpack``, as Simvue clients send them)
-or JSON.  A request carrying ``Idempotency-Key`` is applied at most once per run: the key is
-remembered in the store's ``applied_keys`` and a repeat is answered 200 without writing again, so
-a client may resend a batch whose answer it never received.
+or JSON, decoded and checked by ``bodies`` like every other body.  A request carrying
+``Idempotency-Key`` is applied at most once per run: the key is remembered in the store's
+``applied_keys`` and a repeat is answered 200 without writing again, so a client may resend a
+batch whose answer it never received.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Annotated, Any, TypeVar
 
-import msgpack
 import pydantic
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 
 from ...store import StoreBatch
+from ..bodies import Pattern, decode_json, decode_msgpack
 from ..db import Handle
 
 Model = TypeVar("Model", bound=pydantic.BaseModel)
@@ -29,24 +29,20 @@ class Body:
     content: bytes
     content_type: str
 
-    def parse(self, model: type[Model]) -> Model:
-        """The body as ``model``: 400 if it is not msgpack/JSON, 422 if its fields are wrong."""
+    def parse(self, model: type[Model], non_finite_ok: Pattern | None = None) -> Model:
+        """The body as ``model``: 400 if it is not msgpack/JSON, 422 if a value cannot be
+        stored (``bodies.check``; non-finite numbers pass where ``non_finite_ok`` matches)
+        or a field is wrong."""
         try:
-            return model.model_validate(self._decode())
+            return model.model_validate(self._decode(non_finite_ok))
         except pydantic.ValidationError as exc:  # reported as FastAPI reports its own body errors
             errors = [error | {"loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
             raise RequestValidationError(errors) from None
 
-    def _decode(self) -> Any:
+    def _decode(self, non_finite_ok: Pattern | None) -> Any:
         if "msgpack" in self.content_type:
-            try:
-                return msgpack.unpackb(self.content, raw=False)
-            except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types for bad input
-                raise HTTPException(status_code=400, detail=f"request body is not valid msgpack: {exc}") from None
-        try:
-            return json.loads(self.content)
-        except ValueError as exc:
-            raise HTTPException(status_code=400, detail=f"request body is not valid JSON: {exc}") from None
+            return decode_msgpack(self.content, non_finite_ok)
+        return decode_json(self.content, non_finite_ok)
 
 
 async def _read_body(request: Request) -> Body:

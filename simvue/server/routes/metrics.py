@@ -8,8 +8,10 @@
 * ``GET /api/runs/{id}/metrics`` returns every point of a run exactly, column-wise and in
   logging order, for tools that need the whole series (``simvue`` itself).
 
-Non-finite values are stored as sent and read back as ``null``.  The read routes answer with a
-``JSONResponse`` of their own: FastAPI's generic encoding would walk every point again.
+Non-finite values are stored as sent and read back as ``null`` (the one place a body may hold
+them: a diverging loss is worth keeping); a non-finite ``time`` is refused like any other
+non-finite number.  The read routes answer with a ``SafeJSONResponse`` of their own: FastAPI's
+generic encoding would walk every point again.
 """
 
 from __future__ import annotations
@@ -19,18 +21,20 @@ import time
 from array import array
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, HTTPException, Query
-from fastapi.responses import JSONResponse
+from fastapi import Header, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, StringConstraints
 
 from ... import validation
 from ...store import SeriesChunk, StoreBatch
+from ..bodies import ANY
 from ..db import Handle
-from . import DataHandle, IsoTime, iso, json_list, require_run
+from . import DataHandle, IsoTime, SafeJSONResponse, checked_router, iso, json_list, require_run
 from .ingest import RawBody, write_once
 
-router = APIRouter()
+router = checked_router()
 
+# Where a metrics body may hold NaN and +-Infinity: the metric values (stored, read back as null).
+NON_FINITE_VALUES = ("metrics", ANY, "values", ANY)
 MetricName = Annotated[str, StringConstraints(pattern=validation.METRIC_NAME.pattern)]
 XAxis = Literal["step", "time", "timestamp"]
 
@@ -66,7 +70,7 @@ def _chunks(points: list[MetricPoint], now: float) -> dict[str, SeriesChunk]:
 def post_metrics(
     body: RawBody, handle: DataHandle, idempotency_key: Annotated[str | None, Header()] = None
 ):
-    request = body.parse(MetricsPost)
+    request = body.parse(MetricsPost, non_finite_ok=NON_FINITE_VALUES)
     require_run(handle, request.run)
     now = time.time()
     chunks = _chunks(request.metrics, now)
@@ -140,12 +144,12 @@ def get_metric_values(
     if aggregate:
         if xaxis == "timestamp":
             raise HTTPException(status_code=400, detail="aggregate=true cannot be combined with xaxis=timestamp")
-        return JSONResponse({
+        return SafeJSONResponse({
             name: _thin(_aggregate([by_name[name] for by_name in found.values() if name in by_name], xaxis), max_points)
             for name in names
             if any(name in by_name for by_name in found.values())
         })
-    return JSONResponse({
+    return SafeJSONResponse({
         run_id: {name: _thin(points, max_points) for name, points in by_name.items()}
         for run_id, by_name in found.items()
     })
@@ -175,7 +179,7 @@ def get_run_metrics(run_id: str, handle: DataHandle, names: Annotated[list[str] 
     require_run(handle, run_id)
     present = handle.store.metric_names(run_id)
     wanted = present if names is None else [name for name in present if name in set(names)]
-    return JSONResponse({"data": {name: _columns(handle.store.metric_series(run_id, name)) for name in wanted}})
+    return SafeJSONResponse({"data": {name: _columns(handle.store.metric_series(run_id, name)) for name in wanted}})
 
 
 @router.get("/runs/{run_id}/metrics/names")

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sqlite3
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
+from fastapi import Header, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from ... import validation
@@ -23,11 +24,11 @@ from ...names import random_name
 from ...store import StoreBatch, new_id
 from ..db import Handle
 from ..query import QueryError, dotted, order, parse_filters, parse_sorting, select
-from . import DataHandle, FolderPath, IsoTime, Metadata, Page, Tag, bad_request, iso, require_run
+from . import DataHandle, FolderPath, IsoTime, Metadata, Page, Tag, bad_request, checked_router, iso, require_run
 from .alerts import attach_alerts, run_alerts
 from .folders import ensure_folder
 
-router = APIRouter()
+router = checked_router()
 
 DEFAULT_HEARTBEAT_TIMEOUT_S = 180.0
 
@@ -94,6 +95,14 @@ def _set_server_fields(db: sqlite3.Connection, run_id: str, body: RunFields) -> 
         attach_alerts(db, run_id, body.alerts)
 
 
+def _seconds(timeout: float | None) -> float | int | None:
+    """A heartbeat timeout as answered: whole seconds as an int; an infinite one (which an
+    older server could store) never expires, which is what null says."""
+    if timeout is None or not math.isfinite(timeout):
+        return None
+    return int(timeout) if timeout == int(timeout) else timeout
+
+
 def run_response(handle: Handle, run: dict) -> dict:
     """The run object of the API, from the store's view of the run."""
     row = handle.db.execute(
@@ -114,7 +123,7 @@ def run_response(handle: Handle, run: dict) -> dict:
         "started": iso(run["started"]),
         "endtime": iso(run["ended"]),
         "last_heartbeat": iso(run["heartbeat"]),
-        "heartbeat_timeout": int(timeout) if timeout is not None and timeout == int(timeout) else timeout,
+        "heartbeat_timeout": _seconds(timeout),
         "ttl": ttl,
         "visibility": json.loads(visibility),
         "notifications": json.loads(notifications),
@@ -123,10 +132,42 @@ def run_response(handle: Handle, run: dict) -> dict:
     }
 
 
+def _claim_creation(handle: Handle, key: str, run_id: str) -> str | None:
+    """Record that request ``key`` creates ``run_id``; or the run an earlier request with
+    that key created (or is creating)."""
+    with handle.transaction() as db:
+        row = db.execute("SELECT run_id FROM server_run_keys WHERE key=?", (key,)).fetchone()
+        if row is None:
+            db.execute("INSERT INTO server_run_keys (key, run_id) VALUES (?, ?)", (key, run_id))
+            return None
+        return row[0]
+
+
 @router.post("/runs")
-def create_run(body: RunCreate, handle: DataHandle):
+def create_run(body: RunCreate, handle: DataHandle, idempotency_key: Annotated[str | None, Header()] = None):
+    """Create a run.  With ``Idempotency-Key``, a repeat of the request answers the run the
+    first one created instead of making another (a client that stopped waiting retries)."""
     ensure_folder(handle, body.folder)
     run_id = new_id()
+    if idempotency_key is not None:
+        earlier = _claim_creation(handle, idempotency_key, run_id)
+        if earlier is not None:
+            try:
+                return run_response(handle, require_run(handle, earlier))
+            except HTTPException:  # the first request is still creating it: come back shortly
+                raise HTTPException(
+                    status_code=503, detail=f"run {earlier!r} is still being created", headers={"Retry-After": "1"}
+                ) from None
+    try:
+        return _create_run(handle, run_id, body)
+    except BaseException:
+        if idempotency_key is not None:  # no run came of it: a retry must be able to create one
+            with handle.transaction() as db:
+                db.execute("DELETE FROM server_run_keys WHERE key=?", (idempotency_key,))
+        raise
+
+
+def _create_run(handle: Handle, run_id: str, body: RunCreate) -> dict:
     with handle.transaction() as db:  # first: an unknown alert id (404) leaves no half-made run
         _set_server_fields(db, run_id, body)
     handle.store.create_run(
@@ -292,6 +333,7 @@ def delete_run(run_id: str, handle: DataHandle):
         for table, column in (
             ("metrics", "run_id"), ("events", "run_id"), ("runs", "id"), ("server_runs", "run_id"),
             ("server_run_alerts", "run_id"), ("server_run_artifacts", "run_id"), ("applied_keys", "run_id"),
+            ("server_run_keys", "run_id"),
         ):
             db.execute(f"DELETE FROM {table} WHERE {column}=?", (run_id,))
     return {"id": run_id}

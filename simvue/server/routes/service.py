@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 
-router = APIRouter()
+from . import checked_router
+
+router = checked_router()
 
 # The upstream client 2.6.2 requires 1.1.0 <= version < 2.0.0, and >= 1.2.16 for event log levels.
 API_VERSION = "1.3.0"
