@@ -1,7 +1,8 @@
 """The aggregator's socket: a ZeroMQ ROUTER that every sender's DEALER connects to.
 
 Binds, waits for messages, reads and authenticates them (``protocol.decode``), and sends the
-replies the aggregator's state asks for.  Used only on the aggregator's thread, which opens
+replies the aggregator's state asks for.  Where other nodes can reach it, the traffic is
+encrypted too (``transport.security``).  Used only on the aggregator's thread, which opens
 and closes it.
 """
 
@@ -11,7 +12,7 @@ import dataclasses
 
 import zmq
 
-from ..transport import protocol
+from ..transport import protocol, security
 from ..transport.protocol import BadFrame, Message
 from .instructions import Reply
 
@@ -51,6 +52,8 @@ class Receiver:
             # bounded whatever an unauthenticated process sends.
             sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_BYTES)
             sock.setsockopt(zmq.LINGER, 0)
+            if security.encrypted(self._binding.advertise or f"tcp://{self._binding.advertise_host}:0"):
+                security.serve(sock, self._key)  # other nodes can reach it: encrypt too
             if self._binding.address:
                 sock.bind(self._binding.address)
                 return self._binding.advertise or self._binding.address

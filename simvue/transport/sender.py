@@ -23,7 +23,7 @@ import zmq
 from .._util import drain
 from ..abort import AbortSignal
 from ..losses import LossCounter, LossReason
-from . import protocol
+from . import protocol, security
 from .protocol import MessageKind
 from .spill import SpillFile, data_records
 
@@ -183,6 +183,8 @@ class Sender:
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         try:
+            if security.encrypted(self._address):
+                security.connect(sock, self._key)
             sock.connect(self._address)
             self._queue(MessageKind.HELLO, self._hello)
             last_heartbeat = time.monotonic()

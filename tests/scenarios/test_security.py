@@ -122,3 +122,69 @@ def test_with_an_explicit_address_and_no_key_the_key_is_random_and_a_guessed_one
         assert [p[0] for p in run["metrics"][f"rank{rank}/x"]] == list(range(300))
     assert run["metadata"]["simvue"]["losses"] == {"bad_frame": 3}
     assert not Path(path).exists()  # removed once the run has ended
+
+
+def _non_loopback_ipv4() -> str | None:
+    import ipaddress
+
+    import psutil
+
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not ipaddress.ip_address(address.address).is_loopback:
+                return address.address
+    return None
+
+
+def test_traffic_that_can_leave_the_node_is_encrypted(store_dir):
+    """On an address other nodes can reach, the aggregator speaks CURVE: a client without the
+    run's key cannot even complete the handshake, and the ranks' own traffic goes through."""
+    import secrets
+
+    import pytest
+
+    ip = _non_loopback_ipv4()
+    if ip is None or not zmq.has("curve"):
+        pytest.skip("no network interface besides loopback, or no CURVE in libzmq")
+    with socket.socket() as probe:
+        probe.bind((ip, 0))
+        port = probe.getsockname()[1]
+    address = f"tcp://{ip}:{port}"
+    key = secrets.token_hex(32)
+    extra = {"SIMVUE_AGGREGATOR_ADDRESS": address, "SIMVUE_AGGREGATOR_KEY": key}
+    rank0 = start(slurm(0, **extra), "encrypted")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                raw = socket.create_connection((ip, port), timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and rank0.poll() is None, "rank 0 never listened"
+                time.sleep(0.05)
+        with raw:
+            raw.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00")  # a ZMTP 3.0 greeting's first part
+            greeting = b""
+            while len(greeting) < 32:
+                chunk = raw.recv(64)
+                if not chunk:
+                    break
+                greeting += chunk
+        assert greeting[12:17] == b"CURVE", greeting  # the security mechanism the aggregator asks for
+        plain = zmq.Context.instance().socket(zmq.DEALER)  # the right HMAC key, but no CURVE
+        plain.setsockopt(zmq.LINGER, 0)
+        plain.connect(address)
+        plain.send_multipart(protocol.encode(bytes.fromhex(key), MessageKind.HELLO, 1, {"role": "worker", "pid": 1}))
+        assert not plain.poll(1000), "a client without CURVE got an answer"
+        plain.close()
+        rank1 = start(slurm(1, **extra), "encrypted")
+        for rank in (rank1, rank0):
+            out, err = rank.communicate(timeout=120)
+            assert rank.returncode == 0, err
+    finally:
+        for job in (rank0,):
+            if job.poll() is None:
+                job.kill()
+    run = read_run(store_dir, "encrypted")
+    assert run["status"] == "completed"
+    assert {name: len(points) for name, points in run["metrics"].items()} == {"rank0/x": 300, "rank1/x": 300}
