@@ -270,9 +270,12 @@ class AggregatorState:
             self._event(f"this run was asked to stop: {self.abort.reason}", "warning")
             out.extend(Reply(s.sender_id, MessageKind.ABORT, None) for s in self.table.live())
         if self._sampling_changed:
-            self._sampling_changed = False
-            out.extend(self.sampling.plan(self.table.local, self.table.live()))
+            out.extend(self._plan_sampling())
         return out
+
+    def _plan_sampling(self) -> list[Instruction]:
+        self._sampling_changed = False
+        return self.sampling.plan(self.table.local, self.table.live())
 
     def take_batch(self, *, final: bool = False) -> StoreBatch:
         """What the next commit writes (alerts evaluated on it first); a new batch starts."""
@@ -377,11 +380,14 @@ class AggregatorState:
                 state.drained = True
             return [self._ack(state)]
         if kind is MessageKind.BYE:
+            out = []
             if self.table.accept(state, seq, now) or state.presence is not LOST:
                 body = body if isinstance(body, dict) else {}
                 status = body.get("status")
                 self.table.bye(state, status if status in FINAL_STATUSES else None)
-                self._sampling_changed = True
+                # Planned now, not at the next tick: the node's sampler takes the process's
+                # last sample before the process can have had its goodbye acknowledged.
+                out = self._plan_sampling()
                 dropped = body.get("dropped")
                 if isinstance(dropped, dict) and dropped:
                     counts = {str(k): v for k, v in dropped.items() if v.__class__ is int}
@@ -391,7 +397,7 @@ class AggregatorState:
                     for reason, count in losses.items():
                         if reason in _LOSS_REASONS and count.__class__ is int and count > 0:
                             self.losses.record(LossReason(reason), count)
-            return [self._ack(state)]
+            return [*out, self._ack(state)]
         raise ValueError(f"a sender does not send {kind.name}")
 
     def _ack(self, state: SenderState) -> Reply:

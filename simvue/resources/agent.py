@@ -10,6 +10,11 @@ stdin: msgpack maps from the parent, ``{"processes": [[label, pid, cuda], ...]}`
 RESOURCES per sample, and METADATA when the processes on the GPUs change), which the parent
 forwards into the run.  The first sample is taken at once, the last one on ``stop``, on
 end of input, or never if the parent has died (then it just exits).
+
+Whatever the interval, every process of the run gets a sample when it joins and one when it
+leaves: a process that joins gets an extra sample ``JOIN_SAMPLE_DELAY_S`` later (joins that
+close together share it), and one that leaves is sampled once more, at once, before it is
+dropped.  So a rank of a run shorter than the interval still has its series.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from .sampler import NodeSampler, Proc, node_name
 
 MAX_FAILURES = 3
 PARENT_CHECK_S = 1.0
+JOIN_SAMPLE_DELAY_S = 0.2
 GPU_MODULE_ENV = "SIMVUE_NVML_MODULE"  # another module with pynvml's API (the tests use a fake)
 
 
@@ -44,6 +50,9 @@ class Agent:
         self.stopping = False
         self._unpacker = msgpack.Unpacker(use_list=True, strict_map_key=False)
         self._gpu_map: dict[str, list[int]] = {}
+        self._extra_at = float("inf")  # an extra sample for processes that joined or left
+        self._target: tuple[Proc, ...] = ()  # the run's processes here, as last told
+        self._leaving: list[Proc] = []  # processes that left, in the sample until it is taken
 
     def run(self) -> None:
         facts = host_facts(self.sampler.gpus, self.mpi_library)
@@ -53,10 +62,13 @@ class Agent:
         while True:
             # Wake at least every second to notice a parent that died without closing our
             # stdin (a forked pool worker may hold it open): we must not outlive the run.
-            self._read_commands(min(PARENT_CHECK_S, max(0.0, next_at - time.monotonic())))
+            due = min(next_at, self._extra_at)
+            self._read_commands(min(PARENT_CHECK_S, max(0.0, due - time.monotonic())))
             if os.getppid() != self.parent:
                 return  # the run's process is gone: nobody to sample for
-            if not self.stopping and time.monotonic() < next_at:
+            now = time.monotonic()
+            regular = self.stopping or now >= next_at
+            if not regular and now < self._extra_at:
                 continue  # only a command: not yet time for a sample
             try:
                 self._sample()
@@ -68,11 +80,13 @@ class Agent:
                 if failures >= MAX_FAILURES:
                     os.write(2, f"simvue: resource sampling stopped after {failures} failures: {exc!r}\n".encode())
                     return
+            self._extra_done()
             if self.stopping:
                 return
-            next_at += self.interval_s
-            if next_at < time.monotonic():  # a sample took longer than the interval: skip ahead
-                next_at = time.monotonic() + self.interval_s
+            if regular:
+                next_at += self.interval_s
+                if next_at < time.monotonic():  # a sample took longer than the interval: skip ahead
+                    next_at = time.monotonic() + self.interval_s
 
     def _read_commands(self, timeout_s: float) -> None:
         if self.stopping:
@@ -95,7 +109,28 @@ class Agent:
             self.stopping = True
         processes = command.get("processes")
         if isinstance(processes, list):
-            self.sampler.set_processes(Proc.from_wire(item) for item in processes)
+            self.set_processes(tuple(Proc.from_wire(item) for item in processes))
+
+    def set_processes(self, processes: tuple[Proc, ...]) -> None:
+        """Sample ``processes`` from now on; those new here get a sample soon, those that
+        left one last sample at once (with everyone else) before they are dropped."""
+        pids = {p.pid for p in processes}
+        before = {p.pid for p in self._target}
+        self._leaving += [p for p in self._target if p.pid not in pids]
+        self._leaving = [p for p in self._leaving if p.pid not in pids]  # back again: not leaving
+        self._target = processes
+        self.sampler.set_processes((*processes, *self._leaving))
+        if self._leaving:
+            self._extra_at = time.monotonic()
+        elif pids - before:
+            self._extra_at = min(self._extra_at, time.monotonic() + JOIN_SAMPLE_DELAY_S)
+
+    def _extra_done(self) -> None:
+        """A sample was taken: it served as the extra one, if one was due."""
+        self._extra_at = float("inf")
+        if self._leaving:
+            self._leaving = []
+            self.sampler.set_processes(self._target)
 
     def _sample(self) -> None:
         now = time.time()

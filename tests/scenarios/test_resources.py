@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import textwrap
 import time
 from collections import deque
@@ -339,3 +340,69 @@ def test_emission_metrics_are_estimated_from_the_samples(store_dir):
     expected = sum(p[2] / 100 * 20.0 * (b[1] - a[1]) for a, b, p in zip(cpu, cpu[1:], cpu[1:])) / 3.6e6
     assert total[-1][2] == pytest.approx(expected, rel=1e-6)
     assert 0.5 * 20 * 3 / 3.6e6 < total[-1][2] < 2.5 * 20 * 3.5 / 3.6e6  # about one busy core for ~3 s
+
+
+def test_every_rank_of_a_run_shorter_than_the_interval_has_a_first_and_a_last_sample(store_dir, tmp_path):
+    """The default 30 s interval and a job of about a second: each rank is sampled when it
+    joins and when it leaves, so every rank has its series, not only rank 0."""
+    from pathlib import Path
+
+    from conftest import mpiexec
+
+    if not (Path(sys.executable).parent / "mpiexec").exists():
+        pytest.skip("no mpiexec in the virtual environment")
+    script = tmp_path / "short.py"
+    script.write_text(textwrap.dedent(
+        """
+        import time
+        from simvue import Run
+        with Run() as run:
+            run.init(name="short")
+            end = time.time() + 1.0
+            while time.time() < end:
+                run.log_metrics({"x": 1.0})
+                time.sleep(0.01)
+        """
+    ))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "SLURM_"))}
+    env["SIMVUE_RESOURCES_INTERVAL_S"] = "30"
+    result = mpiexec(4, sys.executable, str(script), env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    exported = read_run(store_dir, "short")
+    for rank in range(4):
+        memory = _series(exported, f"resources/rank{rank}/memory.usage")
+        assert len(memory) >= 2, f"rank{rank} has {len(memory)} samples"
+        assert all(point[2] > 10 for point in memory)
+
+
+def test_the_sampler_process_samples_a_process_when_it_joins_and_once_more_as_it_leaves():
+    import subprocess
+
+    from simvue.resources.agent import JOIN_SAMPLE_DELAY_S, Agent
+
+    agent = Agent("node", 30.0, time.time(), None, None)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        me, other = Proc("rank0", os.getpid()), Proc("rank1", child.pid)
+        agent.set_processes((me,))
+        agent._extra_done()
+        asked = time.monotonic()
+        agent.set_processes((me, other))  # rank1 joins: a sample soon, whatever the interval
+        assert agent._extra_at - asked <= JOIN_SAMPLE_DELAY_S + 0.05
+        agent._extra_done()
+        agent.set_processes((me,))  # rank1 leaves: one more sample at once, with it in
+        assert agent._extra_at <= time.monotonic()
+        values = agent.sampler.sample()
+        assert values["resources/rank1/memory.usage"] > 1
+        agent._extra_done()
+        assert [p.label for p in agent.sampler.processes] == ["rank0"]
+        # Two leave before the extra sample is taken: both are in it.
+        agent.set_processes((me, other, Proc("rank2", os.getppid())))
+        agent._extra_done()
+        agent.set_processes((me, Proc("rank2", os.getppid())))
+        agent.set_processes((me,))
+        assert sorted(p.label for p in agent.sampler.processes) == ["rank0", "rank1", "rank2"]
+    finally:
+        child.kill()
+        child.wait()
+        agent.sampler.close()
