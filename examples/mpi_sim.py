@@ -13,9 +13,9 @@ import time
 from simvue import Run
 
 if __name__ == "__main__":
-    rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
     steps = int(os.environ.get("MPI_SIM_STEPS", 200))
     with Run() as run:
+        rank = run.rank  # under mpiexec, srun or torchrun alike
         run.init(
             name=os.environ.get("MPI_SIM_NAME"),
             folder="/examples/mpi",

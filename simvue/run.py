@@ -281,6 +281,23 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
         """True once the server has asked this run to stop (every rank and worker sees it)."""
         return self._aborted
 
+    @property
+    def rank(self) -> int:
+        """This process's rank in its job (0 for a single process), under every launcher
+        simvue knows: mpiexec (MPICH, Open MPI), srun, torchrun and its kin.  A pool worker
+        has the rank of the process that started it.  Use it instead of launcher variables."""
+        return topology.detect().rank
+
+    @property
+    def size(self) -> int:
+        """How many ranks the job has (1 for a single process)."""
+        return topology.detect().size
+
+    @property
+    def local_rank(self) -> int:
+        """This process's rank among the job's ranks on this node."""
+        return topology.detect().local_rank
+
     # -- the hot path ---------------------------------------------------------------------
 
     def log_metrics(

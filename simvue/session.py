@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import lifecycle
-from ._util import drain, safe_filename
+from ._util import drain, merge_dicts, safe_filename
 from .abort import AbortSignal
 from .aggregator.liveness import own_start_time, pid_namespace
 from .aggregator.receiver import Binding
@@ -46,7 +46,7 @@ from .losses import LossCounter
 from .resources import SamplingRole
 from .resources.facts import cpu_model
 from .store import SPILL_DIRECTORY, Store, StoreBatch
-from .topology import Topology, initialised_mpi
+from .topology import Topology, elastic_attempt, initialised_mpi
 from .transport import rendezvous
 from .transport.protocol import ArtifactRecord, MetadataRecord, RecordKind
 from .transport.rendezvous import AggregatorAddress
@@ -444,7 +444,11 @@ def _aggregate(
     server is configured, the uploader that follows the store."""
     store = Store(settings.store_path())
     try:
-        run = _start_run(store, {**run_fields, "system": system_info(), "heartbeat_timeout_s": settings.run_heartbeat_timeout_s})
+        fields = {**run_fields, "system": system_info(), "heartbeat_timeout_s": settings.run_heartbeat_timeout_s}
+        elastic = elastic_attempt() if topology.launcher == "torchrun" else None
+        if elastic is not None:
+            fields = _elastic_fields(store, fields, *elastic)
+        run = _start_run(store, fields)
         abort = AbortSignal()
         uploader = None
         if server is not None and server.online:
@@ -489,14 +493,40 @@ def _aggregate(
 
 def _start_run(store: Store, fields: dict[str, Any]) -> dict[str, Any]:
     """Create the run ``fields`` describe, or resume the stored one it names
-    (``resume_id``, from ``Run.reconnect``: the stored name and folder stand)."""
+    (``resume_id``, from ``Run.reconnect``: the stored name and folder stand; or
+    ``continue_id``, an elastic job's next attempt: it goes on where it was, in any state)."""
     resume = fields.pop("resume_id", None)
+    continued = fields.pop("continue_id", None)
     now = fields.pop("now")
+    if continued is not None:
+        stored = store.resume_run(continued, now, any_status=True)
+        return {"id": stored["id"], "name": stored["name"], "started": stored["started"] or stored["created"],
+                "status": stored["status"]}
     if resume is not None:
         stored = store.resume_run(resume, now)
         return {"id": stored["id"], "name": stored["name"], "started": now, "status": stored["status"]}
     run_id = store.create_run(**fields, now=now)
     return {"id": run_id, "name": fields["name"], "started": now, "status": fields["status"]}
+
+
+def _elastic_fields(store: Store, fields: dict[str, Any], job: str, attempt: int) -> dict[str, Any]:
+    """The fields of an elastic (torchrun) job's run: the first attempt makes it, marked
+    with the job's run id; a later attempt goes on in the run of its earlier one, with the
+    attempt counted in the metadata (``simvue.elastic``) and an event."""
+    mark = {"run_id": job, "attempts": attempt + 1}
+    metadata = merge_dicts(dict(fields["metadata"]), {"simvue": {"elastic": mark}})
+    fields = {**fields, "metadata": metadata}
+    if attempt == 0:
+        return fields
+    earlier = [r for r in store.runs() if r["metadata"].get("simvue", {}).get("elastic", {}).get("run_id") == job]
+    if not earlier:
+        return fields  # its first attempt wrote another store: a run of its own
+    run_id = earlier[-1]["id"]
+    store.write(run_id, StoreBatch(
+        metadata={"simvue": {"elastic": mark}},
+        events=[(fields["now"], f"elastic restart: attempt {attempt} of job {job} starts", "warning")],
+    ))
+    return {**fields, "continue_id": run_id}
 
 
 def _spill_only(name: str | None, settings: Settings, topology: Topology, refused: str | None = None) -> Membership:

@@ -15,9 +15,12 @@ from collections.abc import Mapping
 
 from . import lifecycle
 
-# (rank, size, local rank) variables per launcher, most specific first.  Slurm comes last:
-# its variables also appear in batch scripts and non-MPI steps.
+# (rank, size, local rank) variables per launcher, most specific first.  torchrun (and
+# accelerate, DeepSpeed, which follow its conventions) comes first: under srun its workers
+# also carry the Slurm task's variables.  Slurm comes last: its variables also appear in batch
+# scripts and non-MPI steps.
 _LAUNCHERS = (
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
     ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
     ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
     ("pmix", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
@@ -67,7 +70,9 @@ def detect(environ: Mapping[str, str] | None = None) -> Topology:
             continue
         if launcher == "slurm" and "SLURM_STEP_ID" not in env:
             continue  # inside an sbatch script but not an srun step
-        local_size = _first_int(env, _LOCAL_SIZE_VARS, default=size)
+        if launcher == "torchrun" and "TORCHELASTIC_RUN_ID" not in env and "MASTER_ADDR" not in env:
+            continue  # RANK and WORLD_SIZE alone are too common to mean torchrun
+        local_size = _first_int(env, _LOCAL_SIZE_VARS.get(launcher, ()) + _LOCAL_SIZE_VARS[None], default=size)
         return Topology(
             rank=rank,
             size=size,
@@ -79,7 +84,10 @@ def detect(environ: Mapping[str, str] | None = None) -> Topology:
     return Topology()
 
 
-_LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+_LOCAL_SIZE_VARS: dict[str | None, tuple[str, ...]] = {
+    "torchrun": ("LOCAL_WORLD_SIZE",),
+    None: ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"),
+}
 
 
 def _first_int(env: Mapping[str, str], names: tuple[str, ...], default: int) -> int:
@@ -101,26 +109,65 @@ def _size_fallback(env: Mapping[str, str]) -> int:
 def job_id(launcher: str, env: Mapping[str, str]) -> str:
     """A string the ranks of one job share and no other job has.
 
-    Open MPI/PMIx export a namespace and Slurm a job and step id.  MPICH's Hydra exports
-    nothing of the kind, so on one node the ranks' common parent (the Hydra proxy) and its
-    start time serve; across nodes without Slurm the user passes mpi4py or an explicit
-    aggregator address (see docs/mpi.md).
+    torchrun exports its run id (``TORCHELASTIC_RUN_ID``, or the master's address) and the
+    attempt; Open MPI/PMIx export a namespace and Slurm a job and step id.  MPICH's Hydra
+    exports nothing of the kind, so on one node the Hydra proxy that started the ranks, and
+    its start time, serve: the nearest ``hydra_pmi_proxy`` among the process's ancestors, so
+    that a wrapper between it and Python (``bash -c``, ``time``, ``numactl``, a job script)
+    changes nothing.  Across nodes without Slurm the user passes mpi4py or an explicit
+    aggregator address (see docs/launchers.md).
     """
+    if launcher == "torchrun":
+        run = env.get("TORCHELASTIC_RUN_ID") or f"{env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}"
+        return f"torchrun-{run}.{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     if "PMIX_NAMESPACE" in env:
         return f"pmix-{env['PMIX_NAMESPACE']}"
     if "SLURM_JOB_ID" in env:
         return f"slurm-{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '0')}"
-    parent = os.getppid()
-    return f"{launcher}-{socket.gethostname()}-{parent}-{_start_ticks(parent)}"
+    parent = _launcher_process(os.getppid(), "hydra_pmi_proxy" if launcher == "mpich" else None)
+    return f"{launcher}-{socket.gethostname()}-{parent}-{_stat(parent)[2]}"
 
 
-def _start_ticks(pid: int) -> str:
+def _launcher_process(parent: int, name: str | None, max_depth: int = 32) -> int:
+    """The nearest ancestor called ``name``, starting at ``parent``; ``parent`` itself if
+    there is none (or no ``/proc`` to tell)."""
+    if name is None:
+        return parent
+    pid = parent
+    for _ in range(max_depth):
+        command, ppid, _ = _stat(pid)
+        if command == name:
+            return pid
+        if ppid <= 1:
+            break
+        pid = ppid
+    return parent
+
+
+def _stat(pid: int) -> tuple[str, int, str]:
+    """``(command name, parent pid, start time in clock ticks)`` of ``pid`` from
+    ``/proc/<pid>/stat``; ``("", 0, "0")`` where it cannot be read."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-        return fields[19].decode()  # field 22, starttime, counted after the command name
-    except (OSError, IndexError):
-        return "0"
+            head, _, tail = stat.read().rpartition(b")")
+        fields = tail.split()
+        command = head.partition(b"(")[2].decode(errors="replace")
+        return command, int(fields[1]), fields[19].decode()  # ppid (field 4), starttime (22)
+    except (OSError, IndexError, ValueError):
+        return "", 0, "0"
+
+
+def elastic_attempt(environ: Mapping[str, str] | None = None) -> tuple[str, int] | None:
+    """``(run id, attempt)`` of a torchrun elastic job (``TORCHELASTIC_RUN_ID``,
+    ``TORCHELASTIC_RESTART_COUNT``): a restarted attempt resumes the same run."""
+    env = os.environ if environ is None else environ
+    run_id = env.get("TORCHELASTIC_RUN_ID")
+    if not run_id:
+        return None
+    try:
+        return run_id, int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return run_id, 0
 
 
 def initialised_mpi():

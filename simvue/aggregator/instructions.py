@@ -23,4 +23,10 @@ class SampleHere(NamedTuple):
     processes: tuple[Proc, ...]
 
 
-Instruction = Reply | SampleHere
+class Notice(NamedTuple):
+    """Tell the user something now (one line on stderr), besides what goes into the run."""
+
+    text: str
+
+
+Instruction = Reply | SampleHere | Notice

@@ -235,9 +235,17 @@ class SenderTable:
             return 0
         return max(0, self.expected_ranks - len(self.ranks_seen) - len(self.never_joined))
 
-    def give_up_on_missing_ranks(self, now: float) -> list[int]:
-        """Ranks that never said hello within the timeout of the run's start."""
-        if self.missing_ranks_count() == 0 or now - self.started <= self.timeout_s:
+    def missing_ranks(self) -> list[int]:
+        """Expected ranks that have not said hello and are not given up on."""
+        if self.missing_ranks_count() == 0:
+            return []
+        return [r for r in range(self.expected_ranks) if r not in self.ranks_seen and r not in self.never_joined]
+
+    def give_up_on_missing_ranks(self, now: float, join_timeout_s: float | None = None) -> list[int]:
+        """Ranks that never said hello within ``join_timeout_s`` (default: the sender
+        timeout) of the run's start."""
+        limit = self.timeout_s if join_timeout_s is None else join_timeout_s
+        if self.missing_ranks_count() == 0 or now - self.started <= limit:
             return []
         missing = [r for r in range(self.expected_ranks) if r not in self.ranks_seen and r not in self.never_joined]
         self.never_joined.extend(missing)

@@ -34,7 +34,7 @@ from ..store import Store, StoreBatch
 from ..transport.protocol import BadFrame
 from ..transport.rendezvous import AggregatorAddress
 from . import liveness
-from .instructions import Instruction, Reply, SampleHere
+from .instructions import Instruction, Notice, Reply, SampleHere
 from .receiver import Binding, Receiver
 from .state import AggregatorState, Clock, SystemClock
 from .writer import Follower, RunWriter
@@ -258,6 +258,8 @@ class Aggregator:
                 self._receiver.send(instruction)
             elif isinstance(instruction, SampleHere) and self._sampler is not None:
                 self._sampler.set_processes(instruction.processes)
+            elif isinstance(instruction, Notice):
+                os.write(2, (instruction.text + "\n").encode("utf-8", "backslashreplace"))
 
     def _commit(self, batch: StoreBatch) -> None:
         """Write ``batch``; once the store holds everything so far, acknowledge it to the

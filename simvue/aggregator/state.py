@@ -54,12 +54,17 @@ from ..transport.protocol import (
 from ..validation import EVENT_LEVELS, FINAL_STATUSES, RUN_STATUSES
 from .alerts import CRITICAL, AlertEngine, AlertSpec, Transition
 from .artifacts import ArtifactAssembly
-from .instructions import Instruction, Reply
+from .instructions import Instruction, Notice, Reply
 from .merge import Reducer
 from .sampling import SamplingPlanner
 from .senders import LOST, Producer, SenderState, SenderTable
 
 RUN_HEARTBEAT_INTERVAL_S = 1.0  # how often the run's heartbeat in the store is refreshed
+# Ranks that have not joined this long after the run's start are named on stderr at once.
+JOIN_WARNING_S = 5.0
+# Rank 0 stops waiting for a rank that never joined this long after the ranks themselves
+# give up looking for it (rendezvous_timeout_s): they have spilled and gone by then.
+JOIN_GRACE_S = 10.0
 _LOSS_REASONS = {reason.value for reason in LossReason}
 _METRICS = RecordKind.METRICS
 
@@ -153,6 +158,8 @@ class AggregatorState:
         self._user_status: str | None = None  # a final status the user set
         self._closing_since: float | None = None
         self._abort_announced = False
+        self._join_warned = False
+        self._join_timeout_s = min(settings.sender_timeout_s, settings.rendezvous_timeout_s + JOIN_GRACE_S)
         self._last_heartbeat = float("-inf")
         self.final_status: str | None = None
         self._control: dict[RecordKind, Callable[[Producer, Any], None]] = {
@@ -254,8 +261,12 @@ class AggregatorState:
         now = self.clock.monotonic()
         for state in self.table.tick(now):
             self._report_lost(state)
-        for rank in self.table.give_up_on_missing_ranks(now):
-            self._event(f"rank{rank} never joined the run within {self.table.timeout_s:g} s", "error")
+        out: list[Instruction] = []
+        if not self._join_warned and now - self.table.started >= JOIN_WARNING_S and self.table.missing_ranks():
+            self._join_warned = True
+            out.append(Notice(self._join_notice(self.table.missing_ranks())))
+        for rank in self.table.give_up_on_missing_ranks(now, self._join_timeout_s):
+            self._event(f"rank{rank} never joined the run within {self._join_timeout_s:g} s", "error")
             self._merge_metadata({"simvue": {"lost": {f"rank{rank}": "never joined"}}})
         if self._closing_since is not None and now - self._closing_since > self.settings.close_timeout_s:
             for state in self.table.live():
@@ -264,7 +275,6 @@ class AggregatorState:
                     if self.table.mark_lost(state, reason):
                         self._report_lost(state)
         self.reducer.tick(now)
-        out: list[Instruction] = []
         if self.abort.is_set and not self._abort_announced:
             self._abort_announced = True
             self._event(f"this run was asked to stop: {self.abort.reason}", "warning")
@@ -272,6 +282,20 @@ class AggregatorState:
         if self._sampling_changed:
             out.extend(self._plan_sampling())
         return out
+
+    def _join_notice(self, missing: list[int]) -> str:
+        names = ", ".join(f"rank{r}" for r in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        text = (
+            f"simvue: {len(missing)} of {self.table.expected_ranks} ranks have not joined run {self.run['name']!r}"
+            f" after {JOIN_WARNING_S:g} s ({names}). A rank that cannot find rank 0 keeps its records in"
+            f" .simvue/spill/ after rendezvous_timeout_s ({self.settings.rendezvous_timeout_s:g} s), and the run"
+            f" waits {self._join_timeout_s:g} s in all for it. Likely causes: ranks on other nodes with no shared"
+            " SIMVUE_RENDEZVOUS_DIR, or a launcher whose ranks share no job id. Fix: give every rank"
+            " SIMVUE_AGGREGATOR_ADDRESS=tcp://<rank 0's host>:<port> and SIMVUE_AGGREGATOR_KEY, or import and"
+            " initialise mpi4py before init() (docs/launchers.md)."
+        )
+        self._event(text.removeprefix("simvue: "), "warning")
+        return text
 
     def _plan_sampling(self) -> list[Instruction]:
         self._sampling_changed = False

@@ -487,10 +487,11 @@ class Store:
             db.execute("INSERT OR IGNORE INTO folders (path) VALUES (?)", (folder,))
         return run_id
 
-    def resume_run(self, name_or_id: str, now: float | None = None) -> dict:
-        """Set a ``created`` run running again (``Run.reconnect``) and return it."""
+    def resume_run(self, name_or_id: str, now: float | None = None, *, any_status: bool = False) -> dict:
+        """Set a ``created`` run running (``Run.reconnect``), or with ``any_status`` a run
+        in any state running again (an elastic job's next attempt), and return it."""
         run = self.run(name_or_id)
-        if run["status"] != "created":
+        if run["status"] != "created" and not any_status:
             raise RunNotFound(f"run {name_or_id!r} is {run['status']}; only a run in the 'created' state can be resumed")
         now = time.time() if now is None else now
         with self._transaction() as db:

@@ -359,3 +359,33 @@ def test_resource_steps_are_numbered_per_host(tmp_path):
     assert list(batch.metrics["resources/y"].steps) == [0]
     assert "other" not in batch.metrics
     assert not any(math.isnan(v) for v in batch.metrics["resources/x"].values)
+
+
+def test_ranks_that_do_not_join_are_named_within_seconds_and_given_up_when_they_gave_up(tmp_path):
+    """Rank 0 knows the job's size: after JOIN_WARNING_S it says on stderr (a Notice) which
+    ranks are missing, why that happens and what to do; it stops waiting for them once they
+    have given up looking for it (rendezvous_timeout_s + JOIN_GRACE_S), not at the sender
+    timeout."""
+    from simvue.aggregator.instructions import Notice
+    from simvue.aggregator.state import JOIN_GRACE_S, JOIN_WARNING_S
+
+    sim = Sim(tmp_path, ranks=4, rendezvous_timeout_s=60.0)
+    one = sim.hello(1)
+    sim.advance(JOIN_WARNING_S - 0.5, tick_every_s=0.5, alive=(one,))
+    assert not [r for r in sim.replies if isinstance(r, Notice)]
+    sim.advance(1.0, tick_every_s=0.5, alive=(one,))
+    notices = [r for r in sim.replies if isinstance(r, Notice)]
+    assert len(notices) == 1
+    assert "2 of 4 ranks have not joined" in notices[0].text and "rank2, rank3" in notices[0].text
+    assert "SIMVUE_AGGREGATOR_ADDRESS" in notices[0].text and "mpi4py" in notices[0].text
+    given_up = 60.0 + JOIN_GRACE_S
+    sim.advance(given_up - sim.clock.t, tick_every_s=0.5, alive=(one,))
+    assert not any("never joined" in message for _, message, _ in sim.events)
+    sim.advance(1.0, tick_every_s=0.5, alive=(one,))
+    assert [m for _, m, _ in sim.events if "never joined" in m] == [
+        f"rank2 never joined the run within {given_up:g} s", f"rank3 never joined the run within {given_up:g} s"
+    ]
+    assert len([r for r in sim.replies if isinstance(r, Notice)]) == 1  # said once
+    sim.bye(one)
+    assert sim.state.can_finish() is False  # the local producer still runs
+    assert sim.finish() == "failed"

@@ -1,0 +1,212 @@
+"""Launchers and executors other than a plain ``mpiexec -n N python``: wrappers between the
+launcher and Python, torchrun-style jobs (with ``launchers/torchrun_like.py``, which gives
+its workers exactly torchrun's environment), ``concurrent.futures`` and ``mpi4py.futures``.
+Every rank's or task's every point is checked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, mpiexec, read_run
+
+pytestmark = [pytest.mark.mpi_skip, pytest.mark.timeout(180)]
+
+HERE = Path(__file__).parent
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+needs_mpiexec = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec in the virtual environment")
+_LAUNCHER_VARS = ("PMI_", "PMIX_", "HYDI_", "HYDRA_", "MPI_LOCAL", "OMPI_", "PRTE_", "SLURM_", "TORCHELASTIC_")
+
+RANKS = textwrap.dedent(
+    """
+    import os, sys, time
+    from simvue import Run
+    with Run() as run:
+        run.init(name=sys.argv[1])
+        fail_at = int(os.environ.get("FAIL_RANK_AT", "-1"))
+        for step in range(100):
+            run.log_metrics({"x": float(run.rank * 1000 + step)}, step=step)
+            if run.rank == 2 and step == fail_at and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+                run.flush(10)
+                os._exit(1)
+            time.sleep(0.002)
+        run.log_event(f"rank {run.rank} of {run.size} done")
+    """
+)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_VARS)}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    env.pop("SIMVUE_AGGREGATOR", None)
+    env.update(extra)
+    return env
+
+
+def _script(tmp_path: Path, code: str = RANKS) -> Path:
+    path = tmp_path / "ranks.py"
+    path.write_text(code)
+    return path
+
+
+def _assert_every_rank(store_dir: Path, name: str, size: int, status: str = "completed", *, once: bool = True) -> dict:
+    run = read_run(store_dir, name)
+    assert run["status"] == status, run["events"][-3:]
+    for rank in range(size):
+        points = run["metrics"][f"rank{rank}/x"]
+        assert [(p[0], p[2]) for p in points][-100:] == [(s, rank * 1000 + s) for s in range(100)], f"rank{rank}"
+    messages = [e["message"] for e in run["events"] if " done" in e["message"]]
+    expected = [f"[rank{k}] rank {k} of {size} done" for k in range(size)]
+    assert (sorted(messages) if once else sorted(set(messages))) == expected
+    return run
+
+
+WRAPPERS = {
+    "bash -c without exec": lambda py, script, name: ["bash", "-c", f"{py} {script} {name}; true"],
+    "env": lambda py, script, name: ["env", "OMP_NUM_THREADS=1", py, str(script), name],
+    "a job script": None,  # written below
+    "/usr/bin/time": lambda py, script, name: ["/usr/bin/time", "-f", "%e s", py, str(script), name],
+}
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_a_wrapper_between_the_launcher_and_python_changes_nothing(store_dir, tmp_path, wrapper):
+    """The ranks find rank 0 through the Hydra proxy they share, whatever sits in between:
+    the run completes at once, not after the rendezvous and sender timeouts."""
+    if wrapper == "/usr/bin/time" and not Path("/usr/bin/time").exists():
+        pytest.skip("/usr/bin/time is not installed here")
+    script = _script(tmp_path)
+    name = "wrapped-" + wrapper.split()[0].strip("/").replace("/", "-")
+    if wrapper == "a job script":
+        job = tmp_path / "job.sh"
+        job.write_text(f"#!/bin/sh\necho starting >&2\n{sys.executable} {script} \"$@\"\necho done >&2\n")
+        job.chmod(0o755)
+        command = [str(job), name]
+    else:
+        command = WRAPPERS[wrapper](sys.executable, script, name)
+    started = time.monotonic()
+    result = mpiexec(4, *command, env=_env(), cwd=ROOT, timeout=120)
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert took < 30, f"{took:.0f} s: the ranks did not find rank 0 at once"
+    assert "spill" not in result.stderr and "have not joined" not in result.stderr, result.stderr
+    _assert_every_rank(store_dir, name, 4)
+
+
+def test_a_torchrun_job_is_one_run_with_every_rank(store_dir, tmp_path):
+    script = _script(tmp_path)
+    launcher = HERE / "launchers" / "torchrun_like.py"
+    result = subprocess.run([sys.executable, str(launcher), "--nproc-per-node", "4", str(script), "torch-job"],
+                            env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    run = _assert_every_rank(store_dir, "torch-job", 4)
+    assert run["metadata"]["simvue"]["elastic"]["attempts"] == 1
+
+
+def test_an_elastic_restart_goes_on_in_the_same_run_with_the_attempt_recorded(store_dir, tmp_path):
+    """Attempt 0: rank 2 fails at step 40, the agent stops the others; attempt 1 (same run id)
+    goes on in the same run, which ends completed with every rank's points of attempt 1."""
+    script = _script(tmp_path)
+    launcher = HERE / "launchers" / "torchrun_like.py"
+    result = subprocess.run(
+        [sys.executable, str(launcher), "--nproc-per-node", "4", "--max-restarts", "2", "--rdzv-id", "job-7",
+         str(script), "elastic"],
+        env=_env(FAIL_RANK_AT="40"), cwd=tmp_path, capture_output=True, text=True, timeout=150,
+    )
+    assert result.returncode == 0, result.stderr
+    run = _assert_every_rank(store_dir, "elastic", 4, once=False)  # some ranks may have ended attempt 0
+    assert run["metadata"]["simvue"]["elastic"] == {"run_id": "job-7", "attempts": 2}
+    assert any("elastic restart: attempt 1 of job job-7" in e["message"] for e in run["events"])
+    assert [p[0] for p in run["metrics"]["rank2/x"]][:41] == list(range(41))  # attempt 0's points stay
+    from simvue.store import Store
+
+    store = Store(store_dir)
+    try:
+        assert [r["name"] for r in store.runs()] == ["elastic"]  # one run for the whole job
+    finally:
+        store.close()
+
+
+POOL = textwrap.dedent(
+    """
+    import concurrent.futures, multiprocessing, sys
+    from simvue import Run
+
+    def task(args):
+        run, number = args
+        for i in range(100):
+            run.log_metrics({"x": float(number * 100 + i)}, step=number * 100 + i)
+        return number
+
+    if __name__ == "__main__":
+        method, name = sys.argv[1], sys.argv[2]
+        with Run() as run:
+            run.init(name=name)
+            context = multiprocessing.get_context(method)
+            with concurrent.futures.ProcessPoolExecutor(2, mp_context=context) as pool:
+                done = list(pool.map(task, [(run, n) for n in range(8)]))
+        print(done)
+    """
+)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_a_process_pool_executor_keeps_every_point(store_dir, tmp_path, method):
+    script = tmp_path / "pool.py"
+    script.write_text(POOL)
+    name = f"executor-{method}"
+    result = subprocess.run([sys.executable, str(script), method, name], env=_env(), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    run = read_run(store_dir, name)
+    assert run["status"] == "completed"
+    steps = sorted(p[0] for metric, points in run["metrics"].items() if metric.endswith("/x") for p in points)
+    assert steps == list(range(800))
+    values = sorted(p[2] for metric, points in run["metrics"].items() if metric.endswith("/x") for p in points)
+    assert values == [float(s) for s in range(800)]
+
+
+MPI_EXECUTOR = textwrap.dedent(
+    """
+    import sys
+    from mpi4py import MPI
+    from mpi4py.futures import MPICommExecutor
+    from simvue import Run
+
+    def task(args):
+        run, number = args
+        for i in range(100):
+            run.log_metrics({"x": float(number * 100 + i)}, step=number * 100 + i)
+        return MPI.COMM_WORLD.Get_rank()
+
+    if __name__ == "__main__":
+        with Run() as run:
+            run.init(name=sys.argv[1])  # every rank: rank 0 makes the run, the others join it
+            with MPICommExecutor(MPI.COMM_WORLD, root=0) as executor:
+                if executor is not None:
+                    ranks = list(executor.map(task, [(run, n) for n in range(8)]))
+                    print(sorted(set(ranks)))
+    """
+)
+
+
+@needs_mpiexec
+def test_mpi4py_comm_executor_keeps_every_point(store_dir, tmp_path):
+    pytest.importorskip("mpi4py", reason="the mpi extra is not installed")
+    script = tmp_path / "mpi_executor.py"
+    script.write_text(MPI_EXECUTOR)
+    result = mpiexec(3, sys.executable, str(script), "mpi-executor", env=_env(), cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    run = read_run(store_dir, "mpi-executor")
+    assert run["status"] == "completed"
+    series = {metric: points for metric, points in run["metrics"].items() if metric.endswith("/x")}
+    assert set(series) <= {"rank1/x", "rank2/x"} and series  # the tasks ran on the worker ranks
+    assert sorted(p[0] for points in series.values() for p in points) == list(range(800))
