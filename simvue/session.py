@@ -185,11 +185,12 @@ class Membership:
         self.closed = True
         self.aggregator = None
 
-    def _close_at_exit(self, status: str | None) -> None:
+    def _close_at_exit(self, status: str | None, stop_waiting_after_s: float | None = None) -> None:
         if not self.closed:
             self.close(status, {})
         if self.aggregator is not None:
-            self.aggregator.close(status, None)  # wait for ranks still running
+            # Wait for ranks still running; when the job is being stopped, not for long.
+            self.aggregator.close(status, None, stop_waiting_after_s=stop_waiting_after_s)
             if self.cleanup_path is not None:
                 rendezvous.remove_file(self.cleanup_path)
 

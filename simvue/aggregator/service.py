@@ -104,6 +104,7 @@ class Aggregator:
             )
         self._close_status: str | None = None
         self._close_requested = threading.Event()
+        self._stop_waiting = threading.Event()
         self._finished = threading.Event()
         self._bound = threading.Event()
         self._local_done = threading.Event()
@@ -140,7 +141,14 @@ class Aggregator:
                 self._lock.wait(min(left, 0.05))
         return True
 
-    def close(self, status: str | None, timeout_s: float | None = None, *, wait_for_ranks: bool = True) -> bool:
+    def close(
+        self,
+        status: str | None,
+        timeout_s: float | None = None,
+        *,
+        wait_for_ranks: bool = True,
+        stop_waiting_after_s: float | None = None,
+    ) -> bool:
         """End the local process's part and wait for the run to finish.
 
         With ``wait_for_ranks`` it blocks while other MPI ranks are still alive (they are
@@ -153,6 +161,8 @@ class Aggregator:
         if not self._close_requested.is_set():
             self._close_status = status
             self._close_requested.set()
+        if stop_waiting_after_s is not None and not self._finished.wait(stop_waiting_after_s):
+            self._stop_waiting.set()  # the job is being stopped: end the run with who has left
         if wait_for_ranks:
             return self._finished.wait(timeout_s) and self._writer.complete
         deadline = None if timeout_s is None else self._clock.monotonic() + timeout_s
@@ -230,9 +240,13 @@ class Aggregator:
                         self._lock.notify_all()
             if self._close_requested.is_set():
                 if not state.closing:
+                    for sender in liveness.ended(state.senders_to_probe()):  # seen gone: lost now
+                        state.process_gone(sender.sender_id)
                     self._carry_out(state.close_local(self._close_status))
                     state.local_records(drain(self.local_buffer))
                     self._commit(state.take_batch())
+                if self._stop_waiting.is_set():
+                    state.stop_waiting()
                 if state.can_finish():
                     self._finish()
                     return

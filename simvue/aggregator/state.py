@@ -244,6 +244,9 @@ class AggregatorState:
         now = self.clock.monotonic()
         self._closing_since = now
         self.table.bye(self.table.local, status if status in FINAL_STATUSES else None)
+        for sender in self.table.live():
+            if sender.gone_since is not None and self.table.mark_lost(sender, "its process ended without closing its part of the run"):
+                self._report_lost(sender)  # no grace: the run is ending now
         if status in ("failed", "terminated") and self._user_status is None:
             # Stored with the next commit, before waiting for anyone: if the job is killed
             # while the run finishes (a launcher's SIGKILL after SIGTERM), it still says so.
@@ -254,6 +257,14 @@ class AggregatorState:
                 state.drain_requested_at = now
                 out.append(Reply(state.sender_id, MessageKind.DRAIN, None))
         return out
+
+    def stop_waiting(self) -> None:
+        """The job is being stopped (a signal to every process): end the run with whoever
+        has left; those still live are counted as stopped with it (``terminated``)."""
+        for sender in self.table.live():
+            self._event(f"{sender.label} had not said goodbye when the job was stopped", "warning")
+            self.table.bye(sender, "terminated")
+        self.table.never_joined.extend(self.table.missing_ranks())
 
     def tick(self) -> list[Instruction]:
         """Time-driven work: lost senders, ranks that never joined, workers that did not

@@ -50,7 +50,8 @@ def initialised_library() -> str | None:
     if mpi is None:
         return None
     try:
-        return mpi.Get_library_version().strip().splitlines()[0]
+        # Open MPI's string ends in a NUL, which no command line (the sampler's) can carry.
+        return mpi.Get_library_version().replace("\x00", "").strip().splitlines()[0]
     except Exception:  # noqa: BLE001
         return None
 
