@@ -138,6 +138,12 @@ class SenderTable:
         elif role == "process":
             label, prefix, rank = "main", "", None
         else:
+            if rank.__class__ is int and 0 <= rank < self.expected_ranks:
+                # A worker on one of the job's ranks (mpi4py.futures starts workers on ranks
+                # 1..N-1 that never call init): that rank is here, only not as a rank of its own.
+                self.ranks_seen.add(rank)
+                if rank in self.never_joined:
+                    self.never_joined.remove(rank)
             role, rank = "worker", None
             label = f"worker{self._workers}"
             prefix = f"{label}/"

@@ -398,6 +398,10 @@ class AggregatorState:
             out: list[Instruction] = [Reply(sender_id, MessageKind.ACK, welcome)]
             if self._abort_announced:
                 out.append(Reply(sender_id, MessageKind.ABORT, None))
+            if self.closing and joined.role == "worker" and joined.drain_requested_at is None:
+                # Its HELLO was still queued when the run's owner closed: drain it as the others.
+                joined.drain_requested_at = now
+                out.append(Reply(sender_id, MessageKind.DRAIN, None))
             return out
         state = self.table.by_id.get(sender_id)
         if state is None:

@@ -111,6 +111,30 @@ def test_a_torchrun_job_is_one_run_with_every_rank(store_dir, tmp_path):
     assert run["metadata"]["simvue"]["elastic"]["attempts"] == 1
 
 
+def test_a_torchrun_job_over_two_nodes_joins_over_the_network_through_the_shared_rendezvous(store_dir, tmp_path):
+    """Two "nodes" of 2 workers (GROUP_RANK 0 and 1, LOCAL_WORLD_SIZE 2, MASTER_ADDR this
+    host's name): the job spans nodes, so rank 0 listens on the network interface (with
+    CURVE), not loopback, and the other node's ranks find it through the rendezvous
+    directory, shared as a home directory is on a cluster."""
+    script = _script(tmp_path, RANKS.replace(
+        "run.init(name=sys.argv[1])",
+        "run.init(name=sys.argv[1])\n"
+        "    address = run._membership.address.address if run._membership.address else None\n"
+        "    print('ADDRESS', run.rank, address, flush=True)",
+    ))
+    launcher = HERE / "launchers" / "torchrun_like.py"
+    result = subprocess.run(
+        [sys.executable, str(launcher), "--nnodes", "2", "--nproc-per-node", "2", str(script), "two-nodes"],
+        env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    addresses = dict(line.split()[1:] for line in result.stdout.splitlines() if line.startswith("ADDRESS"))
+    assert sorted(addresses) == ["0", "1", "2", "3"], result.stdout
+    assert len(set(addresses.values())) == 1, addresses  # every rank talks to one aggregator
+    assert addresses["0"].startswith("tcp://") and "127.0.0.1" not in addresses["0"], addresses
+    _assert_every_rank(store_dir, "two-nodes", 4)
+
+
 def test_an_elastic_restart_goes_on_in_the_same_run_with_the_attempt_recorded(store_dir, tmp_path):
     """Attempt 0: rank 2 fails at step 40, the agent stops the others; attempt 1 (same run id)
     goes on in the same run, which ends completed with every rank's points of attempt 1."""
@@ -210,3 +234,49 @@ def test_mpi4py_comm_executor_keeps_every_point(store_dir, tmp_path):
     series = {metric: points for metric, points in run["metrics"].items() if metric.endswith("/x")}
     assert set(series) <= {"rank1/x", "rank2/x"} and series  # the tasks ran on the worker ranks
     assert sorted(p[0] for points in series.values() for p in points) == list(range(800))
+
+
+MPI_POOL = textwrap.dedent(
+    """
+    import sys
+    from mpi4py import MPI
+    from mpi4py.futures import MPIPoolExecutor
+    from simvue import Run
+
+    def task(args):
+        run, number = args
+        for i in range(100):
+            run.log_metrics({"x": float(number * 100 + i)}, step=number * 100 + i)
+        return MPI.COMM_WORLD.Get_rank()
+
+    if __name__ == "__main__":
+        with Run() as run:
+            run.init(name=sys.argv[1])  # rank 0 only: the other ranks are the pool's workers
+            with MPIPoolExecutor() as executor:
+                print(sorted(set(executor.map(task, [(run, n) for n in range(8)]))))
+    """
+)
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("how", ["python -m mpi4py.futures", "spawned workers"])
+def test_mpi4py_pool_executor_keeps_every_point(store_dir, tmp_path, how):
+    """``mpiexec -n 3 python -m mpi4py.futures``: ranks 1 and 2 serve the pool and never call
+    init, yet the run waits for neither the join warning nor the close timeout.  ``mpiexec -n 1``:
+    the pool spawns its workers (MPI_Comm_spawn)."""
+    pytest.importorskip("mpi4py", reason="the mpi extra is not installed")
+    script = tmp_path / "mpi_pool.py"
+    script.write_text(MPI_POOL)
+    name = how.split()[0]
+    args = (3, sys.executable, "-m", "mpi4py.futures") if how.startswith("python") else (1, sys.executable)
+    started = time.monotonic()
+    result = mpiexec(*args, str(script), name, env=_env(MPI4PY_FUTURES_MAX_WORKERS="2"), cwd=ROOT, timeout=120)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert "have not joined" not in result.stderr, result.stderr
+    run = read_run(store_dir, name)
+    assert run["status"] == "completed", run["events"][-3:]
+    assert not run["metadata"]["simvue"].get("lost"), run["metadata"]["simvue"].get("lost")
+    steps = sorted(p[0] for metric, points in run["metrics"].items() if metric.endswith("/x") for p in points)
+    assert steps == list(range(800))
+    assert elapsed < 30, f"{elapsed:.0f} s: the run waited for its workers"  # the close timeout is 30 s

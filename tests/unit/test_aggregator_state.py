@@ -329,6 +329,36 @@ def test_workers_are_asked_to_drain_and_those_that_do_not_are_lost_after_the_clo
     assert sim.state.final_status == "failed"
 
 
+def test_a_worker_whose_hello_arrives_after_the_close_is_asked_to_drain_too(tmp_path):
+    """The pool's tasks are done and the main process closes, but a worker's HELLO was still
+    queued: it must be asked to drain as well, not waited for until the close timeout."""
+    sim = Sim(tmp_path, ranks=1, close_timeout_s=30.0)
+    early = sim.hello(None, role="worker")
+    assert [r.sender_id for r in sim.state.close_local(None) if r.kind == MessageKind.DRAIN] == [early]
+    sim.replies.clear()
+    late = sim.hello(None, role="worker")
+    assert [r.sender_id for r in sim.replies if r.kind == MessageKind.DRAIN] == [late]
+    sim.log(late, 0, {"x": 1.0})
+    sim.heartbeat(early)
+    sim.heartbeat(late)
+    assert sim.state.can_finish()
+    sim.commit(sim.state.finish())
+    assert sim.state.final_status == "completed" and sim.points["worker1/x"] == 1
+
+
+def test_a_worker_on_another_rank_counts_as_that_rank_having_joined(tmp_path):
+    """mpi4py.futures under ``mpiexec -n 3 python -m mpi4py.futures``: ranks 1 and 2 are pool
+    workers that never call init; their processes join with the Run they were handed."""
+    sim = Sim(tmp_path, ranks=3)
+    sim.hello(None, role="worker")  # a pool worker of rank 0's own
+    assert sim.state.table.missing_ranks() == [1, 2]  # a worker without a rank is not a rank
+    sim.send(b"w-rank1", MessageKind.HELLO, {"role": "worker", "rank": 1, "pid": 3001, "host": "node0"})
+    sim.send(b"w-rank2", MessageKind.HELLO, {"role": "worker", "rank": 2, "pid": 3002, "host": "node0"})
+    assert sim.state.table.missing_ranks() == []
+    sim.advance(120.0)
+    assert not any("never joined" in message for _, message, _ in sim.events)
+
+
 def test_the_local_node_is_sampled_here_and_each_other_node_by_its_lowest_rank(tmp_path):
     sim = Sim(tmp_path, ranks=5, resources_interval_s=5.0)
     sim.hello(1, host="node0")
