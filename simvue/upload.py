@@ -39,17 +39,23 @@ import requests
 
 from .abort import AbortSignal
 from .api.config import ServerConfig
-from .api.connection import Backoff, Connection, ServerRejected, ServerUnavailable
+from .api.connection import Backoff, Connection, ServerRejected, ServerUnavailable, clip, describe_failure, is_local
 from .config import DEFAULT_STORE_DIR, Settings
 from .errors import SimvueWarning
 from .store import Store
-from .validation import FINAL_STATUSES, format_timestamp
+from .validation import FINAL_STATUSES, format_timestamp, optional_timestamp
 
 # How long ``Run.init`` waits for the server's first answers, all of them together (the
 # version handshake, then creating the folder and the run).  A server that has not answered
 # by then does not hold up the job: the run starts locally and the uploader's thread creates
 # it on the server, with the ordinary timeouts and backoff, once the server answers.
 INIT_TIMEOUT_S = 5.0
+# A server on this machine that refuses connections at ``init`` may be one started a moment
+# before (``simvue server &`` then the job, as docs/online.md shows): it is asked again every
+# STARTING_SERVER_POLL_S for up to STARTING_SERVER_WAIT_S (within INIT_TIMEOUT_S) before the
+# run starts without it.  A remote server that refuses is not waited for.
+STARTING_SERVER_WAIT_S = 3.0
+STARTING_SERVER_POLL_S = 0.1
 MAX_POINTS_PER_REQUEST = 100_000
 MAX_EVENTS_PER_REQUEST = 16_000
 CHUNKS_PER_READ = 16
@@ -97,9 +103,11 @@ class Replicator:
         """Create the run (and its folder) on the server, once; ``deadline`` (monotonic) bounds
         the wait for the server's answers.
 
-        The creation carries an ``Idempotency-Key`` naming the local run: a creation retried
-        after its answer was lost (or not waited for) gives the same run on a server that
-        honours the key, as ``simvue server`` does."""
+        The run is dated by its own times, not by when it reaches the server: ``started`` is
+        sent (and ``created`` too, to a server that keeps it), so a run pushed or uploaded
+        late keeps its place among the others.  The creation carries an ``Idempotency-Key``
+        naming the local run: a creation retried after its answer was lost (or not waited
+        for) gives the same run on a server that honours the key, as ``simvue server`` does."""
         if self.remote_id is not None:
             return self.remote_id
         run = self.store.run(self.run_id)
@@ -122,13 +130,18 @@ class Replicator:
             "notifications": run["options"].get("notifications", {"state": "none"}),
             "visibility": run["options"].get("visibility", {"tenant": False, "public": False, "users": []}),
         }
+        if status == "running" and run["started"] is not None:
+            body["started"] = format_timestamp(run["started"])
+        if self.connection.keeps_client_times:
+            body["created"] = format_timestamp(run["created"])
         answer = self.connection.request(
             "POST", "/runs", json=body, conflict_ok=True, deadline=deadline,
             headers={"Idempotency-Key": f"{self.run_id}/create"},
         )
         if not isinstance(answer, dict) or not answer.get("id"):
             raise ServerRejected("POST", "/runs", 200, f"the answer has no run id: {answer!r}")
-        sent = {"status": status, "metadata": run["metadata"], "tags": run["tags"], "description": run["description"]}
+        sent = {"status": status, "metadata": run["metadata"], "tags": run["tags"], "description": run["description"],
+                "started": body.get("started") and run["started"]}
         self._save(remote_id=answer["id"], folder_id=folder.get("id"), sent=sent, state="sending", error=None)
         return answer["id"]
 
@@ -215,9 +228,13 @@ class Replicator:
             update["status"] = status
             if status in FINAL_STATUSES:
                 update["endtime"] = format_timestamp(run["ended"] or time.time())
+        if run["started"] is not None and run["started"] != sent.get("started"):
+            # a run created before it started (init(running=False), then reconnect)
+            update["started"] = format_timestamp(run["started"])
         if update:
             self.connection.request("PUT", f"/runs/{self.remote_id}", json=update)
-            sent.update({key: value for key, value in update.items() if key != "endtime"})
+            sent.update({key: value for key, value in update.items() if key not in ("endtime", "started")})
+            sent["started"] = run["started"]
             self._save(sent=sent)
         folder = self.store.folder(run["folder"])
         details = folder and {key: folder[key] for key in ("metadata", "tags", "description")}
@@ -287,11 +304,14 @@ class Replicator:
             with open(self.store.blobs.path(checksum), "rb") as content:
                 response = requests.put(url, data=content, timeout=self.connection.timeout)
         except requests.RequestException as exc:
-            raise ServerUnavailable(f"PUT {url.split('?')[0]}: {exc}") from None
+            reason = describe_failure(exc, self.connection.timeout)
+            raise ServerUnavailable(f"PUT {url.split('?')[0]}: {reason}", reason=reason) from None
         if response.status_code == 429 or response.status_code >= 500:
-            raise ServerUnavailable(f"PUT {url.split('?')[0]} answered {response.status_code}")
+            raise ServerUnavailable(
+                f"PUT {url.split('?')[0]} answered {response.status_code}", reason=f"answered {response.status_code}"
+            )
         if response.status_code >= 400:
-            raise ServerRejected("PUT", url.split("?")[0], response.status_code, response.text[:200])
+            raise ServerRejected("PUT", url.split("?")[0], response.status_code, clip(response.text, 200))
 
     def send_alerts(self) -> None:
         """Define new alerts on the server, attach them to the run, and send state changes."""
@@ -313,9 +333,10 @@ class Replicator:
         for alert in attached:
             entry = known[alert["name"]]
             if alert["status"] != entry["status"]:
-                self.connection.request(
-                    "PUT", f"/alerts/{entry['id']}/status/{self.remote_id}", json={"status": alert["status"]}
-                )
+                change: dict[str, Any] = {"status": alert["status"]}
+                if self.connection.keeps_client_times and alert.get("fired_at") is not None:
+                    change["fired_at"] = optional_timestamp(alert["fired_at"])
+                self.connection.request("PUT", f"/alerts/{entry['id']}/status/{self.remote_id}", json=change)
                 entry["status"] = alert["status"]
         if known != sent.get("alerts", {}):
             sent["alerts"] = known
@@ -378,14 +399,20 @@ def start_upload(
 ) -> Uploader | None:
     """Create run ``run_id`` of the store at ``directory`` on the server and start following
     it there.  A server that does not answer within ``INIT_TIMEOUT_S`` is retried by the
-    uploader's thread, so the job is held up that long at most.  A server
-    that refuses the run raises ``ServerRejected`` in strict mode; with ``suppress_errors``
-    it gives one warning and None: the run stays in the local store, for ``simvue push``."""
+    uploader's thread, so the job is held up that long at most (one line on stderr says so);
+    a server on this machine that is still starting is waited for, up to
+    ``STARTING_SERVER_WAIT_S``.  A server that refuses the run raises ``ServerRejected`` in
+    strict mode; with ``suppress_errors`` it gives one warning and None: the run stays in the
+    local store, for ``simvue push``."""
     uploader = Uploader(directory, config, run_id, run_name, settings, abort)
     try:
-        uploader.create(deadline=time.monotonic() + INIT_TIMEOUT_S)
+        _create_when_listening(uploader, deadline=time.monotonic() + INIT_TIMEOUT_S)
     except ServerUnavailable as exc:
-        os.write(2, f"simvue: {exc}; run '{run_name}' is kept locally and sent when the server answers\n".encode())
+        os.write(
+            2,
+            f"simvue: the server at {config.url} {exc.reason}; run '{run_name}' is recorded locally"
+            " and will be sent when the server answers\n".encode(),
+        )
         uploader.warned_unreachable = True  # one line says so, not one here and one from the thread
     except ServerRejected as exc:
         uploader.replicator.reject(str(exc))
@@ -400,6 +427,21 @@ def start_upload(
         return None
     uploader.start()
     return uploader
+
+
+def _create_when_listening(uploader: Uploader, deadline: float) -> None:
+    """``uploader.create(deadline)``; while a server on this machine refuses connections, asked
+    again every ``STARTING_SERVER_POLL_S`` for up to ``STARTING_SERVER_WAIT_S``: one started
+    just before the job may not be listening yet."""
+    patience = min(deadline, time.monotonic() + (STARTING_SERVER_WAIT_S if is_local(uploader.config.url) else 0.0))
+    while True:
+        try:
+            uploader.create(deadline=deadline)
+            return
+        except ServerUnavailable as exc:
+            if not exc.refused or time.monotonic() + STARTING_SERVER_POLL_S > patience:
+                raise
+        time.sleep(STARTING_SERVER_POLL_S)
 
 
 class Uploader:
@@ -508,7 +550,8 @@ class Uploader:
                         self.warned_unreachable = True
                         os.write(
                             2,
-                            f"simvue: {exc}; keeping run '{self.run_name}' in the local store and retrying\n".encode(),
+                            f"simvue: the server at {self.config.url} {exc.reason}; retrying in the background,"
+                            f" and run '{self.run_name}' is kept in the local store meanwhile\n".encode(),
                         )
                     continue
                 retry_at = 0.0

@@ -3,7 +3,9 @@
 Failures fall in two kinds, and everything that talks to a server treats them alike:
 
 * ``ServerUnavailable``: connection errors, timeouts, 5xx and 429.  Worth retrying later;
-  ``retry_after`` carries the server's ``Retry-After`` when it sent one.
+  ``retry_after`` carries the server's ``Retry-After`` when it sent one, ``reason`` says in
+  plain words what happened (``is not listening (connection refused)``), and ``refused`` tells a server that
+  is not listening (yet) from one that is slow or failing.
 * ``ServerRejected``: any other 4xx.  Retrying the same request cannot help; the message
   names the request and what the server said about it.
 
@@ -13,12 +15,15 @@ server's ``Retry-After``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
+import re
 import socket
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import msgpack
 import requests
@@ -40,9 +45,13 @@ class ServerError(SimvueError):
 class ServerUnavailable(ServerError):
     """The server could not be reached or asked us to come back later."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after: float | None = None, *, reason: str | None = None, refused: bool = False
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.reason = reason or message  # what the server did, in words: "did not answer within 30 s"
+        self.refused = refused  # nothing listens there (yet): a server that is starting looks like this
 
 
 class ServerRejected(ServerError):
@@ -62,6 +71,9 @@ class Connection:
         self.base = config.api_url
         self.timeout = (CONNECT_TIMEOUT_S, timeout_s)
         self._session = requests.Session()
+        # Whether the server keeps the times a client gives for a run's creation and an alert's
+        # firing (``simvue server`` says so when asked its version); others get their own.
+        self.keeps_client_times = False
         self._session.headers.update(
             {
                 "Authorization": f"Bearer {config.token}",
@@ -102,18 +114,23 @@ class Connection:
         if deadline is not None:
             left = round(deadline - time.monotonic(), 2)  # rounded: it is quoted in timeout messages
             if left <= 0:
-                raise ServerUnavailable(f"{method} {self.base}{path}: not sent, the time allowed has passed")
+                reason = "was not asked: the time allowed had passed"
+                raise ServerUnavailable(f"{method} {self.base}{path}: {reason}", reason=reason)
             timeout = (min(timeout[0], left), min(timeout[1], left))
         try:
             response = self._session.request(
                 method, self.base + path, json=json, data=data, params=params, headers=headers, timeout=timeout
             )
         except requests.RequestException as exc:
-            raise ServerUnavailable(f"{method} {self.base}{path}: {_short(exc)}") from None
+            reason = describe_failure(exc, timeout)
+            raise ServerUnavailable(
+                f"{method} {self.base}{path}: {reason}", reason=reason, refused=_refused(exc)
+            ) from None
         status = response.status_code
         if status == 429 or status >= 500:
             raise ServerUnavailable(
-                f"{method} {path} answered {status}", retry_after=_retry_after(response.headers.get("Retry-After"))
+                f"{method} {path} answered {status}", retry_after=_retry_after(response.headers.get("Retry-After")),
+                reason=f"answered {status}",
             )
         if status >= 400 and not (status == 409 and conflict_ok):
             raise ServerRejected(method, path, status, _detail(response))
@@ -125,8 +142,12 @@ class Connection:
             return None
 
     def check_version(self, deadline: float | None = None) -> str:
-        """The server's API version; raises ``ServerRejected`` for one this client cannot speak."""
+        """The server's API version; raises ``ServerRejected`` for one this client cannot speak.
+        Also notes whether the server keeps the times clients give (``keeps_client_times``)."""
         answer = self.request("GET", "/version", deadline=deadline) or {}
+        if not isinstance(answer, dict):
+            answer = {}
+        self.keeps_client_times = answer.get("keeps_client_times") is True
         version = str(answer.get("version", ""))
         major = version.split(".", 1)[0]
         if not major.isdigit() or int(major) != SUPPORTED_MAJOR_VERSION:
@@ -178,7 +199,7 @@ def _detail(response: requests.Response) -> str:
     try:
         body = response.json()
     except ValueError:
-        return response.text[:300] or response.reason or "no detail"
+        return clip(response.text or response.reason or "no detail", 300)
     detail = body.get("detail", body) if isinstance(body, dict) else body
     if isinstance(detail, list):  # FastAPI validation errors
         detail = "; ".join(
@@ -187,9 +208,55 @@ def _detail(response: requests.Response) -> str:
             else str(item)
             for item in detail
         )
-    return str(detail)[:500]
+    return clip(str(detail), 500)
 
 
-def _short(exc: Exception) -> str:
+def clip(text: str, limit: int) -> str:
+    """``text`` on one line, at most about ``limit`` characters, cut between words (a message
+    cut mid-word reads like a fault of its own)."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit)
+    return text[: cut if cut > limit // 2 else limit].rstrip(" ,;:") + " [...]"
+
+
+_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\"()\[\]]+)")
+
+
+def describe_failure(exc: requests.RequestException, timeout: tuple[float, float] | None = None) -> str:
+    """What a failed request tells about the server, in a few plain words, whole: not the
+    exception's text, which names connection pools and object addresses and runs to hundreds
+    of characters."""
+    connect_s, read_s = timeout or (None, None)
+    if isinstance(exc, requests.ConnectTimeout):
+        return f"did not accept a connection within {round(connect_s, 1):g} s" if connect_s else "did not accept a connection"
+    if isinstance(exc, requests.Timeout):
+        return f"did not answer within {round(read_s, 1):g} s" if read_s else "did not answer in time"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "failed the TLS handshake (check its certificate)"
     text = str(exc)
-    return text if len(text) < 200 else text[:200] + "..."
+    if _refused(exc):
+        return "is not listening (connection refused)"
+    if "NameResolutionError" in text or "Failed to resolve" in text:
+        return "could not be found (its host name does not resolve)"
+    if "RemoteDisconnected" in text or "Connection aborted" in text or "ConnectionResetError" in text:
+        return "closed the connection without answering"
+    if isinstance(exc, requests.ConnectionError) and (match := _ERRNO.search(text)):
+        return f"could not be reached ({match.group(1).strip().rstrip('.').lower()})"
+    return f"could not be reached ({type(exc).__name__})"
+
+
+def _refused(exc: requests.RequestException) -> bool:
+    return isinstance(exc, requests.ConnectionError) and "Connection refused" in str(exc)
+
+
+def is_local(url: str | None) -> bool:
+    """Whether ``url`` names this machine (localhost or a loopback address)."""
+    host = urlsplit(url or "").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -77,7 +77,8 @@ class RemoteStore:
         ]
 
     def alerts(self, run_id: str) -> list[dict]:
-        """The run's alerts as the server lists them on the run (definition, status)."""
+        """The run's alerts as the server lists them on the run (definition, status, and when
+        it first fired, where the server says)."""
         run = self.connection.request("GET", f"/runs/{run_id}") or {}
         alerts = []
         for entry in run.get("alerts") or []:
@@ -85,8 +86,9 @@ class RemoteStore:
             definition = {**(alert.get("alert") or {}), "name": alert.get("name"), "source": alert.get("source")}
             if "frequency" in definition:
                 definition["frequency_s"] = definition.pop("frequency") * 60.0
+            fired_at = entry.get("fired_at")
             alerts.append({**definition, "definition": definition, "status": entry.get("status", "ok"),
-                           "fired_at": None})
+                           "fired_at": parse_timestamp(fired_at) if isinstance(fired_at, str) and fired_at else None})
         return alerts
 
     def artifacts(self, run_id: str) -> list[dict]:

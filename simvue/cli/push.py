@@ -58,7 +58,11 @@ def push_runs(store: Store, args: argparse.Namespace, out: TextIO) -> int:
                 failed += 1
         return 1 if failed else 0
     except ServerUnavailable as exc:
-        print(f"simvue: {exc}; gave up after {args.timeout:g} s. Nothing is lost: run simvue push again.", file=sys.stderr)
+        print(
+            f"simvue: the server at {server.url} {exc.reason}; gave up after {args.timeout:g} s."
+            " Nothing is lost: run simvue push again.",
+            file=sys.stderr,
+        )
         return 1
     finally:
         connection.close()

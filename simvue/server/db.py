@@ -3,10 +3,11 @@
 The server keeps everything in one SQLite file, ``DIR/simvue.db``: runs, folders, metrics and
 events in the store's own schema (written through :class:`simvue.store.Store`, so the
 ``simvue`` command can browse a server's data directory like any store), and beside them the
-``server_*`` tables below for what the store has no notion of: folder and alert ids, alerts,
-artifacts, abort requests and the idempotency keys of ingest requests.  The store's writes only
-add and merge, so the routes replace a run's tags, rename, move and delete runs, and edit
-folders, with SQL of their own on the store's tables.
+``server_*`` tables below for what the store has no notion of: folder, alert and tag ids,
+alerts, artifacts, tensor-metric grids and their values, abort requests and the idempotency
+keys of ingest requests.  The store's writes only add and merge, so the routes replace a run's
+tags, rename, move and delete runs, and edit and delete folders and tags, with SQL of their own
+on the store's tables.
 
 Request handlers run on a thread pool and each borrows a :class:`Handle` (a ``Store`` and a
 connection) for the length of one request.  Every write is a ``BEGIN IMMEDIATE`` transaction,
@@ -73,7 +74,62 @@ CREATE TABLE IF NOT EXISTS server_run_keys (
     key TEXT PRIMARY KEY,
     run_id TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS server_tags (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    colour TEXT NOT NULL,
+    description TEXT,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS server_grids (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    grid TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS server_run_grids (
+    run_id TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    grid_id TEXT NOT NULL,
+    PRIMARY KEY (run_id, metric)
+);
+CREATE TABLE IF NOT EXISTS server_grid_values (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    grid_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    time REAL NOT NULL,
+    timestamp REAL NOT NULL,
+    array TEXT NOT NULL,
+    minimum REAL,
+    maximum REAL
+);
+CREATE INDEX IF NOT EXISTS server_grid_values_by_metric ON server_grid_values (run_id, metric, step);
 """
+
+# Columns added after the first release: a data directory an older server made gets them at start.
+ADDED_COLUMNS = (
+    ("server_run_alerts", "fired_at", "REAL"),  # when the alert first went critical for the run
+    ("server_folders", "ttl", "INTEGER"),
+)
+
+
+# Every table that holds rows of a run, and its run id column: what deleting a run removes.
+RUN_TABLES = (
+    ("metrics", "run_id"), ("events", "run_id"), ("runs", "id"), ("server_runs", "run_id"),
+    ("server_run_alerts", "run_id"), ("server_run_artifacts", "run_id"), ("applied_keys", "run_id"),
+    ("server_run_keys", "run_id"), ("server_run_grids", "run_id"), ("server_grid_values", "run_id"),
+)
+
+
+def delete_runs(db: sqlite3.Connection, run_ids: list[str]) -> None:
+    """Remove runs and everything that belongs to them; call inside a transaction."""
+    for run_id in run_ids:
+        db.execute("DELETE FROM metric_chunks WHERE metric_id IN (SELECT id FROM metrics WHERE run_id=?)", (run_id,))
+        for table, column in RUN_TABLES:
+            db.execute(f"DELETE FROM {table} WHERE {column}=?", (run_id,))
 
 
 class Handle:
@@ -107,6 +163,10 @@ class ServerData:
         self._lock = threading.Lock()
         with self.checkout() as handle:
             handle.db.executescript(SCHEMA)
+            for table, column, declaration in ADDED_COLUMNS:
+                present = {row[1] for row in handle.db.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    handle.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
             # The key of a creation cut off by a crash names no run: let its retry create it.
             handle.db.execute("DELETE FROM server_run_keys WHERE run_id NOT IN (SELECT id FROM runs)")
 

@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, cast
+from urllib.parse import quote
 
 import requests
 
@@ -152,10 +153,10 @@ class ServerProcess:
     def unreadable(self, *run_ids: str) -> dict[str, str]:
         """Every read the API offers, over everything the server holds; the ones that failed.
 
-        Reads each list (runs, folders, alerts, artifacts), each object it lists, and for each
-        run (those listed and ``run_ids``, which are read even if the run list fails) its
-        metrics in every form, events, artifacts, abort flag and alert statuses; an uploaded
-        artifact's content too.  Returns ``{request: "status body..."}`` for each read that did
+        Reads each list (runs, folders, alerts, artifacts, tags), each object it lists, and for
+        each run (those listed and ``run_ids``, which are read even if the run list fails) its
+        metrics in every form, events, artifacts, abort flag, alert statuses and tensor metrics
+        (their grids, last values and spans); an uploaded artifact's content too.  Returns ``{request: "status body..."}`` for each read that did
         not answer 200, so an empty dict means that everything stored can be read.
         """
         failed: dict[str, str] = {}
@@ -178,10 +179,10 @@ class ServerProcess:
         read("/version")
         read("/server/stats")
         listed: dict[str, list[dict]] = {}
-        for collection in ("runs", "folders", "alerts", "artifacts"):
+        for collection in ("runs", "folders", "alerts", "artifacts", "tags"):
             answer = read(f"/{collection}")
             listed[collection] = answer["data"] if isinstance(answer, dict) else []
-        for collection in ("folders", "alerts", "artifacts"):
+        for collection in ("folders", "alerts", "artifacts", "tags"):
             for item in listed[collection]:
                 read(f"/{collection}/{item['id']}")
                 if collection == "artifacts" and item.get("uploaded"):
@@ -201,6 +202,12 @@ class ServerProcess:
                 read(f"/runs/{run_id}/artifacts/{artifact['id']}")
             for alert in (run or {}).get("alerts", []):
                 read(f"/alerts/{alert['alert']['id']}/status/{run_id}")
+            for grid in read(f"/runs/{run_id}/grids") or []:
+                read(f"/grids/{grid['id']}")
+                metric = quote(grid["metric"], safe="/")
+                span = read(f"/runs/{run_id}/metrics/{metric}/span")
+                if span and span[0].get("steps"):  # a metric put on a grid may have no values yet
+                    read(f"/runs/{run_id}/metrics/{metric}/values")
         return failed
 
     def wait_for_status(self, name: str, timeout_s: float = 60.0) -> dict:

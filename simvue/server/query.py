@@ -1,6 +1,7 @@
 """The list query language of the Simvue API: ``filters``, ``sorting`` and paging.
 
-Clients send ``filters`` as a JSON list of strings, all of which must hold::
+Clients send ``filters`` as a JSON list of strings, all of which must hold (the upstream
+client also sends one filter as a plain string, or repeats the parameter)::
 
     name == demo             status != running        folder.path contains /project
     metadata.lr > 0.01       metadata.model exists    system.hostname == node1
@@ -44,16 +45,26 @@ class Condition:
     value: str = ""
 
 
-def parse_filters(text: str | None) -> list[Condition]:
-    if not text:
+def parse_filters(texts: str | list[str] | None) -> list[Condition]:
+    """The conditions of a ``filters`` parameter: given once or repeated, each time either a
+    JSON list of filter strings or one filter as plain text (``filters=name == x``, which is
+    how the upstream client sends a Python list)."""
+    if not texts:
         return []
-    try:
-        items = loads_query(text)
-    except ValueError:
-        items = None
-    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-        raise QueryError(f"filters must be a JSON list of strings, not {text[:200]!r}")
-    return [_parse_condition(item.strip()) for item in items if item.strip()]
+    conditions: list[Condition] = []
+    for text in [texts] if isinstance(texts, str) else texts:
+        if not text.lstrip().startswith("["):
+            if text.strip():
+                conditions.append(_parse_condition(text.strip()))
+            continue
+        try:
+            items = loads_query(text)
+        except ValueError:
+            items = None
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise QueryError(f"filters must be a JSON list of strings, not {text[:200]!r}")
+        conditions += [_parse_condition(item.strip()) for item in items if item.strip()]
+    return conditions
 
 
 def _parse_condition(text: str) -> Condition:

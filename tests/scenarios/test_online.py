@@ -19,6 +19,7 @@ import pytest
 from conftest import ROOT, mpiexec, read_run, run_script
 from simvue.server.local import ServerProcess
 from simvue.store import Store
+from simvue.validation import format_timestamp, optional_timestamp
 
 pytest.importorskip("fastapi", reason='the server extra is not installed: pip install "simvue[server]"')
 
@@ -476,6 +477,26 @@ def test_alerts_and_their_states_reach_the_server(server):
     assert hot["source"] == "metrics" and hot["alert"]["threshold"] == 5 and hot["alert"]["rule"] == "is above"
     # attach_to_run=False: defined on the server, not attached to this run.
     assert "shared" in {alert["name"] for alert in server.get("/alerts")["data"]}
+    # when each alert fired is the run's own time, on the server as in the local store, and
+    # simvue's Client reads it back from the server
+    store = Store(Path(os.environ["SIMVUE_STORE"]))
+    try:
+        local = {alert["name"]: alert["fired_at"] for alert in store.alerts(store.run("online-alerts")["id"])}
+    finally:
+        store.close()
+    alerts = server.get(f"/runs/{run['id']}")["alerts"]
+    fired = {entry["alert"]["name"]: entry["fired_at"] for entry in alerts}
+    assert fired == {name: optional_timestamp(local[name]) for name in fired}
+    assert fired["hot"] is not None and fired["band"] is None
+    manual = next(entry["alert"]["id"] for entry in alerts if entry["alert"]["name"] == "manual")
+    assert server.get(f"/alerts/{manual}/status/{run['id']}")["fired_at"] == fired["manual"]
+    read = run_script(
+        "import json\nfrom simvue import Client\n"
+        "print(json.dumps({a['name']: a['fired_at'] for a in Client().get_alerts('online-alerts')}))\n",
+        env=client_env(server),
+    )
+    assert read.returncode == 0, read.stderr
+    assert json.loads(read.stdout) == fired
 
 
 def test_resource_series_reach_the_server_through_rank_0_only(server):
@@ -493,3 +514,45 @@ def test_resource_series_reach_the_server_through_rank_0_only(server):
     assert len(node) == 1 and len(metrics[node[0]]["values"]) >= 2
     assert run["metadata"]["simvue"]["hosts"]  # the host facts came with the metadata
     assert len(server.stats()["clients"]) == 1  # the sampler process never talks to the server
+
+
+def test_pushed_runs_keep_their_own_times_and_are_listed_by_them(server):
+    """Runs recorded offline and pushed a while later are dated by the runs, not by the upload:
+    created, started and ended on the server are the local ones, to the microsecond, and the
+    server lists runs newest first by when they were created, whatever the push order."""
+    offline = LOGGING_SCRIPT.replace("with Run() as run", "with Run(mode='offline') as run")
+    for name in ("first-recorded", "second-recorded"):
+        result = run_script(offline, name, "50", "0.01", env=client_env(server))
+        assert result.returncode == 0, result.stderr
+    resumable = run_script(
+        "from simvue import Run\nrun = Run(mode='offline')\nrun.init(name='started-later', running=False)\n",
+        env=client_env(server),
+    )
+    assert resumable.returncode == 0, resumable.stderr
+    time.sleep(1.5)  # the upload comes well after the runs
+    for name in ("second-recorded", "first-recorded", "started-later"):
+        pushed = push(server, name)
+        assert pushed.returncode == 0, pushed.stderr
+    time.sleep(1.0)
+    resumed = run_script(
+        "from simvue import Run\nwith Run(mode='offline') as run:\n    run.reconnect('started-later')\n"
+        "    run.log_metrics({'x': 1.0})\n",
+        env=client_env(server),
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    time.sleep(1.0)
+    assert push(server, "started-later").returncode == 0
+
+    store = Store(Path(os.environ["SIMVUE_STORE"]))
+    try:
+        for name in ("first-recorded", "second-recorded", "started-later"):
+            local, remote = store.run(name), server.run_named(name)
+            assert remote["status"] == "completed", remote
+            assert remote["created"] == format_timestamp(local["created"]), (name, remote, local)
+            assert remote["started"] == format_timestamp(local["started"]), (name, remote, local)
+            assert remote["endtime"] == format_timestamp(local["ended"]), (name, remote, local)
+            assert remote["created"] <= remote["started"] <= remote["endtime"]
+    finally:
+        store.close()
+    listed = [run["name"] for run in server.get("/runs")["data"]]
+    assert listed == ["started-later", "second-recorded", "first-recorded"]

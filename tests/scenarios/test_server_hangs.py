@@ -23,7 +23,7 @@ import pytest
 from conftest import read_run
 
 from simvue.server.local import ServerProcess
-from simvue.upload import INIT_TIMEOUT_S
+from simvue.upload import INIT_TIMEOUT_S, STARTING_SERVER_WAIT_S
 
 pytest.importorskip("fastapi", reason='the server extra is not installed: pip install "simvue[server]"')
 
@@ -180,3 +180,78 @@ def test_a_run_against_a_server_that_never_answers_completes_locally(tmp_path):
     assert "Send it with: simvue push" in err
     local = read_run(Path(os.environ["SIMVUE_STORE"]), "hang-forever")
     assert local["status"] == "completed" and len(local["metrics"]["x"]) == 300
+
+
+WAITING_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from simvue import Run
+    with Run() as run:
+        print("READY", flush=True)
+        started = time.monotonic()
+        run.init(name=sys.argv[1], folder="/hangs")
+        print("INIT", time.monotonic() - started, flush=True)
+        for step in range(50):
+            run.log_metrics({"x": float(step)})
+    print("CLOSED", flush=True)
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def server_token(data: Path) -> str:
+    done = subprocess.run([sys.executable, "-m", "simvue.cli", "server", "token", "--data", str(data)],
+                          capture_output=True, text=True, timeout=60, check=True)
+    return done.stdout.strip()
+
+
+def test_a_job_started_just_before_its_local_server_waits_for_it(tmp_path):
+    """``simvue server &`` then the job at once, as the README does: the job's ``init`` finds
+    nothing listening yet, waits for the server (on this machine) a moment, and says nothing."""
+    data, port = tmp_path / "server", free_port()
+    env = {"SIMVUE_URL": f"http://127.0.0.1:{port}", "SIMVUE_TOKEN": server_token(data)}
+    process = subprocess.Popen([sys.executable, "-c", WAITING_SCRIPT, "before-its-server"],
+                               env={**os.environ, **FAST, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    lines, server = Lines(process), None
+    try:
+        lines.expect("READY", 60)
+        time.sleep(0.5)  # init is knocking at a closed port by now
+        server = ServerProcess(data, options=["--port", str(port)])
+        init_s = float(lines.expect("INIT", 30))
+        lines.expect("CLOSED", 60)
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == 0 and err == "", err
+        assert 0.4 <= init_s <= STARTING_SERVER_WAIT_S + INIT_SLACK_S, init_s  # it waited, briefly
+        run = server.wait_for_status("before-its-server")
+        assert run["status"] == "completed" and server.metrics(run["id"])["x"]["steps"] == list(range(50))
+    finally:
+        process.kill()
+        if server is not None:
+            server.stop()
+
+
+def test_a_local_server_that_never_starts_costs_seconds_and_one_whole_calm_line(tmp_path):
+    port = free_port()  # nothing will listen there
+    env = {"SIMVUE_URL": f"http://127.0.0.1:{port}", "SIMVUE_TOKEN": "not.checked.here", "SIMVUE_CLOSE_TIMEOUT_S": "2"}
+    process, lines = start_script(env, "never-served", 100)
+    try:
+        init_s = float(lines.expect("INIT", STARTING_SERVER_WAIT_S + INIT_SLACK_S + 5))
+        lines.expect("CLOSED", 30)
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert STARTING_SERVER_WAIT_S - 0.5 <= init_s <= STARTING_SERVER_WAIT_S + INIT_SLACK_S, init_s
+    told = err.splitlines()
+    assert len(told) == 2, err  # at init, and at close how to send the run later
+    assert told[0] == (f"simvue: the server at http://127.0.0.1:{port} is not listening (connection refused); run"
+                       " 'never-served' is recorded locally and will be sent when the server answers")
+    assert told[1].startswith("simvue: run 'never-served' was not fully sent (") and "simvue push" in told[1]
+    for line in told:  # whole words, no library internals
+        assert "..." not in line and "HTTPConnectionPool" not in line and " 0x" not in line, line

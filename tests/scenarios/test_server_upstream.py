@@ -197,3 +197,105 @@ def test_upstream_offline_cache_is_replayed_by_its_sender(upstream_python, serve
     assert [e["message"] for e in events] == ["recorded offline"]
     (saved,) = server.api.get(f"{server.url}/api/runs/{run['id']}/artifacts").json()
     assert json.loads(server.api.get(f"{server.url}/api/artifacts/{saved['id']}/content").content) == {"z": 1}
+
+
+# -- every public method of the upstream Client and Run ------------------------------------------
+
+DRIVER = Path(__file__).with_name("upstream_api_driver.py")
+
+# What fails in the upstream client itself, whatever the server answers: the call, and a
+# part of the error it gives.  A call listed here may also succeed (a fixed client).
+CLIENT_SIDE_FAILURES = {
+    # save_directory and save_all pass keyword-only arguments positionally to save_file.
+    "Run.save_directory": "unexpected_positional_argument",
+    "Run.save_all": "unexpected_positional_argument",
+    # A run whose process was killed is marked failed, then the client calls sys.exit.
+    "Run.close (killed processes)": "SystemExit",
+    # plot_metrics needs matplotlib (simvue[plot]), which the upstream test environment lacks.
+    "Client.plot_metrics": "require the 'plot' extension",
+}
+
+
+@pytest.fixture(scope="module")
+def every_method(upstream_python, server, tmp_path_factory) -> dict:
+    """The driver's report: every public Client and Run method called against our server."""
+    output = run_upstream(upstream_python, server, tmp_path_factory.mktemp("every-method"), DRIVER.read_text())
+    return json.loads(output)
+
+
+def test_every_public_method_of_the_upstream_client_and_run_is_exercised(every_method):
+    called = {label.split(" (")[0].split("(")[0] for label in every_method["results"]}
+    for cls, names in every_method["public"].items():
+        missing = sorted(f"{cls}.{name}" for name in names if f"{cls}.{name}" not in called)
+        assert not missing, f"the driver does not call {missing}"
+
+
+def test_every_upstream_call_works_against_our_server(every_method):
+    failed = {
+        label: result["error"]
+        for label, result in every_method["results"].items()
+        if not result["ok"] and CLIENT_SIDE_FAILURES.get(label, "\0") not in result["error"]
+    }
+    assert not failed, "\n".join(f"{label}: {error}" for label, error in failed.items())
+
+
+def test_what_every_upstream_call_did_is_on_the_server(server, every_method):
+    results, ids = every_method["results"], every_method["ids"]
+
+    def value(label: str):
+        assert results[label]["ok"], results[label]
+        return results[label]["value"]
+
+    run_id = ids["run"]
+    run = server.api.get(f"{server.url}/api/runs/{run_id}").json()
+    assert run["status"] == "completed" and run["name"] == "api-run"
+    assert value("Client.get_run_id_from_name") == run_id and value("Client.get_run_name_from_id") == "api-run"
+    assert value("Client.get_run().user") == run["user"]
+    assert value("Client.get_run().runtime") and run["runtime"].startswith("00:00:")
+    (grid,) = value("Client.get_run().grids")
+    assert (grid["id"], grid["name"], grid["metric"], grid["labels"]) == (ids["grid"], "plane", "field", ["x", "y"])
+    assert sorted(value("Client.get_metrics_names")) == ["acc", "loss"]
+    assert value("Client.get_metric_values")["loss"] == {f"(0, '{run_id}')": 0.5, f"(1, '{run_id}')": 0.25}
+    assert run["metadata"]["simvue"]["metrics"]["loss"]["units"] == "m"
+
+    # the tensor metric: its grid, and the values at step 0
+    assert value("Grid.grid") == [[0.0, 1.0, 2.0], [0.0, 1.0]] and value("Grid.name") == "plane"
+    assert value("Grid.get_run_metric_values")["array"] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+    span = value("Grid.get_run_metric_span")
+    assert (span["min"], span["max"], span["first_step"], span["steps"]) == (0.0, 5.0, 0, 1)
+    assert [page["array"] for page in value("GridMetrics.get")] == [[[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]]
+
+    assert [(e["message"], e["log_level"]) for e in value("Client.get_events")] == [
+        ("hello from every method", "warning")
+    ]
+    assert value("Client.get_alerts") == ["manual"]
+    statuses = {a["alert"]["name"]: (a["status"], a["fired_at"] is not None) for a in run["alerts"]}
+    assert statuses["manual"] == ("critical", True) and statuses["spare"] == ("ok", False)
+    assert {"loss_high", "acc_range", "err_evt"} <= set(statuses) and "other" not in statuses  # deleted
+    assert value("Client.get_artifact") == {"a": 1}
+    assert value("Client.get_artifact_as_file (content)") == "input for the upstream run\n"
+    assert value("Client.get_artifacts_as_files (files)") == ["api-run_job.out", "input.txt", "job.sh", "obj"]
+    for name in ("input.txt", "obj", "job.sh"):
+        assert value(f"Client.list_artifacts()[{name}].runs") == [run_id]
+    assert value("Client.get_folder().description") == "the folder"
+    assert value("Client.get_folder().tags") == ["ft"]
+
+    # tags: listed with ids; deleting one takes it off every run
+    assert {"t1", "t2", "t3"} <= set(ids["tags"])
+    assert value("Client.get_tag().name") == "t3"
+    assert run["tags"] == ["t2", "t3"]
+    tags = server.api.get(f"{server.url}/api/tags").json()["data"]
+    assert "t1" not in [tag["name"] for tag in tags]
+
+    # the run created but not started, then reconnected: running, then terminated; aborted
+    reconnected = server.api.get(f"{server.url}/api/runs/{ids['created_run']}").json()
+    assert reconnected["status"] == "terminated" and reconnected["started"] is not None
+    assert server.api.get(f"{server.url}/api/runs/{ids['created_run']}/abort").json()["status"] is True
+
+    # deletions
+    for path in (f"/runs/{ids['killed_run']}", f"/alerts/{ids['alerts']['other']}",
+                 *(f"/runs/{doomed}" for doomed in ids["doomed"])):
+        assert server.api.get(f"{server.url}/api{path}").status_code == 404, path
+    folders = [f["path"] for f in server.api.get(f"{server.url}/api/folders").json()["data"]]
+    assert "/api/demo" in folders and not [path for path in folders if path.startswith("/api/doomed")]
+    assert value("Client.get_folder (deleted)") is None

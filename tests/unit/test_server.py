@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import signal
 import socket
@@ -72,7 +73,7 @@ def points(n: int, start: float = 1_790_000_000.0, **extra: float) -> list[dict]
 
 
 def test_version_handshake(server):
-    assert server.api.get(f"{server.url}/api/version").json() == {"version": "1.3.0"}
+    assert server.api.get(f"{server.url}/api/version").json() == {"version": "1.3.0", "keeps_client_times": True}
     assert server.api.get(f"{server.url}/api/nosim/version").json() == {"version": "1.0.0"}
 
 
@@ -697,3 +698,188 @@ def test_without_the_server_extra_simvue_works_and_the_server_says_what_to_insta
     for command in (["server", "--data", str(tmp_path)], ["server", "token", "--data", str(tmp_path)]):
         done = subprocess.run([sys.executable, "-c", check, *command], capture_output=True, text=True, timeout=60)
         assert done.returncode == 1 and "pip install 'simvue[server]'" in done.stderr, done.stderr
+
+
+# -- the data directory, the first start, stopping ------------------------------------------------
+
+
+def test_without_data_both_commands_use_one_directory_outside_the_working_tree(tmp_path):
+    from simvue.server.cli import default_data_dir
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    assert default_data_dir(work, {"HOME": str(home)}) == home / ".local" / "share" / "simvue" / "server"
+    assert default_data_dir(work, {"HOME": str(home), "XDG_DATA_HOME": str(tmp_path / "xdg")}) == (
+        tmp_path / "xdg" / "simvue" / "server")
+    assert default_data_dir(work, {"HOME": str(home), "SIMVUE_SERVER_DATA": str(tmp_path / "d")}) == tmp_path / "d"
+    (work / ".simvue-server").mkdir()
+    (work / ".simvue-server" / "simvue.db").touch()  # what an earlier version left: still used
+    assert default_data_dir(work, {"HOME": str(home)}) == work / ".simvue-server"
+
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    env = {**os.environ, "HOME": str(home)}
+    env.pop("XDG_DATA_HOME", None)
+    env.pop("SIMVUE_SERVER_DATA", None)
+    token = subprocess.run([sys.executable, "-m", "simvue.cli", "server", "token"], cwd=other, env=env,
+                           capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    assert (home / ".local" / "share" / "simvue" / "server" / "server.secret").exists()
+    assert list(other.iterdir()) == []
+    assert token.count(".") == 2
+
+
+def test_the_first_start_shows_the_url_and_token_even_if_a_token_was_made_before(tmp_path):
+    """`simvue server &` then `simvue server token` at once: the token command often makes
+    the secret first; the server's first start must still say how to reach it."""
+    data = tmp_path / "server"
+    made_first = cli_token(data)
+    with ServerProcess(data) as server:
+        printed = "".join(server.output)
+        assert f"export SIMVUE_URL={server.url}" in printed and "export SIMVUE_TOKEN=" in printed, printed
+        assert requests.get(f"{server.url}/api/runs", headers={"Authorization": f"Bearer {made_first}"}).ok
+    with ServerProcess(data) as again:
+        assert "SIMVUE_TOKEN=" not in "".join(again.output)  # only the first start
+
+
+def test_a_stop_signal_right_after_the_ready_line_stops_the_server(tmp_path):
+    """Found: a SIGTERM between the ready line and uvicorn taking over the signals was lost,
+    and the server ran on."""
+    for attempt in range(3):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "simvue.cli", "server", "--port", "0", "--data", str(tmp_path / f"s{attempt}")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                if "listening on" in line:
+                    break
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=15) == 0
+        finally:
+            process.kill()
+            process.wait()
+        assert not (tmp_path / f"s{attempt}" / "server.json").exists()
+
+
+# -- what the upstream Client reads beyond a run's own fields ----------------------------------
+
+
+def test_runs_carry_runtime_user_and_event_counts(server):
+    run = create_run(server, started=iso(1_790_000_000.0), created=iso(1_790_000_000.0))
+    post_events(server, run["id"], [{"message": "a"}, {"message": "b", "log_level": "warning"}])
+    ended = server.api.put(f"{server.url}/api/runs/{run['id']}",
+                           json={"status": "completed", "endtime": iso(1_790_000_000.0 + 90_061.5)}).json()
+    assert ended["runtime"] == "25:01:01.500000"  # hours go past a day
+    assert ended["events"] == {"info": {"count": 1}, "warning": {"count": 1}}
+    assert ended["user"] and ended["created"] == iso(1_790_000_000.0)
+    assert create_run(server, status="created")["runtime"] is None
+
+
+def test_list_filters_may_be_plain_text_and_repeated(server):
+    run = create_run(server, name="plain-filter", tags=["pf"])
+    url = f"{server.url}/api/runs"
+    for params in ({"filters": "name == plain-filter"}, [("filters", "has tag.pf"), ("filters", '["name == plain-filter"]')]):
+        assert [r["id"] for r in server.api.get(url, params=params).json()["data"]] == [run["id"]]
+    assert server.api.get(url, params={"filters": "name is plain"}).status_code == 400
+    assert server.api.get(url, params={"filters": '{"not": "a list"}'}).status_code == 400
+
+
+def test_alert_status_keeps_when_it_first_fired_and_alerts_can_be_deleted(server):
+    run = create_run(server)
+    alert = server.api.post(f"{server.url}/api/alerts", json={"name": "fires", "source": "user"}).json()
+    assert (alert["auto"], alert["delay"], alert["run_tags"]) == (False, 0, [])
+    status_url = f"{server.url}/api/alerts/{alert['id']}/status/{run['id']}"
+    first = server.api.put(status_url, json={"status": "critical", "fired_at": iso(1_790_000_000.0)}).json()
+    assert first["fired_at"] == iso(1_790_000_000.0)
+    assert server.api.put(status_url, json={"status": "ok"}).json()["fired_at"] == iso(1_790_000_000.0)
+    again = server.api.put(status_url, json={"status": "critical"}).json()
+    assert again["fired_at"] == iso(1_790_000_000.0)  # the first firing stays
+    (entry,) = server.api.get(f"{server.url}/api/runs/{run['id']}").json()["alerts"]
+    assert (entry["status"], entry["fired_at"]) == ("critical", iso(1_790_000_000.0))
+    unfired = server.api.post(f"{server.url}/api/alerts", json={"name": "quiet", "source": "user"}).json()
+    now = time.time()
+    stamped = server.api.put(f"{server.url}/api/alerts/{unfired['id']}/status/{run['id']}",
+                             json={"status": "critical"}).json()
+    assert abs(dt.datetime.fromisoformat(stamped["fired_at"]).replace(tzinfo=dt.timezone.utc).timestamp() - now) < 5
+
+    assert server.api.delete(f"{server.url}/api/alerts/{alert['id']}").json() == {"id": alert["id"]}
+    assert server.api.get(f"{server.url}/api/alerts/{alert['id']}").status_code == 404
+    assert [e["alert"]["name"] for e in server.api.get(f"{server.url}/api/runs/{run['id']}").json()["alerts"]] == [
+        "quiet"]
+
+
+def test_tags_have_ids_and_renaming_or_deleting_one_changes_every_run(server):
+    first = create_run(server, tags=["tag-a", "tag-b"])
+    second = create_run(server, tags=["tag-b"])
+    listed = {tag["name"]: tag for tag in server.api.get(f"{server.url}/api/tags").json()["data"]}
+    assert {"tag-a", "tag-b"} <= set(listed) and listed["tag-a"]["colour"].startswith("#")
+    tag_b = listed["tag-b"]["id"]
+    renamed = server.api.put(f"{server.url}/api/tags/{tag_b}", json={"name": "tag-c", "description": "d"}).json()
+    assert (renamed["id"], renamed["name"], renamed["description"]) == (tag_b, "tag-c", "d")
+    tags_of = lambda run: server.api.get(f"{server.url}/api/runs/{run['id']}").json()["tags"]  # noqa: E731
+    assert tags_of(first) == ["tag-a", "tag-c"] and tags_of(second) == ["tag-c"]
+    assert server.api.put(f"{server.url}/api/tags/{tag_b}", json={"name": "tag-a"}).status_code == 409
+    assert server.api.delete(f"{server.url}/api/tags/{tag_b}").status_code == 200
+    assert tags_of(first) == ["tag-a"] and tags_of(second) == []
+    assert server.api.get(f"{server.url}/api/tags/{tag_b}").status_code == 404
+    made = server.api.post(f"{server.url}/api/tags", json={"name": "unused", "colour": "#123456"})
+    assert made.status_code == 200 and made.json()["colour"] == "#123456"
+    assert server.api.post(f"{server.url}/api/tags", json={"name": "unused"}).json()["id"] == made.json()["id"]
+
+
+def test_folders_form_a_tree_and_delete_with_what_they_hold(tmp_path):
+    with ServerProcess(tmp_path / "server") as server:
+        api, url = server.api, f"{server.url}/api"
+        deep = create_run(server, folder="/tree/a/b")
+        beside = create_run(server, folder="/tree/c")
+        paths = {f["path"]: f["id"] for f in api.get(f"{url}/folders").json()["data"]}
+        assert {"/tree", "/tree/a", "/tree/a/b", "/tree/c"} <= set(paths)
+        assert api.get(f"{url}/folders/{paths['/tree']}").json()["ttl"] is None
+        assert api.put(f"{url}/folders/{paths['/tree']}", json={"ttl": 3600}).json()["ttl"] == 3600
+
+        tree = f"{url}/folders/{paths['/tree']}"
+        assert api.delete(tree).status_code == 409  # subfolders
+        assert api.delete(tree, params={"recursive": "True"}).status_code == 409  # runs
+        only_runs = api.delete(f"{url}/folders/{paths['/tree/c']}", params={"runs": "True", "runs_only": "True"})
+        assert only_runs.json() == {"folders": [], "runs": [beside["id"]]}
+        assert api.get(f"{url}/folders/{paths['/tree/c']}").status_code == 200
+        everything = api.delete(tree, params={"recursive": "True", "runs": "True"}).json()
+        assert everything["runs"] == [deep["id"]] and set(everything["folders"]) == {
+            paths[p] for p in ("/tree", "/tree/a", "/tree/a/b", "/tree/c")}
+        assert api.get(f"{url}/runs/{deep['id']}").status_code == 404
+        assert not [f for f in api.get(f"{url}/folders").json()["data"] if f["path"].startswith("/tree")]
+        assert server.unreadable() == {}
+    with ServerProcess(tmp_path / "server") as restarted:  # the store's folders went too: not adopted back
+        assert not [f for f in restarted.get("/folders")["data"] if f["path"].startswith("/tree")]
+
+
+def test_tensor_metrics_are_stored_on_their_grid_and_read_back(server):
+    run = create_run(server)
+    api, url = server.api, f"{server.url}/api"
+    grid = api.post(f"{url}/grids", json={"name": "g", "grid": [[0, 1, 2], [0.0, 0.5]], "labels": ["x", "y"]}).json()
+    assert grid["grid"] == [[0.0, 1.0, 2.0], [0.0, 0.5]]
+    assert api.put(f"{url}/runs/{run['id']}/grids/{grid['id']}", json={"metric": "field"}).status_code == 200
+    values = [{"metric": "field", "grid": grid["id"], "step": step, "time": float(step), "timestamp": iso(1e9 + step),
+               "array": [[step, 1.0], [2.0, 3.0], [4.0, -step]]} for step in range(3)]
+    stored = api.post(f"{url}/runs/{run['id']}/metrics/", data=msgpack.packb(values), headers=MSGPACK)
+    assert stored.json() == {"run": run["id"], "stored": 3}
+    at_one = api.get(f"{url}/runs/{run['id']}/metrics/field/values", params={"step": 1}).json()
+    assert at_one["array"] == [[1, 1.0], [2.0, 3.0], [4.0, -1]] and at_one["timestamp"] == iso(1e9 + 1)
+    assert api.get(f"{url}/runs/{run['id']}/metrics//field/values", params={"step": 2}).json()["step"] == 2
+    (span,) = api.get(f"{url}/runs/{run['id']}/metrics/field/span").json()
+    assert (span["min"], span["max"], span["steps"]) == (-2.0, 4.0, 3)
+    (listed,) = api.get(f"{url}/runs/{run['id']}/grids").json()
+    assert (listed["id"], listed["metric"], listed["labels"]) == (grid["id"], "field", ["x", "y"])
+
+    wrong_shape = [{**values[0], "array": [[1.0, 2.0]]}]
+    answer = api.post(f"{url}/runs/{run['id']}/metrics/", json=wrong_shape)
+    assert answer.status_code == 422 and answer.json()["detail"][0]["loc"] == ["body", 0, "array"]
+    nan = api.post(f"{url}/runs/{run['id']}/metrics/", data=msgpack.packb(
+        [{**values[0], "array": [[math.nan, 1.0], [2.0, 3.0], [4.0, 5.0]]}]), headers=MSGPACK)
+    assert nan.status_code == 422
+    unknown = [{**values[0], "grid": "A" * 22}]
+    assert api.post(f"{url}/runs/{run['id']}/metrics/", json=unknown).status_code == 404
+    assert api.get(f"{url}/runs/{run['id']}/metrics/field/values", params={"step": 9}).status_code == 404
+    assert api.get(f"{url}/runs/{run['id']}/metrics/other/values").status_code == 404
+    assert server.unreadable(run["id"]) == {}

@@ -319,6 +319,7 @@ VALID_QUERY = {
     "run": "{run_id}", "runs": '["{run_id}"]', "metrics": '["x"]', "names": "x", "xaxis": "time", "aggregate": "true",
     "max_points": "3", "filters": '["name == fuzzed"]', "sorting": '[{"id": "name", "desc": false}]', "start": "0",
     "offset": "1", "count": "5", "category": "output", "name": "target.txt", "deduplicate": "True",
+    "recursive": "True", "runs_only": "False",
 }
 
 

@@ -87,6 +87,9 @@ class Paging:
 
 Page = Annotated[Paging, Depends()]
 
+# The ``filters`` parameter of list endpoints, which the upstream client may repeat.
+Filters = Annotated[list[str] | None, Query()]
+
 
 def not_found(kind: str, identifier: str) -> HTTPException:
     return HTTPException(status_code=404, detail=f"no {kind} with id {identifier!r}")

@@ -1,7 +1,9 @@
 """``/api/alerts``: alert definitions, and their status per run.
 
 The server stores alerts and the status clients give them (``ok`` or ``critical``) for each
-run they are attached to; it does not evaluate metric or event rules itself.  With
+run they are attached to, and when the alert first went critical for that run (``fired_at``:
+the time the client gives, else the time the server heard of it); it does not evaluate
+metric or event rules itself.  With
 ``?deduplicate=True`` a second alert of the same name is not created: the answer is 409 with
 the existing alert's ``id``, which Simvue clients treat as success.
 """
@@ -16,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from ...store import new_id
-from . import DataHandle, Page, SafeJSONResponse, checked_router, iso, not_found, require_run
+from . import DataHandle, IsoTime, Page, SafeJSONResponse, checked_router, iso, not_found, require_run
 
 router = checked_router()
 
@@ -35,14 +37,20 @@ class AlertCreate(BaseModel):
 
 
 class AlertStatusUpdate(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="ignore")
     status: AlertStatus
+    # When the alert went critical, for a client that reports it late (an upload after the run).
+    fired_at: IsoTime | None = None
+
+
+# Fields the upstream client reads on every alert; an alert defined without them has these.
+ALERT_DEFAULTS: dict[str, Any] = {"auto": False, "delay": 0, "run_tags": []}
 
 
 def _alert_object(row: tuple) -> dict:
     alert_id, definition, created = row
     # after the definition: an extra field called "id" or "created" must not replace them
-    return {**json.loads(definition), "id": alert_id, "created": iso(created)}
+    return {**ALERT_DEFAULTS, **json.loads(definition), "id": alert_id, "created": iso(created)}
 
 
 def _alert(db: sqlite3.Connection, alert_id: str) -> dict:
@@ -53,13 +61,14 @@ def _alert(db: sqlite3.Connection, alert_id: str) -> dict:
 
 
 def run_alerts(db: sqlite3.Connection, run_id: str) -> list[dict]:
-    """The alerts attached to a run, as run objects show them: ``{"alert": {...}, "status": ...}``."""
+    """The alerts attached to a run, as run objects show them:
+    ``{"alert": {...}, "status": ..., "fired_at": ...}``."""
     rows = db.execute(
-        "SELECT a.id, a.definition, a.created, r.status FROM server_run_alerts r"
+        "SELECT a.id, a.definition, a.created, r.status, r.fired_at FROM server_run_alerts r"
         " JOIN server_alerts a ON a.id = r.alert_id WHERE r.run_id=? ORDER BY a.created",
         (run_id,),
     ).fetchall()
-    return [{"alert": _alert_object(row[:3]), "status": row[3]} for row in rows]
+    return [{"alert": _alert_object(row[:3]), "status": row[3], "fired_at": iso(row[4])} for row in rows]
 
 
 def attach_alerts(db: sqlite3.Connection, run_id: str, alert_ids: list[str]) -> None:
@@ -113,27 +122,47 @@ def get_alert(alert_id: str, handle: DataHandle):
     return _alert(handle.db, alert_id)
 
 
+def _status(alert_id: str, run_id: str, status: str, fired_at: float | None) -> dict:
+    return {"id": alert_id, "run": run_id, "status": status, "fired_at": iso(fired_at)}
+
+
 @router.get("/alerts/{alert_id}/status/{run_id}")
 def get_alert_status(alert_id: str, run_id: str, handle: DataHandle):
     _alert(handle.db, alert_id)
     require_run(handle, run_id)
     row = handle.db.execute(
-        "SELECT status FROM server_run_alerts WHERE run_id=? AND alert_id=?", (run_id, alert_id)
+        "SELECT status, fired_at FROM server_run_alerts WHERE run_id=? AND alert_id=?", (run_id, alert_id)
     ).fetchone()
     if row is None:
         raise not_found(f"alert attached to run {run_id!r}", alert_id)
-    return {"id": alert_id, "run": run_id, "status": row[0]}
+    return _status(alert_id, run_id, *row)
 
 
 @router.put("/alerts/{alert_id}/status/{run_id}")
 def set_alert_status(alert_id: str, run_id: str, body: AlertStatusUpdate, handle: DataHandle):
-    """Set the alert's status for the run, attaching the alert to the run if it was not."""
+    """Set the alert's status for the run, attaching the alert to the run if it was not.  The
+    first ``critical`` records ``fired_at`` (the body's, else now); later changes keep it."""
     require_run(handle, run_id)
+    fired_at = (time.time() if body.fired_at is None else body.fired_at) if body.status == "critical" else None
     with handle.transaction() as db:
         _alert(db, alert_id)
         db.execute(
-            "INSERT INTO server_run_alerts (run_id, alert_id, status) VALUES (?,?,?)"
-            " ON CONFLICT (run_id, alert_id) DO UPDATE SET status=excluded.status",
-            (run_id, alert_id, body.status),
+            "INSERT INTO server_run_alerts (run_id, alert_id, status, fired_at) VALUES (?,?,?,?)"
+            " ON CONFLICT (run_id, alert_id) DO UPDATE SET status=excluded.status,"
+            " fired_at=COALESCE(server_run_alerts.fired_at, excluded.fired_at)",
+            (run_id, alert_id, body.status, fired_at),
         )
-    return {"id": alert_id, "run": run_id, "status": body.status}
+        (stored,) = db.execute(
+            "SELECT fired_at FROM server_run_alerts WHERE run_id=? AND alert_id=?", (run_id, alert_id)
+        ).fetchone()
+    return _status(alert_id, run_id, body.status, stored)
+
+
+@router.delete("/alerts/{alert_id}")
+def delete_alert(alert_id: str, handle: DataHandle):
+    """Remove the alert, and detach it from every run."""
+    with handle.transaction() as db:
+        _alert(db, alert_id)
+        db.execute("DELETE FROM server_run_alerts WHERE alert_id=?", (alert_id,))
+        db.execute("DELETE FROM server_alerts WHERE id=?", (alert_id,))
+    return {"id": alert_id}

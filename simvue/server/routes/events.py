@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ...store import StoreBatch
 from ..query import QueryError, parse_filters, select
-from . import DataHandle, IsoTime, Page, SafeJSONResponse, bad_request, checked_router, iso, require_run
+from . import DataHandle, Filters, IsoTime, Page, SafeJSONResponse, bad_request, checked_router, iso, require_run
 from .ingest import RawBody, write_once
 
 router = checked_router()
@@ -51,7 +51,7 @@ def get_events(
     handle: DataHandle,
     paging: Page,
     run: str,
-    filters: str | None = None,
+    filters: Filters = None,
 ):
     """The run's events in logging order; a ``count`` of 0 (as upstream sends) means all."""
     require_run(handle, run)

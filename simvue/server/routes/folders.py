@@ -1,8 +1,10 @@
 """``/api/folders``: create, list, read and edit folders.
 
 A folder's description, metadata and tags live in the store's ``folders`` table (keyed by
-path); its API id lives in ``server_folders``.  Creating a path that exists answers 409 with
-the existing folder's ``id``, which Simvue clients treat as success.
+path); its API id (and retention ``ttl``) lives in ``server_folders``.  Creating a path that
+exists answers 409 with the existing folder's ``id``, which Simvue clients treat as success.
+Folders form a tree: creating ``/a/b/c`` (directly, or by a run in it) creates ``/a`` and
+``/a/b`` too, so that a parent can be found, listed and deleted with everything under it.
 """
 
 from __future__ import annotations
@@ -10,17 +12,30 @@ from __future__ import annotations
 import json
 import time
 
-from pydantic import BaseModel, ConfigDict
+from fastapi import HTTPException
+from pydantic import BaseModel, ConfigDict, NonNegativeInt
 
 from ..._util import merge_dicts
 from ...store import new_id
-from ..db import Handle
+from ..db import Handle, delete_runs
 from ..query import QueryError, dotted, order, parse_filters, parse_sorting, select
-from . import DataHandle, FolderPath, Metadata, Page, SafeJSONResponse, Tag, bad_request, checked_router, iso, not_found
+from . import (
+    DataHandle,
+    Filters,
+    FolderPath,
+    Metadata,
+    Page,
+    SafeJSONResponse,
+    Tag,
+    bad_request,
+    checked_router,
+    iso,
+    not_found,
+)
 
 router = checked_router()
 
-_COLUMNS = "f.id, f.path, f.created, s.description, s.metadata, s.tags"
+_COLUMNS = "f.id, f.path, f.created, s.description, s.metadata, s.tags, f.ttl"
 _FROM = "server_folders f JOIN folders s ON s.path = f.path"
 
 
@@ -31,6 +46,7 @@ class FolderUpdate(BaseModel):
     description: str | None = None
     metadata: Metadata | None = None
     tags: list[Tag] | None = None
+    ttl: NonNegativeInt | None = None
 
 
 class FolderCreate(FolderUpdate):
@@ -38,15 +54,20 @@ class FolderCreate(FolderUpdate):
 
 
 def ensure_folder(handle: Handle, path: str) -> tuple[str, bool]:
-    """The id of the folder at ``path``, creating it if needed; and whether it was created."""
+    """The id of the folder at ``path``, creating it (and any parent it lacks) if needed; and
+    whether it was created."""
+    ancestors = [path[:index] for index in range(1, len(path)) if path[index] == "/"]
     with handle.transaction() as db:
-        row = db.execute("SELECT id FROM server_folders WHERE path=?", (path,)).fetchone()
-        if row is not None:
-            return row[0], False
-        folder_id = new_id()
-        db.execute("INSERT INTO server_folders (id, path, created) VALUES (?,?,?)", (folder_id, path, time.time()))
-        db.execute("INSERT OR IGNORE INTO folders (path) VALUES (?)", (path,))
-        return folder_id, True
+        created = False
+        for folder in [*ancestors, path]:
+            row = db.execute("SELECT id FROM server_folders WHERE path=?", (folder,)).fetchone()
+            if row is not None:
+                folder_id = row[0]
+                continue
+            folder_id, created = new_id(), True
+            db.execute("INSERT INTO server_folders (id, path, created) VALUES (?,?,?)", (folder_id, folder, time.time()))
+            db.execute("INSERT OR IGNORE INTO folders (path) VALUES (?)", (folder,))
+        return folder_id, created
 
 
 def adopt_store_folders(handle: Handle) -> None:
@@ -63,7 +84,7 @@ def adopt_store_folders(handle: Handle) -> None:
 
 
 def _record(row: tuple) -> dict:
-    folder_id, path, created, description, metadata, tags = row
+    folder_id, path, created, description, metadata, tags, ttl = row
     return {
         "id": folder_id,
         "path": path,
@@ -72,6 +93,7 @@ def _record(row: tuple) -> dict:
         "metadata": json.loads(metadata),
         "tags": json.loads(tags),
         "created": created,
+        "ttl": ttl,
     }
 
 
@@ -100,6 +122,8 @@ def _update(handle: Handle, path: str, changes: FolderUpdate) -> None:
         db.execute(
             "UPDATE folders SET metadata=?, tags=?, description=? WHERE path=?", (metadata, tags, description, path)
         )
+        if "ttl" in changes.model_fields_set:
+            db.execute("UPDATE server_folders SET ttl=? WHERE path=?", (changes.ttl, path))
 
 
 @router.post("/folders")
@@ -116,6 +140,8 @@ def create_folder(body: FolderCreate, handle: DataHandle):
 def _folder_fields(folder: dict, name: str) -> list | None:
     if name in ("path", "name", "description", "id", "created"):
         return [folder[name]]
+    if name == "modified":  # a folder's own fields change rarely: its creation stands for it
+        return [folder["created"]]
     if name == "tag":
         return folder["tags"]
     if name.startswith("metadata."):
@@ -124,14 +150,14 @@ def _folder_fields(folder: dict, name: str) -> list | None:
 
 
 def _sortable(column: str) -> bool:
-    return column in ("path", "name", "created") or column.startswith("metadata.")
+    return column in ("path", "name", "created", "modified") or column.startswith("metadata.")
 
 
 @router.get("/folders")
 def list_folders(
     handle: DataHandle,
     paging: Page,
-    filters: str | None = None,
+    filters: Filters = None,
     sorting: str | None = None,
 ):
     rows = handle.db.execute(f"SELECT {_COLUMNS} FROM {_FROM} ORDER BY f.created").fetchall()
@@ -153,3 +179,41 @@ def update_folder(folder_id: str, body: FolderUpdate, handle: DataHandle):
     folder = _folder(handle, folder_id)
     _update(handle, folder["path"], body)
     return _response(_folder(handle, folder_id))
+
+
+@router.delete("/folders/{folder_id}")
+def delete_folder(
+    folder_id: str, handle: DataHandle, recursive: bool = False, runs: bool = False, runs_only: bool = False
+):
+    """Delete a folder.  ``runs_only`` deletes the folder's runs (with ``runs``) and keeps the
+    folder; otherwise the folder goes, with its subfolders if ``recursive`` and the runs in
+    them if ``runs``.  A folder that still holds subfolders or runs it was not asked to delete
+    is a 409, and nothing is deleted.  Answers ``{"folders": [ids], "runs": [ids]}``."""
+    folder = _folder(handle, folder_id)
+    path = folder["path"]
+    inside = path.rstrip("/") + "/"
+    with handle.transaction() as db:
+        rows = db.execute("SELECT id, path FROM server_folders").fetchall()
+        below = [(fid, p) for fid, p in rows if p.startswith(inside) and p != path]
+        paths = [path] if runs_only or not recursive else [path, *(p for _, p in below)]
+        run_ids = [
+            row[0] for row in db.execute("SELECT id FROM runs WHERE folder IN (SELECT value FROM json_each(?))",
+                                         (json.dumps(paths),))
+        ]
+        if runs_only:
+            doomed_folders: list[tuple[str, str]] = []
+        elif path == "/":
+            raise bad_request("the root folder cannot be deleted (runs_only=true deletes the runs in it)")
+        elif below and not recursive:
+            raise HTTPException(status_code=409, detail=f"folder {path!r} has subfolders: delete with recursive=true")
+        else:
+            doomed_folders = [(folder_id, path), *below]
+        if run_ids and not runs:
+            raise HTTPException(
+                status_code=409, detail=f"{path!r} holds {len(run_ids)} runs: delete them too with runs=true"
+            )
+        delete_runs(db, run_ids)
+        for doomed_id, doomed_path in doomed_folders:
+            db.execute("DELETE FROM server_folders WHERE id=?", (doomed_id,))
+            db.execute("DELETE FROM folders WHERE path=?", (doomed_path,))
+    return {"folders": [fid for fid, _ in doomed_folders], "runs": run_ids}

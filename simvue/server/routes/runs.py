@@ -22,9 +22,22 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from ... import validation
 from ...names import random_name
 from ...store import StoreBatch, new_id
-from ..db import Handle
+from ..auth import TOKEN_SUBJECT
+from ..db import Handle, delete_runs
 from ..query import QueryError, dotted, order, parse_filters, parse_sorting, select
-from . import DataHandle, FolderPath, IsoTime, Metadata, Page, Tag, bad_request, checked_router, iso, require_run
+from . import (
+    DataHandle,
+    Filters,
+    FolderPath,
+    IsoTime,
+    Metadata,
+    Page,
+    Tag,
+    bad_request,
+    checked_router,
+    iso,
+    require_run,
+)
 from .alerts import attach_alerts, run_alerts
 from .folders import ensure_folder
 
@@ -103,6 +116,33 @@ def _seconds(timeout: float | None) -> float | int | None:
     return int(timeout) if timeout == int(timeout) else timeout
 
 
+def _runtime(run: dict) -> str | None:
+    """How long the run has run, as ``HH:MM:SS.ffffff`` (what the upstream client parses;
+    hours go past 24 for longer runs): from its start to its end, to now while it runs, or to
+    its last heartbeat for a run that stopped without an end.  None before it starts."""
+    started = run["started"]
+    if started is None:
+        return None
+    if run["ended"] is not None:
+        end = run["ended"]
+    elif run["status"] == "running":
+        end = time.time()
+    else:
+        end = run["heartbeat"] or started
+    try:
+        micros = max(0, round((end - started) * 1e6))
+    except (ValueError, OverflowError):  # a time an older server stored that is not a number
+        return None
+    minutes, micros = divmod(micros, 60_000_000)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:02d}:{minutes:02d}:{micros // 1_000_000:02d}.{micros % 1_000_000:06d}"
+
+
+def _event_counts(handle: Handle, run_id: str) -> dict[str, dict[str, int]]:
+    rows = handle.db.execute("SELECT level, COUNT(*) FROM events WHERE run_id=? GROUP BY level", (run_id,))
+    return {level: {"count": count} for level, count in rows}
+
+
 def run_response(handle: Handle, run: dict) -> dict:
     """The run object of the API, from the store's view of the run."""
     row = handle.db.execute(
@@ -122,6 +162,7 @@ def run_response(handle: Handle, run: dict) -> dict:
         "created": iso(run["created"]),
         "started": iso(run["started"]),
         "endtime": iso(run["ended"]),
+        "runtime": _runtime(run),
         "last_heartbeat": iso(run["heartbeat"]),
         "heartbeat_timeout": _seconds(timeout),
         "ttl": ttl,
@@ -129,6 +170,8 @@ def run_response(handle: Handle, run: dict) -> dict:
         "notifications": json.loads(notifications),
         "alerts": run_alerts(handle.db, run["id"]),
         "metrics": {name: {"count": n} for name, n in handle.store.metric_counts(run["id"]).items()},
+        "events": _event_counts(handle, run["id"]),
+        "user": TOKEN_SUBJECT,  # one user per server: whoever holds a token
     }
 
 
@@ -249,7 +292,7 @@ def _sortable(column: str) -> bool:
 def list_runs(
     handle: DataHandle,
     paging: Page,
-    filters: str | None = None,
+    filters: Filters = None,
     sorting: str | None = None,
 ):
     """Runs matching ``filters``, newest first unless ``sorting`` says otherwise."""
@@ -329,11 +372,5 @@ def request_abort(run_id: str, handle: DataHandle, body: AbortRequest | None = N
 def delete_run(run_id: str, handle: DataHandle):
     require_run(handle, run_id)
     with handle.transaction() as db:
-        db.execute("DELETE FROM metric_chunks WHERE metric_id IN (SELECT id FROM metrics WHERE run_id=?)", (run_id,))
-        for table, column in (
-            ("metrics", "run_id"), ("events", "run_id"), ("runs", "id"), ("server_runs", "run_id"),
-            ("server_run_alerts", "run_id"), ("server_run_artifacts", "run_id"), ("applied_keys", "run_id"),
-            ("server_run_keys", "run_id"),
-        ):
-            db.execute(f"DELETE FROM {table} WHERE {column}=?", (run_id,))
+        delete_runs(db, [run_id])
     return {"id": run_id}

@@ -15,7 +15,9 @@ NOSIM_VERSION = "1.0.0"
 
 @router.get("/version")
 async def version():
-    return {"version": API_VERSION}
+    # keeps_client_times: a run's "created" and an alert's "fired_at" given by a client are kept,
+    # so that simvue's uploader sends them (other servers get their own times).
+    return {"version": API_VERSION, "keeps_client_times": True}
 
 
 @router.get("/nosim/version")
