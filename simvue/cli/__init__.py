@@ -42,10 +42,10 @@ from ..server.cli import add_server_commands
 from ..store import RunNotFound, Store
 from ..store.sqlite import DATABASE_FILE
 from ..validation import format_timestamp, optional_timestamp
+from .progress import Progress, printable
 from .push import add_push_command
 from .spill import add_spill_commands
 
-PROGRESS_INTERVAL_S = 0.2
 SHOWN_EVENTS = 10  # the last events runs show lists
 NAMED_OTHERS = 3  # the other runs of a shared name the warning gives by id
 LABEL_WIDTH = 13  # "description: "
@@ -189,18 +189,12 @@ def _accept_global_options(command: argparse.ArgumentParser) -> None:
 # -- output ---------------------------------------------------------------------------------------
 
 
-def _printable(text: Any) -> str:
-    """``text`` with control characters escaped (``\\x1b``), for a terminal."""
-    text = str(text)
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def _line(out: TextIO, label: str, value: Any) -> None:
-    out.write(f"{label + ':':<{LABEL_WIDTH}}{_printable(value)}".rstrip() + "\n")
+    out.write(f"{label + ':':<{LABEL_WIDTH}}{printable(value)}".rstrip() + "\n")
 
 
 def _table(out: TextIO, table: Sequence[tuple[str, ...]]) -> None:
-    rows = [tuple(_printable(cell) for cell in row) for row in table]
+    rows = [tuple(printable(cell) for cell in row) for row in table]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
@@ -265,42 +259,6 @@ def _new_file_mode() -> int:
     umask = os.umask(0o077)
     os.umask(umask)
     return 0o666 & ~umask
-
-
-class Progress:
-    """A one-line progress bar on a terminal, redrawn at most every ``PROGRESS_INTERVAL_S``
-    and once more, at its total, when done; silent when ``stream`` is not a terminal."""
-
-    WIDTH = 30
-    NAME_WIDTH = 40  # a longer name is cut, so that the bar fits on one line
-
-    def __init__(self, name: str, total: int, stream: TextIO, unit: str = "points") -> None:
-        name = _printable(name)
-        self.name = name if len(name) <= self.NAME_WIDTH else name[: self.NAME_WIDTH - 1] + "…"
-        self.total, self.stream, self.unit = total, stream, unit
-        self.done_count = 0
-        self.shown_at: float | None = None
-        self.active = total > 0 and stream.isatty()
-
-    def add(self, count: int) -> None:
-        self.done_count += count
-        now = time.monotonic()
-        if self.active and (self.shown_at is None or now - self.shown_at >= PROGRESS_INTERVAL_S):
-            self.shown_at = now
-            self._draw()
-
-    def done(self) -> None:
-        if self.active:
-            self._draw()
-            self.stream.write("\n")
-            self.stream.flush()
-
-    def _draw(self) -> None:
-        shown = min(self.done_count, self.total)
-        filled = self.WIDTH * shown // self.total
-        bar = "#" * filled + "-" * (self.WIDTH - filled)
-        self.stream.write(f"\r{self.name} [{bar}] {shown:,}/{self.total:,} {self.unit}")
-        self.stream.flush()
 
 
 def _export_progress(store: Store | RemoteStore, run: dict[str, Any], args: argparse.Namespace) -> Progress:
@@ -399,12 +357,12 @@ def _runs_show(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     out.write(f"metrics ({len(counts)} series, {points} points):\n")
     for name, count in counts.items():
         series = store.metric_series(run["id"], name)
-        out.write(f"  {_printable(name)}: {count} points, last step {series['steps'][-1]} = {series['values'][-1]:g}\n")
+        out.write(f"  {printable(name)}: {count} points, last step {series['steps'][-1]} = {series['values'][-1]:g}\n")
     if alerts:
         out.write(f"alerts ({len(alerts)}):\n")
         for alert in alerts:
             fired = f", fired {optional_timestamp(alert['fired_at'])}" if alert["fired_at"] else ""
-            out.write(f"  {_printable(alert['name'])}: {alert['status']}{fired}\n")
+            out.write(f"  {printable(alert['name'])}: {alert['status']}{fired}\n")
     if not events:
         out.write("events: none\n")
     elif len(events) > SHOWN_EVENTS:
@@ -413,7 +371,7 @@ def _runs_show(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"events ({len(events)}, in time order):\n")
     for event in events[-SHOWN_EVENTS:]:
         first_line = event["message"].splitlines()[0] if event["message"] else ""
-        out.write(f"  {optional_timestamp(event['timestamp'])}  {event['level']:<7} {_printable(first_line)}\n")
+        out.write(f"  {optional_timestamp(event['timestamp'])}  {event['level']:<7} {printable(first_line)}\n")
     return 0
 
 

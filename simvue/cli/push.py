@@ -18,8 +18,7 @@ from ..api.connection import Backoff, Connection, ServerRejected, ServerUnavaila
 from ..config import from_environment
 from ..store import Store
 from ..upload import Replicator
-
-PROGRESS_INTERVAL_S = 0.2
+from .progress import Progress
 
 
 def add_push_command(commands: argparse._SubParsersAction) -> None:
@@ -82,28 +81,3 @@ def _push_one(replicator: Replicator, name: str, deadline: float, out: TextIO) -
     progress.done()
     out.write(f"{name}: sent as {replicator.remote_id}\n")
 
-
-class Progress:
-    """A one-line progress bar on a terminal; silent otherwise."""
-
-    WIDTH = 30
-
-    def __init__(self, name: str, total: int, stream: TextIO) -> None:
-        self.name, self.total, self.stream = name, max(total, 1), stream
-        self.sent = 0
-        self.shown_at = 0.0
-        self.active = stream.isatty() and total > 0
-
-    def add(self, points: int) -> None:
-        self.sent += points
-        now = time.monotonic()
-        if self.active and now - self.shown_at >= PROGRESS_INTERVAL_S:
-            self.shown_at = now
-            filled = min(self.WIDTH, self.WIDTH * self.sent // self.total)
-            bar = "#" * filled + "-" * (self.WIDTH - filled)
-            self.stream.write(f"\r{self.name} [{bar}] {min(self.sent, self.total):,}/{self.total:,} points")
-            self.stream.flush()
-
-    def done(self) -> None:
-        if self.active and self.shown_at:
-            self.stream.write("\n")

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 import simvue
 from simvue import Run
@@ -402,9 +401,8 @@ def test_push_shows_progress_on_a_terminal(store_dir, tmp_path):
         assert server.metrics(server.run_named("to-push")["id"])["x"]["steps"] == list(range(2000))
 
 
-@pytest.mark.xfail(strict=True, reason="simvue/cli/push.py: Progress.done() does not draw the final count")
 def test_push_progress_ends_at_the_total():
-    from simvue.cli.push import Progress
+    from simvue.cli.progress import Progress
 
     master, slave = pty.openpty()
     try:
