@@ -33,7 +33,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import requests
 
@@ -254,10 +254,16 @@ class Replicator:
         return False
 
     def sync(
-        self, heartbeat_interval_s: float, progress: Callable[[int], None] | None = None, *, job_over: bool = False
+        self,
+        heartbeat_interval_s: float,
+        progress: Callable[[int], None] | None = None,
+        *,
+        job_over: bool = False,
+        artifact_progress: Callable[[int], None] | None = None,
     ) -> bool:
         """Send everything the store holds for the run now.  True when the run is complete
-        on the server (its final status sent)."""
+        on the server (its final status sent).  ``progress(points)`` is called as metric
+        points go, then ``artifact_progress(bytes)`` as artifacts' content goes."""
         self.create(heartbeat_interval_s)
         run = self.store.run(self.run_id)
         points = events = 0
@@ -268,41 +274,60 @@ class Replicator:
         while sent := self.send_events():
             events += sent
         self.send_alerts()
-        artifacts = self.send_artifacts()
+        artifacts = self.send_artifacts(artifact_progress)
         complete = self.send_changes(run, job_over=job_over)
         if points or events or artifacts:
             log.debug("run %s: sent %d points, %d events, %d artifacts to %s", self.run_id, points, events, artifacts,
                       self.server)
         return complete
 
-    def send_artifacts(self) -> int:
-        """Upload the run's artifacts not yet on the server; returns how many were sent."""
+    def _unsent_artifacts(self) -> list[dict[str, Any]]:
         done = self.store.artifact_uploads(self.run_id, self.server)
+        return [a for a in self.store.artifacts(self.run_id) if done.get(a["name"], (None,))[0] != a["checksum"]]
+
+    def artifact_bytes_left(self) -> int:
+        """The size of the run's artifacts not yet on the server."""
+        return sum(artifact["size"] or 0 for artifact in self._unsent_artifacts())
+
+    def send_artifacts(self, progress: Callable[[int], None] | None = None) -> int:
+        """Upload the run's artifacts not yet on the server; returns how many were sent.
+        ``progress(bytes)`` is called as their content goes (each whole artifact counted
+        once, whether its content went or the server already had it)."""
         count = 0
-        for artifact in self.store.artifacts(self.run_id):
+        for artifact in self._unsent_artifacts():
             name = artifact["name"]
-            if done.get(name, (None,))[0] == artifact["checksum"]:
-                continue
             body = {key: artifact[key] for key in ("name", "original_path", "size", "mime_type", "checksum", "metadata")}
             answer = self.connection.request("POST", "/artifacts", json=body, conflict_ok=True)
             if not isinstance(answer, dict) or not answer.get("id"):
                 raise ServerRejected("POST", "/artifacts", 200, f"the answer has no artifact id: {answer!r}")
             artifact_id = answer["id"]
+            sent = 0
+
+            def report(size: int) -> None:
+                nonlocal sent
+                sent += size
+                if progress:
+                    progress(size)
+
             if answer.get("url"):
-                self._upload_content(answer["url"], artifact["checksum"])
+                self._upload_content(answer["url"], artifact["checksum"], report)
             self.connection.request("PUT", f"/artifacts/{artifact_id}", json={"uploaded": True})
             self.connection.request(
                 "PUT", f"/runs/{self.remote_id}/artifacts/{artifact_id}", json={"category": artifact["category"]}
             )
             self.store.save_artifact_upload(self.run_id, self.server, name, artifact["checksum"], artifact_id)
+            if (artifact["size"] or 0) > sent:
+                report((artifact["size"] or 0) - sent)
             count += 1
         return count
 
-    def _upload_content(self, url: str, checksum: str) -> None:
-        """``PUT`` a blob to an upload URL (it carries its own authorisation: no token)."""
+    def _upload_content(self, url: str, checksum: str, progress: Callable[[int], None] | None = None) -> None:
+        """``PUT`` a blob to an upload URL (it carries its own authorisation: no token);
+        ``progress(bytes)`` as it is read out."""
         try:
             with open(self.store.blobs.path(checksum), "rb") as content:
-                response = requests.put(url, data=content, timeout=self.connection.timeout)
+                body = content if progress is None else _Counted(content, progress)
+                response = requests.put(url, data=body, timeout=self.connection.timeout)
         except requests.RequestException as exc:
             reason = describe_failure(exc, self.connection.timeout)
             raise ServerUnavailable(f"PUT {url.split('?')[0]}: {reason}", reason=reason) from None
@@ -567,3 +592,21 @@ class Uploader:
         finally:
             self.store.close()
             self.connection.close()
+
+
+class _Counted:
+    """A file being uploaded that reports each block as it is read out.  It has a length,
+    so the upload is one plain request of known size (not chunked), as storage URLs expect."""
+
+    def __init__(self, file: BinaryIO, progress: Callable[[int], None]) -> None:
+        self._file, self._progress = file, progress
+        self._length = os.fstat(file.fileno()).st_size - file.tell()
+
+    def __len__(self) -> int:
+        return self._length
+
+    def read(self, size: int = -1) -> bytes:
+        block = self._file.read(size)
+        if block:
+            self._progress(len(block))
+        return block

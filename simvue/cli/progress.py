@@ -37,7 +37,9 @@ class Progress:
             self._draw()
 
     def done(self) -> None:
+        """Draw the bar at its count and end its line (once; later calls do nothing)."""
         if self.active:
+            self.active = False
             self._draw()
             self.stream.write("\n")
             self.stream.flush()

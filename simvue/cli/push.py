@@ -73,11 +73,22 @@ def _unsent(store: Store, server: str) -> list[dict]:
 
 
 def _push_one(replicator: Replicator, name: str, deadline: float, out: TextIO) -> None:
-    progress = Progress(name, replicator.points_left(), sys.stderr)
+    points = Progress(name, replicator.points_left(), sys.stderr)
+    files = Progress(f"{name} files", replicator.artifact_bytes_left(), sys.stderr, unit="bytes")
+
+    def file_bytes(count: int) -> None:
+        points.done()  # the points have all gone: the files' bar goes on the next line
+        files.add(count)
+
     heartbeat_interval_s = from_environment().server_heartbeat_interval_s
     # The job has ended (push skips running runs): a final status completes the run even if
     # the job was killed before it could store its end.
-    retrying(lambda: replicator.sync(heartbeat_interval_s, progress.add, job_over=True), deadline, Backoff())
-    progress.done()
+    retrying(
+        lambda: replicator.sync(heartbeat_interval_s, points.add, job_over=True, artifact_progress=file_bytes),
+        deadline,
+        Backoff(),
+    )
+    points.done()
+    files.done()
     out.write(f"{name}: sent as {replicator.remote_id}\n")
 

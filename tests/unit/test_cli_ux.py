@@ -401,6 +401,27 @@ def test_push_shows_progress_on_a_terminal(store_dir, tmp_path):
         assert server.metrics(server.run_named("to-push")["id"])["x"]["steps"] == list(range(2000))
 
 
+@needs_server
+def test_push_shows_the_progress_of_artifact_uploads(store_dir, tmp_path):
+    from simvue.server.local import ServerProcess
+
+    big = tmp_path / "field.bin"
+    big.write_bytes(os.urandom(3 << 20))
+    with Run() as run:
+        run.init(name="with-files")
+        run.log_metrics({"x": 1.0})
+        run.save_file(str(big), "output")
+    with ServerProcess(tmp_path / "server") as server:
+        status, terminal = on_terminal("push", "with-files", env=server.env)
+        assert status == 0, terminal
+        lines = [line.rsplit("\r", 1)[-1] for line in terminal.splitlines()]
+        assert lines[-1].startswith("with-files files [##############################]"), terminal
+        assert lines[-1].endswith(f"{3 << 20:,}/{3 << 20:,} bytes"), terminal
+        assert "with-files [" in terminal and "1/1 points" in terminal
+        names = [a["name"] for a in server.get(f"/runs/{server.run_named('with-files')['id']}/artifacts")]
+        assert names == ["field.bin"]
+
+
 def test_push_progress_ends_at_the_total():
     from simvue.cli.progress import Progress
 
