@@ -19,6 +19,13 @@ python -m pip install -q --disable-pip-version-check -e ".[mpi,server,gpu,test]"
 ruff check simvue
 mypy
 
+# A one-node Slurm cluster for tests/scenarios/test_slurm.py (docs/slurm.md): started here when
+# running as root (CI) and taken down at exit; elsewhere those tests skip and say why.
+if [ "$(id -u)" -eq 0 ] && ! bash scripts/slurm-cluster.sh status >/dev/null 2>&1; then
+    bash scripts/slurm-cluster.sh up
+    trap 'bash scripts/slurm-cluster.sh down' EXIT
+fi
+
 export PYTEST_ADDOPTS="-p no:cacheprovider --color=no"
 python -m pytest -q --timeout=180 --ignore=tests/mpi tests "$@"
 

@@ -184,8 +184,52 @@ def _ensure_process_hooks() -> None:
                     signal.signal(signal.SIGTERM, _on_sigterm)
                 if in_worker_process() and signal.getsignal(signal.SIGTERM) is _on_sigterm:
                     _watch_for_unhandled_sigterm()
+                if "SLURM_STEP_ID" in os.environ and not in_worker_process():
+                    _note_slurm_warnings()
             except (ValueError, OSError):
                 pass
+
+
+# Slurm's warning before a job's time limit (``--signal=USR1@60``) goes to every process of
+# the step; by default SIGUSR1/SIGUSR2 would end the process, and with it the run.
+WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+_warnings: list[tuple[int, float]] = []
+_warned = threading.Event()
+
+
+def _note_slurm_warnings() -> None:
+    """In a Slurm step, record SIGUSR1 and SIGUSR2 (those the program does not handle itself)
+    as a warning event in each of this process's runs, and let the job go on: the handler
+    only notes the signal; a thread of ours records it (the handler may interrupt the main
+    thread inside a simvue call, holding its locks).  Main thread only."""
+    installed = False
+    for signum in WARNING_SIGNALS:
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, _on_warning_signal)
+            installed = True
+    if installed:
+        threading.Thread(target=_record_warnings, name="simvue-slurm-warnings", daemon=True).start()
+
+
+def _on_warning_signal(signum: int, frame: object) -> None:
+    _warnings.append((signum, time.time()))
+    _warned.set()
+
+
+def _record_warnings() -> None:
+    pid = os.getpid()
+    while os.getpid() == pid:
+        _warned.wait()
+        _warned.clear()
+        while _warnings:
+            signum, when = _warnings.pop(0)
+            for obj in list(_live):
+                note = getattr(obj, "_note_signal", None)
+                if note is not None:
+                    try:
+                        note(signal.Signals(signum).name, when)
+                    except Exception:  # noqa: BLE001 - a note must never hurt the job
+                        pass
 
 
 def _watch_for_unhandled_sigterm() -> None:

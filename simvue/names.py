@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+from collections.abc import Mapping
 
 ADJECTIVES = (
     'able', 'active', 'agile', 'airy', 'amber', 'ancient', 'azure', 'bold', 'brave', 'breezy',
@@ -37,3 +39,15 @@ _random = random.SystemRandom()
 def random_name() -> str:
     """A fresh name such as ``swift-otter``."""
     return f"{_random.choice(ADJECTIVES)}-{_random.choice(NOUNS)}"
+
+
+def default_name(environ: Mapping[str, str] | None = None) -> str:
+    """The name of a run given none: a random one, except in a Slurm job array, where the
+    tasks' runs share one random name ending in their index (``swift-otter-0``,
+    ``swift-otter-1``...), so that they read as one sweep and each says which task it was."""
+    env = os.environ if environ is None else environ
+    task = env.get("SLURM_ARRAY_TASK_ID")
+    if not task or not task.isdigit():
+        return random_name()
+    array = random.Random(f"{env.get('SLURM_CLUSTER_NAME', '')}/{env.get('SLURM_ARRAY_JOB_ID', '')}")
+    return f"{array.choice(ADJECTIVES)}-{array.choice(NOUNS)}-{task}"

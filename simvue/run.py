@@ -26,7 +26,7 @@ from .artifacts import ArtifactsMixin
 from .compat import CompatMixin
 from .config import Settings, from_environment, normalise_reduce
 from .errors import ErrorPolicy, SimvueError, SimvueRunError, SimvueTypeError, SimvueValueError, SimvueWarning
-from .names import random_name
+from .names import default_name
 from .transport.protocol import (
     EventRecord,
     FolderRecord,
@@ -195,7 +195,7 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
                     raise SimvueTypeError(f"no_color must be True or False, not {no_color!r}")
                 checked_metadata = validation.metadata(metadata or {})
                 fields = {
-                    "name": random_name() if name is None else validation.run_name(name),
+                    "name": default_name() if name is None else validation.run_name(name),
                     "metadata": {**checked_metadata, "shell": shell} if shell else checked_metadata,
                     "tags": validation.tags(tags or []),
                     "description": validation.description(description),

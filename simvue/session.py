@@ -55,6 +55,7 @@ from .transport.spill import SpillFile
 from .transport.transfer import CLOSE_TIMEOUT_S as ARTIFACTS_CLOSE_TIMEOUT_S
 from .transport.transfer import ArtifactJob, ArtifactQueue, StreamToSender
 from .upload import Uploader, start_upload
+from .validation import format_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,15 @@ class Membership:
                 handle._end_quietly()
         elif not lifecycle.in_worker_process():
             lifecycle.interrupt_main()  # the pool's parent (or each rank) stops its workers
+
+    def _note_signal(self, name: str, when: float) -> None:
+        """A warning signal this process was sent and kept from ending it (lifecycle)."""
+        for handle in list(self.handles)[:1]:
+            handle.log_event(
+                f"{name} received: Slurm's warning that the job will soon be stopped (--signal); the job goes on",
+                timestamp=format_timestamp(when),
+                log_level="warning",
+            )
 
     def _after_fork_in_child(self) -> None:
         # The parent's part, not this child's: never flushed, closed or waited for here.

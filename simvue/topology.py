@@ -72,7 +72,9 @@ def detect(environ: Mapping[str, str] | None = None) -> Topology:
             continue  # inside an sbatch script but not an srun step
         if launcher == "torchrun" and "TORCHELASTIC_RUN_ID" not in env and "MASTER_ADDR" not in env:
             continue  # RANK and WORLD_SIZE alone are too common to mean torchrun
-        local_size = _first_int(env, _LOCAL_SIZE_VARS.get(launcher, ()) + _LOCAL_SIZE_VARS[None], default=size)
+        local_size = (_slurm_tasks_on_this_node(env) if launcher == "slurm" else None) or _first_int(
+            env, _LOCAL_SIZE_VARS.get(launcher, ()) + _LOCAL_SIZE_VARS[None], default=size
+        )
         return Topology(
             rank=rank,
             size=size,
@@ -88,6 +90,26 @@ _LOCAL_SIZE_VARS: dict[str | None, tuple[str, ...]] = {
     "torchrun": ("LOCAL_WORLD_SIZE",),
     None: ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"),
 }
+
+
+def _slurm_tasks_on_this_node(env: Mapping[str, str]) -> int | None:
+    """The number of the step's tasks on this node, from ``SLURM_STEP_TASKS_PER_NODE``
+    (``"2(x3),1"``: 2 on each of three nodes, then 1) and ``SLURM_NODEID``; srun sets
+    ``SLURM_NTASKS_PER_NODE`` only when asked for it, so ``srun -N 2 -n 4`` has only these."""
+    counts: list[int] = []
+    for part in env.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+        number, _, repeat = part.partition("(x")
+        try:
+            counts += [int(number)] * (int(repeat.rstrip(")")) if repeat else 1)
+        except ValueError:
+            return None
+    try:
+        node = int(env.get("SLURM_NODEID", "0"))
+    except ValueError:
+        node = 0
+    if not counts:
+        return None
+    return counts[node] if 0 <= node < len(counts) else max(counts)
 
 
 def _first_int(env: Mapping[str, str], names: tuple[str, ...], default: int) -> int:

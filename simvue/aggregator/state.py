@@ -65,6 +65,9 @@ JOIN_WARNING_S = 5.0
 # Rank 0 stops waiting for a rank that never joined this long after the ranks themselves
 # give up looking for it (rendezvous_timeout_s): they have spilled and gone by then.
 JOIN_GRACE_S = 10.0
+# A process's state in the run's metadata while the job is being stopped and it has not said
+# goodbye yet (what a reader sees if the job is killed before it does).
+STOPPING = "stopping"
 _LOSS_REASONS = {reason.value for reason in LossReason}
 _METRICS = RecordKind.METRICS
 
@@ -249,8 +252,14 @@ class AggregatorState:
                 self._report_lost(sender)  # no grace: the run is ending now
         if status in ("failed", "terminated") and self._user_status is None:
             # Stored with the next commit, before waiting for anyone: if the job is killed
-            # while the run finishes (a launcher's SIGKILL after SIGTERM), it still says so.
+            # while the run finishes (a launcher's SIGKILL after SIGTERM), it still says so,
+            # with when it ended and which processes had not finished then.  The final
+            # commit replaces both once everyone has said goodbye.
             self._batch.status = status
+            self._batch.ended = self.clock.time()
+            self._merge_metadata({"simvue": {"processes": {
+                p.label: {**p.describe(), **({"state": STOPPING} if p.live else {})} for p in self.table.producers()
+            }}})
         out: list[Instruction] = []
         for state in self.table.live():
             if state.role == "worker":

@@ -151,6 +151,8 @@ class Agent:
 
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the run's processes; they stop us
+    for warning in (signal.SIGUSR1, signal.SIGUSR2):  # Slurm's time-limit warning goes to every process
+        signal.signal(warning, signal.SIG_IGN)
     host, interval_s, started, plain_pid = argv[:4]
     mpi_library = argv[4] if len(argv) > 4 and argv[4] else None
     agent = Agent(host, float(interval_s), float(started), int(plain_pid) or None, mpi_library)

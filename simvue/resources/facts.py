@@ -67,12 +67,16 @@ def mpi_library(version: str | None = None) -> dict[str, Any] | None:
     if version:
         found["library"] = version
         return found
+    if here.launcher in ("slurm", "torchrun"):
+        # srun and torchrun start processes that may use no MPI at all: an MPI wheel installed
+        # here says nothing about them, only an initialised MPI (``version``) does.
+        if here.launcher == "slurm" and "SLURM_MPI_TYPE" in os.environ:
+            found["library"] = f"slurm mpi={os.environ['SLURM_MPI_TYPE']}"
+        return found
     for name in MPI_DISTRIBUTIONS:
         try:
             found["library"] = f"{name} {importlib.metadata.version(name)}"
             return found
         except importlib.metadata.PackageNotFoundError:
             continue
-    if "SLURM_MPI_TYPE" in os.environ:
-        found["library"] = f"slurm mpi={os.environ['SLURM_MPI_TYPE']}"
     return found

@@ -6,6 +6,7 @@ Every rank's or task's every point is checked."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -285,3 +286,37 @@ def test_mpi4py_pool_executor_keeps_every_point(store_dir, tmp_path, how):
     steps = sorted(p[0] for metric, points in run["metrics"].items() if metric.endswith("/x") for p in points)
     assert steps == list(range(800))
     assert elapsed < 30, f"{elapsed:.0f} s: the run waited for its workers"  # the close timeout is 30 s
+
+
+WARNED = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from simvue import Run
+    with Run() as run:
+        run.init(name=sys.argv[1])
+        run.log_metrics({"x": 0.0})
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.5)
+        run.log_metrics({"x": 1.0})
+    print("went on")
+    """
+)
+
+
+@pytest.mark.parametrize("in_slurm_step", [True, False], ids=["slurm-step", "elsewhere"])
+def test_slurms_warning_signal_is_an_event_in_a_slurm_step_and_left_alone_elsewhere(store_dir, tmp_path, in_slurm_step):
+    """``--signal=USR1@60``: in a Slurm step simvue records SIGUSR1 as a warning event and the
+    job goes on; elsewhere SIGUSR1 keeps its default action (it ends the process).  The real
+    Slurm cluster's version of this is in test_slurm.py."""
+    script = _script(tmp_path, WARNED)
+    slurm = dict(SLURM_JOB_ID="77", SLURM_STEP_ID="0", SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0")
+    result = subprocess.run([sys.executable, str(script), "warned"], env=_env(**(slurm if in_slurm_step else {})),
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    if not in_slurm_step:
+        assert result.returncode == -signal.SIGUSR1 and "went on" not in result.stdout  # SIGUSR1's default: the process ends
+        return
+    assert result.returncode == 0 and "went on" in result.stdout, result.stderr
+    run = read_run(store_dir, "warned")
+    assert run["status"] == "completed" and [p[2] for p in run["metrics"]["x"]] == [0.0, 1.0]
+    [event] = [e for e in run["events"] if "SIGUSR1" in e["message"]]
+    assert event["level"] == "warning" and "the job goes on" in event["message"]

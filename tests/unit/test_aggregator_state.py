@@ -359,6 +359,32 @@ def test_a_worker_on_another_rank_counts_as_that_rank_having_joined(tmp_path):
     assert not any("never joined" in message for _, message, _ in sim.events)
 
 
+def test_a_stopped_run_records_its_end_before_waiting_for_the_ranks_still_closing(tmp_path):
+    """SIGTERM to every rank (scancel): rank 0 stores ``terminated``, the time and which ranks
+    have not finished at once, so that a SIGKILL while it waits (a rank stuck past Slurm's
+    KillWait) leaves a run that says when and how it ended; the final commit replaces both."""
+    sim = Sim(tmp_path, ranks=4)
+    stuck, quick, quickest = sim.hello(1), sim.hello(2), sim.hello(3)
+    sim.advance(HOUR, alive=(stuck, quick, quickest))
+    signalled = sim.clock.time()
+    sim.bye(quickest, "terminated")  # its goodbye arrived before rank 0's own close
+    sim.state.close_local("terminated")
+    batch = sim.state.take_batch()  # the next commit, before anyone else has said goodbye
+    assert batch.status == "terminated" and batch.ended == signalled
+    sim.commit(batch)
+    states = [sim.metadata["simvue"]["processes"][label]["state"] for label in ("rank0", "rank1", "rank2", "rank3")]
+    assert states == ["done", "stopping", "stopping", "done"]
+    assert sim.state.final_status is None and not sim.state.can_finish()
+    sim.bye(quick, "terminated")
+    sim.advance(3.0, tick_every_s=1.0, alive=(stuck,))
+    sim.bye(stuck, "terminated")
+    assert sim.state.can_finish()
+    final = sim.state.finish()
+    assert final.ended is not None and final.ended >= signalled + 3.0
+    sim.commit(final)
+    assert {sim.metadata["simvue"]["processes"][label]["state"] for label in ("rank1", "rank2", "rank3")} == {"done"}
+
+
 def test_the_local_node_is_sampled_here_and_each_other_node_by_its_lowest_rank(tmp_path):
     sim = Sim(tmp_path, ranks=5, resources_interval_s=5.0)
     sim.hello(1, host="node0")

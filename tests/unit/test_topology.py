@@ -42,6 +42,23 @@ def test_slurm_step_but_not_a_bare_batch_script():
     assert detect(batch).is_mpi is False
 
 
+@pytest.mark.parametrize("tasks_per_node, node_id, local_size", [
+    ("4", "0", 4),  # srun -n 4 on one node
+    ("2(x2)", "1", 2),  # srun -N 2 -n 4
+    ("3,1", "1", 1),  # srun -N 2 -n 4 with an uneven split
+    ("2(x3),1", "2", 2),
+    ("bad", "0", 4),  # unreadable: the step's size, as before
+])
+def test_a_slurm_step_over_several_nodes_is_not_single_node(tasks_per_node, node_id, local_size):
+    """srun sets SLURM_NTASKS_PER_NODE only when asked (--ntasks-per-node): without it a
+    multi-node step must still be seen as one, or rank 0 would listen on loopback only."""
+    step = {"SLURM_JOB_ID": "42", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "4",
+            "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": tasks_per_node, "SLURM_NODEID": node_id}
+    topology = detect(step)
+    assert topology.local_size == local_size
+    assert topology.single_node == (local_size == 4)
+
+
 def test_garbage_values_fall_back_to_a_single_process():
     assert detect({"PMI_RANK": "x", "PMI_SIZE": "4"}).size == 1
     assert detect({"PMI_RANK": "7", "PMI_SIZE": "4"}).size == 1
@@ -131,3 +148,41 @@ def test_a_rendezvous_file_planted_by_another_user_is_refused(tmp_path):
     os.chown(private, 65534, 65534)
     with pytest.raises(rendezvous.RendezvousRefused, match="belongs to user id 65534"):
         rendezvous.publish_file(private / "job.2.json", _address())
+
+
+@pytest.mark.parametrize("launcher_env, library", [
+    ({"PMI_RANK": "0", "PMI_SIZE": "2"}, "mpich "),  # mpiexec: the MPI wheel beside us
+    ({"SLURM_JOB_ID": "42", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, None),
+    ({"SLURM_JOB_ID": "42", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "2",
+      "SLURM_MPI_TYPE": "pmix"}, "slurm mpi=pmix"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, None),
+])
+def test_the_mpi_library_is_named_only_when_the_launcher_is_an_mpi_one(monkeypatch, launcher_env, library):
+    """srun and torchrun start processes that may use no MPI: an MPI wheel installed beside
+    simvue says nothing about them."""
+    from simvue.resources.facts import mpi_library
+
+    for name in [k for k in os.environ if k.startswith(("PMI_", "OMPI_", "PMIX_", "SLURM_", "MPI_LOCAL"))]:
+        monkeypatch.delenv(name)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in launcher_env.items():
+        monkeypatch.setenv(name, value)
+    found = mpi_library()
+    assert found is not None and found["size"] == 2
+    if library is None:
+        assert "library" not in found, found
+    else:
+        assert found["library"].startswith(library), found
+
+
+def test_runs_of_a_slurm_job_array_are_named_after_their_task_unless_named():
+    from simvue.names import default_name
+
+    array = {"SLURM_ARRAY_JOB_ID": "900", "SLURM_CLUSTER_NAME": "c1"}
+    names = [default_name({**array, "SLURM_ARRAY_TASK_ID": str(task)}) for task in (0, 1, 2)]
+    base = names[0].rsplit("-", 1)[0]
+    assert names == [f"{base}-0", f"{base}-1", f"{base}-2"]  # one sweep, one base
+    other = default_name({**array, "SLURM_ARRAY_JOB_ID": "901", "SLURM_ARRAY_TASK_ID": "0"})
+    assert other.endswith("-0")
+    assert len(default_name({}).split("-")) == 2  # outside an array: adjective-noun
