@@ -22,8 +22,10 @@ mypy
 # A one-node Slurm cluster for tests/scenarios/test_slurm.py (docs/slurm.md): started here when
 # running as root (CI) and taken down at exit; elsewhere those tests skip and say why.
 if [ "$(id -u)" -eq 0 ] && ! bash scripts/slurm-cluster.sh status >/dev/null 2>&1; then
-    bash scripts/slurm-cluster.sh up
     trap 'bash scripts/slurm-cluster.sh down' EXIT
+    if ! bash scripts/slurm-cluster.sh up; then
+        echo "*** scripts/slurm-cluster.sh up failed (its output is above): the Slurm tests will be SKIPPED ***" >&2
+    fi
 fi
 
 export PYTEST_ADDOPTS="-p no:cacheprovider --color=no"
