@@ -59,6 +59,10 @@ from .validation import format_timestamp
 
 log = logging.getLogger(__name__)
 
+# How long a pool worker's first use of a run waits for the aggregator's welcome (``join``):
+# a round trip normally; the bound matters only when the aggregator cannot be reached.
+WORKER_WELCOME_WAIT_S = 5.0
+
 
 class Pipe(Protocol):
     """Where a ``Run`` handle's records go in this process."""
@@ -425,6 +429,12 @@ def join(address: AggregatorAddress, settings: Settings, topology: Topology, *, 
                 SimvueWarning,
                 stacklevel=4,
             )
+    elif role == "worker" and not sender.welcomed.wait(WORKER_WELCOME_WAIT_S):
+        # A pool can hand back a task's result, and the run be closed, before this process's
+        # sender has said hello; the close then drains only the workers the aggregator knows.
+        # Waiting for the welcome (one round trip, once per process) makes this one known.
+        log.debug("run %r: no welcome within %g s; this worker's records may arrive late", address.run_name,
+                  WORKER_WELCOME_WAIT_S)
     rendezvous.export(address)
     log.debug("run %r: this process joins it as a %s, sending to %s", address.run_name, role, address.address)
     membership = Membership(

@@ -42,7 +42,7 @@ from .api.config import ServerConfig
 from .api.connection import Backoff, Connection, ServerRejected, ServerUnavailable, clip, describe_failure, is_local
 from .config import DEFAULT_STORE_DIR, Settings
 from .errors import SimvueWarning
-from .store import Store
+from .store import Store, still_stopping
 from .validation import FINAL_STATUSES, format_timestamp, optional_timestamp
 
 # How long ``Run.init`` waits for the server's first answers, all of them together (the
@@ -226,8 +226,9 @@ class Replicator:
         status = run["status"]
         if status != sent.get("status"):
             update["status"] = status
-            if status in FINAL_STATUSES:
-                update["endtime"] = format_timestamp(run["ended"] or time.time())
+        if status in FINAL_STATUSES and ("status" in update or run["ended"] != sent.get("ended")):
+            # again when the end time stored ahead of time is replaced by the final one
+            update["endtime"] = format_timestamp(run["ended"] or time.time())
         if run["started"] is not None and run["started"] != sent.get("started"):
             # a run created before it started (init(running=False), then reconnect)
             update["started"] = format_timestamp(run["started"])
@@ -235,6 +236,7 @@ class Replicator:
             self.connection.request("PUT", f"/runs/{self.remote_id}", json=update)
             sent.update({key: value for key, value in update.items() if key not in ("endtime", "started")})
             sent["started"] = run["started"]
+            sent["ended"] = run["ended"]
             self._save(sent=sent)
         folder = self.store.folder(run["folder"])
         details = folder and {key: folder[key] for key in ("metadata", "tags", "description")}
@@ -245,10 +247,10 @@ class Replicator:
                 self.connection.request("PUT", f"/folders/{self.state['folder_id']}", json=details)
             sent["folder"] = details
             self._save(sent=sent)
-        if status in FINAL_STATUSES and (run["ended"] is not None or job_over):
+        if status in FINAL_STATUSES and (job_over or (run["ended"] is not None and not still_stopping(run))):
             # A final status is stored before the run has ended (a terminated job's, at
-            # once): while the job lives, the run is complete on the server only once its
-            # end is in the store.
+            # once, with its processes ``stopping``): while the job lives, the run is
+            # complete on the server only once its last commit is in the store.
             self._save(state="sent", error=None)
             return True
         return False

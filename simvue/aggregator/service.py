@@ -287,6 +287,8 @@ class Aggregator:
             self._sampler.stop(min(5.0, self.settings.close_timeout_s))  # the last sample goes in too
         self.state.local_records(drain(self.local_buffer))
         self._commit(self.state.finish(crashed=crashed))
+        if self._writer.holds_nothing:
+            self._carry_out(self.state.farewell())
         log.debug(
             "run %r finished %s: %s; losses %s", self.run_name, self.state.final_status,
             ", ".join(f"{p.label} {p.presence.value}" for p in self.state.table.producers()),

@@ -33,7 +33,7 @@ from ..abort import AbortSignal
 from ..config import Settings
 from ..losses import LossCounter, LossReason
 from ..resources.emissions import EmissionEstimate
-from ..store import SeriesChunk, StoreBatch
+from ..store import STOPPING, SeriesChunk, StoreBatch
 from ..store.blobs import BlobStore
 from ..transport.protocol import (
     RECORD_TYPES,
@@ -65,9 +65,6 @@ JOIN_WARNING_S = 5.0
 # Rank 0 stops waiting for a rank that never joined this long after the ranks themselves
 # give up looking for it (rendezvous_timeout_s): they have spilled and gone by then.
 JOIN_GRACE_S = 10.0
-# A process's state in the run's metadata while the job is being stopped and it has not said
-# goodbye yet (what a reader sees if the job is killed before it does).
-STOPPING = "stopping"
 _LOSS_REASONS = {reason.value for reason in LossReason}
 _METRICS = RecordKind.METRICS
 
@@ -447,6 +444,15 @@ class AggregatorState:
                             self.losses.record(LossReason(reason), count)
             return [*out, self._ack(state)]
         raise ValueError(f"a sender does not send {kind.name}")
+
+    def farewell(self) -> list[Instruction]:
+        """Once the final batch is stored: tell every sender that may still be running (a
+        drained pool worker outlives the run) that the run is over, so that it does not wait
+        for an answer to its goodbye; anything it logs from now on goes to its spill file."""
+        return [
+            Reply(s.sender_id, MessageKind.ACK, {"seq": s.committed_seq, "closed": True, "finished": True})
+            for s in self.table.live()
+        ]
 
     def _ack(self, state: SenderState) -> Reply:
         return Reply(state.sender_id, MessageKind.ACK, {"seq": state.committed_seq, "closed": self.closing})

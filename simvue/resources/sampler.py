@@ -28,6 +28,10 @@ from .gpu import MB, Gpus
 
 TREE_REFRESH_S = 10.0
 MIN_FIRST_ELAPSED_S = 1.0  # a process first seen younger than this is averaged over this long
+# A rate is taken over at least this long where an earlier reading allows: a sample soon after
+# the previous one (a process's last, taken as it says goodbye) would otherwise magnify a
+# moment's work (its exit) into a figure for the whole interval.
+MIN_RATE_SPAN_S = 1.0
 PREFIX = "resources"
 
 
@@ -57,13 +61,14 @@ def node_name(host: str) -> str:
 
 @dataclasses.dataclass
 class _Last:
-    """A process's counters at the previous sample."""
+    """A process's counters at the previous sample (and at the one before)."""
 
     created: float
     cpu_s: float
     read_bytes: float
     write_bytes: float
     at: float
+    before: _Last | None = None
 
 
 class NodeSampler:
@@ -83,6 +88,7 @@ class NodeSampler:
         self._children: dict[int, list[int]] = {}
         self._tree_read_at = float("-inf")
         self._node_last: tuple[float, Any, Any, Any] | None = None
+        self._node_before: tuple[float, Any, Any, Any] | None = None  # the reading before that
         self._gpu_map: dict[str, list[int]] = {}
         self._readings: dict[int, dict[str, float]] = {}
         self._own_pid = os.getpid()  # the sampler's own process is not the run's
@@ -208,11 +214,16 @@ class NodeSampler:
             return None
         created, cpu_s, rss_bytes, n_threads, io = counters
         last = self._last.get(pid)
-        if last is None or last.created != created:
+        if last is None or last.created != created:  # first seen: since it started
             last = _Last(created, 0.0, 0.0, 0.0, min(created, now - MIN_FIRST_ELAPSED_S))
-        elapsed = max(now - last.at, 1e-3)
+            kept = None
+        else:
+            kept = dataclasses.replace(last, before=None)
+            if now - last.at < MIN_RATE_SPAN_S and last.before is not None:
+                last = last.before
         read_bytes, write_bytes = io if io is not None else (last.read_bytes, last.write_bytes)
-        self._last[pid] = _Last(created, cpu_s, read_bytes, write_bytes, now)
+        self._last[pid] = _Last(created, cpu_s, read_bytes, write_bytes, now, before=kept)
+        elapsed = max(now - last.at, 1e-3)
         cpu = max(0.0, 100.0 * (cpu_s - last.cpu_s) / elapsed)
         if io is None:
             return cpu, rss_bytes, n_threads, None, None
@@ -257,6 +268,10 @@ class NodeSampler:
         disk = _disk_bytes()
         last = self._node_last
         self._node_last = (now, cpu, network, disk)
+        if last is not None and now - last[0] < MIN_RATE_SPAN_S and self._node_before is not None:
+            last, self._node_before = self._node_before, last
+        else:
+            self._node_before = last
         if last is None:
             return  # rates need a previous sample
         elapsed = max(now - last[0], 1e-3)

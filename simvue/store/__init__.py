@@ -2,6 +2,7 @@
 
 from .sqlite import (
     SPILL_DIRECTORY,
+    STOPPING,
     STORE_SPILL_SUFFIX,
     RunNotFound,
     SeriesChunk,
@@ -10,10 +11,12 @@ from .sqlite import (
     new_id,
     pack_batch,
     read_spilled_batches,
+    still_stopping,
 )
 
 __all__ = [
     "SPILL_DIRECTORY",
+    "STOPPING",
     "STORE_SPILL_SUFFIX",
     "RunNotFound",
     "SeriesChunk",
@@ -22,4 +25,5 @@ __all__ = [
     "new_id",
     "pack_batch",
     "read_spilled_batches",
+    "still_stopping",
 ]

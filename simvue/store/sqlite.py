@@ -51,6 +51,10 @@ STORE_SPILL_SUFFIX = ".store-batches"  # not ``.msgpack``: those are a sender's 
 SPILLED_BATCH_FORMAT = "simvue-store-batch/1"
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30.0
+# A process's state in a run's metadata (``simvue.processes.<label>.state``) while the job is
+# being stopped and it has not said goodbye yet: the run's final status and end time are stored
+# ahead of time (so that they survive a SIGKILL of the whole job), but more may come.
+STOPPING = "stopping"
 _ID_ALPHABET = string.ascii_letters + string.digits
 _LITTLE = sys.byteorder == "little"
 
@@ -155,6 +159,16 @@ CREATE TABLE IF NOT EXISTS uploads (
     PRIMARY KEY (run_id, server)
 );
 """
+
+
+def still_stopping(run: dict[str, Any]) -> bool:
+    """Whether ``run`` (as ``Store.run`` returns it) holds a final status stored ahead of
+    time: some of its processes had not finished when the job was stopped, and the run's
+    last commit, with what they sent meanwhile, is still to come."""
+    processes = ((run.get("metadata") or {}).get("simvue") or {}).get("processes")
+    return isinstance(processes, dict) and any(
+        isinstance(p, dict) and p.get("state") == STOPPING for p in processes.values()
+    )
 
 
 class RunNotFound(LookupError):

@@ -96,6 +96,9 @@ class Sender:
         self._dropped_at_close: dict[str, int] = {}
         self.welcome: dict[str, Any] | None = None
         self.welcomed = threading.Event()
+        # The aggregator has stored the run's final batch (a drained pool worker outlives the
+        # run): nothing will answer any more, so closing does not wait for it.
+        self.run_finished = threading.Event()
         self._abort = abort
         self._on_sample = on_sample
         self._warned_bad_record = False
@@ -132,6 +135,8 @@ class Sender:
                 and self._bulk_queued_bytes + self._bulk_unacked_bytes + nbytes > protocol.MAX_ARTIFACT_BYTES_IN_FLIGHT
             ):
                 left = deadline - time.monotonic()
+                if self.run_finished.is_set():  # nothing is acknowledged any more
+                    return not self.buffer and self._acked_seq >= self._sent_seq
                 if left <= 0 or self._finished.is_set():
                     return False
                 self._acked.wait(min(left, 0.5))
@@ -152,6 +157,8 @@ class Sender:
         with self._acked:
             while not (self._flush_round > start_round and self._acked_seq >= self._flush_target):
                 left = deadline - time.monotonic()
+                if self.run_finished.is_set():  # nothing is acknowledged any more
+                    return not self.buffer and self._acked_seq >= self._sent_seq
                 if left <= 0 or self._finished.is_set():
                     return False
                 self._acked.wait(left)
@@ -328,6 +335,8 @@ class Sender:
             if isinstance(body.get("run"), dict):
                 self.welcome = body["run"]
                 self.welcomed.set()
+            if body.get("finished") is True:
+                self.run_finished.set()
             seq = int(body.get("seq", 0))
             while self._unacked and self._unacked[0][0] <= seq:
                 self._unacked.popleft()
@@ -341,6 +350,8 @@ class Sender:
 
     def _say_bye(self, sock: zmq.Socket) -> None:
         self._send_buffered()
+        if self.run_finished.is_set():
+            return  # no one to say it to: what is unacknowledged is spilled
         self._queue(
             MessageKind.BYE,
             {"status": self._close_status, "dropped": self._dropped_at_close, "losses": self._losses.snapshot()},

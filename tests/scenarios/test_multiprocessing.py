@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from simvue import Run
+from simvue.aggregator.senders import GONE_GRACE_S
 from simvue.store import Store
 
 from conftest import read_run
@@ -322,6 +323,7 @@ def test_a_worker_that_calls_init_itself_joins_the_parents_run(store_dir, method
 FORKSERVER_SCRIPT = """
 import multiprocessing, os, sys
 from simvue import Run
+from simvue.aggregator.senders import GONE_GRACE_S
 
 def own(task):
     run = Run()
@@ -369,22 +371,62 @@ def test_a_worker_of_a_fork_server_started_before_init_joins_the_parents_run(sto
     _assert_joined_parent(store_dir, "parent-forkserver", results)
 
 
+def _log_then_report(run, conn):
+    """Log, tell the parent (as a pool hands back a result), then stay alive until told to go."""
+    for i in range(STEPS):
+        run.log_metrics({"x": float(i)}, step=i)
+    conn.send("logged")
+    conn.recv()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_worker_that_logged_is_drained_by_a_close_that_follows_at_once(store_dir, method):
+    """The parent closes the run the moment a worker has logged (an executor that hands back
+    results before its workers exit): the worker is known to the aggregator by then, so the
+    close drains it instead of ending without it (its points would only reach a spill file)."""
+    ctx = multiprocessing.get_context(method)
+    run = Run()
+    run.init(name=f"close-at-once-{method}")
+    parent, child = ctx.Pipe()
+    worker = ctx.Process(target=_log_then_report, args=(run, child))
+    worker.start()
+    try:
+        assert parent.poll(WAIT_S) and parent.recv() == "logged"
+        took = _close_within(run)
+    finally:
+        parent.send("go")
+        exiting = time.monotonic()
+        worker.join(WAIT_S)
+    assert worker.exitcode == 0
+    # it outlived the run: told that the run is over, it does not wait for an answer to its goodbye
+    assert time.monotonic() - exiting < WAIT_S / 2
+    exported = read_run(store_dir, f"close-at-once-{method}")
+    assert exported["status"] == "completed", exported["events"]
+    assert list(_label_pids(exported).values()) == [worker.pid]
+    assert [p[0] for p in exported["metrics"]["worker0/x"]] == list(range(STEPS))
+    assert took < WAIT_S / 2, f"the close took {took:.1f} s: the worker was not drained"
+
+
 # -- 4. a worker killed with SIGKILL is lost; the rest is kept ------------------------------------
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_process_killed_with_sigkill_is_lost_and_fails_the_run_but_others_data_is_complete(store_dir, method):
-    """Seen by its pid (senders.GONE_GRACE_S after it died), not by the sender timeout."""
+    """Seen by its pid (senders.GONE_GRACE_S after it died, so what it sent before dying is
+    still read), not by the sender timeout.  The run stays open past the grace: a process seen
+    gone at close is lost at once (test_a_process_seen_gone_at_close_is_lost_at_once...)."""
     ctx = multiprocessing.get_context(method)
     run = Run()
     run.init(name=f"sigkill-{method}")
     victim = ctx.Process(target=_log_then_sigkill, args=(run, 50))
     victim.start()
     victim.join(WAIT_S)
+    died = time.monotonic()
     assert victim.exitcode == -signal.SIGKILL
     tasks = range(4)
     with _closed_pool(ctx) as pool:
         pids = pool.map_async(_log_task, [(run, t) for t in tasks], chunksize=1).get(WAIT_S)
+    time.sleep(max(0.0, died + 3 * GONE_GRACE_S - time.monotonic()))
     _close_within(run)
 
     exported = read_run(store_dir, f"sigkill-{method}")
@@ -396,6 +438,26 @@ def test_a_process_killed_with_sigkill_is_lost_and_fails_the_run_but_others_data
     assert _epoch(lost_event["timestamp"]) - _epoch(last_words[0]["timestamp"]) >= 0.9
     assert [(p[0], p[2]) for p in exported["metrics"][f"{label}/v"]] == [(i, float(i)) for i in range(50)]
     _assert_log_tasks_complete(exported, tasks, pids)
+
+
+def test_a_process_seen_gone_at_close_is_lost_at_once_with_everything_it_sent(store_dir):
+    """Closing right after a process died does not wait out GONE_GRACE_S (let alone the
+    sender timeout) for it: it is lost at the close, and its points are kept."""
+    run = Run()
+    run.init(name="sigkill-then-close")
+    victim = multiprocessing.get_context("fork").Process(target=_log_then_sigkill, args=(run, 50))
+    victim.start()
+    victim.join(WAIT_S)
+    assert victim.exitcode == -signal.SIGKILL
+    took = _close_within(run)
+
+    exported = read_run(store_dir, "sigkill-then-close")
+    assert exported["status"] == "failed"
+    label = {pid: label for label, pid in _label_pids(exported).items()}[victim.pid]
+    lost_event = _assert_lost(exported, label, victim.pid, ENDED)
+    last_words = [e for e in exported["events"] if e["message"] == f"[{label}] victim {victim.pid} about to die"]
+    assert _epoch(lost_event["timestamp"]) - _epoch(last_words[0]["timestamp"]) < took + 0.5
+    assert [(p[0], p[2]) for p in exported["metrics"][f"{label}/v"]] == [(i, float(i)) for i in range(50)]
 
 
 @pytest.mark.parametrize("method", METHODS)

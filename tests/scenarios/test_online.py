@@ -103,6 +103,14 @@ def test_a_terminated_run_still_sends_everything_after_its_status(server, tmp_pa
     metrics = server.metrics(run["id"])
     assert metrics["rank0/x"]["steps"] == list(range(51))
     assert metrics["rank1/x"]["steps"] == list(range(300))
+    store = Store(Path(os.environ["SIMVUE_STORE"]))
+    try:
+        local = store.run("interrupted")
+    finally:
+        store.close()
+    assert {p["state"] for p in local["metadata"]["simvue"]["processes"].values()} == {"done"}
+    # the end time stored ahead of time (when rank 0 was interrupted) was replaced on the server too
+    assert server.run_named("interrupted")["endtime"] == format_timestamp(local["ended"])
 
 
 def test_a_run_arrives_through_the_api_from_one_process(server):

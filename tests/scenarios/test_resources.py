@@ -254,6 +254,31 @@ def test_node_sampler_reads_real_processes_in_process():
     assert "resources/rank0/threads" in third and not any(k.startswith("resources/rank1/") for k in third)
 
 
+def test_a_sample_soon_after_the_previous_one_takes_its_rates_over_a_longer_span():
+    """A process's last sample comes as it says goodbye, at any time after the previous one:
+    a moment's work then (its exit) is not blown up into a figure for a whole interval."""
+    sampler = NodeSampler("node-a")
+    me = os.getpid()
+    sampler.set_processes([Proc("rank0", me)])
+    clock = 1000.0
+    sampler.sample(clock)
+    time.sleep(0.3)  # idle
+    clock += 5.0
+    idle = sampler.sample(clock)["resources/rank0/cpu.usage.percentage"]
+    cpu_before = sum(psutil.Process().cpu_times()[:2])
+    while sum(psutil.Process().cpu_times()[:2]) - cpu_before < 0.2:
+        pass  # 0.2 s of CPU, reported 0.1 s (of injected time) after the previous sample
+    clock += 0.1
+    soon = sampler.sample(clock)
+    assert idle < 20
+    # over the 5.1 s since the sample before: about 4 %; over the last 0.1 s alone it would read 200 %
+    assert soon["resources/rank0/cpu.usage.percentage"] < 20, soon
+    assert soon["resources/rank0/memory.usage"] > 0
+    clock += 5.0
+    later = sampler.sample(clock)  # the span goes back to the previous sample, short or not
+    assert later["resources/rank0/cpu.usage.percentage"] < 20, later
+
+
 def test_node_names_are_safe_in_series_names():
     assert node_name("node-7.cluster.local") == "node-7.cluster.local"
     assert node_name("bad host/name") == "bad_host_name"
