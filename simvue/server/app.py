@@ -17,11 +17,11 @@ from .blobs import BlobStore
 from .db import ServerData
 from .faults import FaultRule, FaultSet
 from .guard import RequestGuard, RequestStats
-from .routes import SafeJSONResponse, alerts, artifacts, events, folders, grids, metrics, runs, service, tags
+from .routes import SafeJSONResponse, alerts, artifacts, dashboard, events, folders, grids, metrics, runs, service, tags
 
 ARTIFACTS_DIR = "artifacts"
 API_PREFIX = "/api"
-_API_MODULES = (service, folders, runs, metrics, events, artifacts, alerts, tags, grids)
+_API_MODULES = (service, folders, runs, metrics, events, artifacts, alerts, tags, grids, dashboard)
 
 
 @dataclasses.dataclass

@@ -696,6 +696,9 @@ class Store:
         )
         return dict(rows.fetchall())
 
+    def event_count(self, run_id: str) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM events WHERE run_id=?", (run_id,)).fetchone()[0])
+
     def events(self, run_id: str) -> list[dict]:
         rows = self._db.execute(
             "SELECT timestamp, message, level FROM events WHERE run_id=? ORDER BY id", (run_id,)

@@ -1,0 +1,130 @@
+"""What the dashboard reads beyond the Simvue API: a run's metrics grouped for drawing, lines
+down-sampled to the chart's width, and per-process heat maps and bands (see ``views``).
+
+Every answer is bounded by ``width`` (pixel columns, at most ``downsample.MAX_BUCKETS``), not by
+the run's size.  ``x`` is ``step`` or ``time`` (seconds since the run started); ``lo``/``hi``
+narrow it for a zoom.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import Query
+
+from ..downsample import MAX_BUCKETS
+from ..views import Series, band, group_metrics, heat_map, line
+from . import DataHandle, SafeJSONResponse, bad_request, checked_router, iso, require_run
+from .runs import run_response
+
+router = checked_router()
+
+XAxis = Literal["step", "time"]
+Kind = Literal["metric", "resource"]
+Width = Annotated[int, Query(ge=1, le=MAX_BUCKETS)]
+MAX_LINES = 64  # per request
+MAX_OUTLIERS = 16
+
+
+def _finite(value: float | None, name: str) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise bad_request(f"{name} must be a finite number")
+    return value
+
+
+def _series(handle: Any, run_id: str, name: str, x: XAxis) -> Series:
+    raw = handle.store.metric_series(run_id, name)
+    xs = np.frombuffer(raw["steps"], dtype=np.int64) if x == "step" else np.frombuffer(raw["times"], dtype=np.float64)
+    return Series.ordered(xs, np.frombuffer(raw["values"], dtype=np.float64))
+
+
+def _rows(handle: Any, run_id: str, metric: str, kind: Kind, x: XAxis) -> dict[str, Series]:
+    groups = group_metrics(handle.store.metric_names(run_id))
+    table = groups.per_process if kind == "metric" else groups.process_resources
+    labels = table.get(metric)
+    if not labels:
+        raise bad_request(f"the run has no per-process {kind} named {metric!r}")
+    names = {label: f"{label}/{metric}" if kind == "metric" else f"resources/{label}/{metric}" for label in labels}
+    return {label: _series(handle, run_id, name, x) for label, name in names.items()}
+
+
+@router.get("/dashboard/runs/{run_id}")
+def overview(run_id: str, handle: DataHandle):
+    """The run (as ``GET /runs/{id}`` gives it), its metrics grouped for drawing, its points per
+    metric, its processes and nodes, and how long it lasted."""
+    run = require_run(handle, run_id)
+    counts = handle.store.metric_counts(run_id)
+    simvue = (run.get("metadata") or {}).get("simvue") or {}
+    processes: dict[str, Any] = simvue["processes"] if isinstance(simvue.get("processes"), dict) else {}
+    hosts: dict[str, Any] = simvue["hosts"] if isinstance(simvue.get("hosts"), dict) else {}
+    end = run["ended"] if run["ended"] is not None else run["heartbeat"]
+    started = run["started"] or run["created"]
+    return SafeJSONResponse({
+        "run": run_response(handle, run),
+        "groups": group_metrics(counts).as_json(),
+        "points": counts,
+        "events": handle.store.event_count(run_id),
+        "processes": processes,
+        "nodes": sorted(hosts) or sorted({p.get("host") for p in processes.values() if isinstance(p, dict) and p.get("host")}),
+        "duration_s": (end - started) if end is not None and started is not None else None,
+        "updated": iso(run["heartbeat"]),
+    })
+
+
+@router.get("/dashboard/runs/{run_id}/lines")
+def lines(
+    run_id: str,
+    handle: DataHandle,
+    name: Annotated[list[str], Query()],
+    width: Width = 800,
+    x: XAxis = "step",
+    lo: float | None = None,
+    hi: float | None = None,
+):
+    """Each ``name``'s points to draw at ``width`` columns (M4): ``{name: {x, y, points, range}}``;
+    a name the run does not have is left out."""
+    require_run(handle, run_id)
+    if len(name) > MAX_LINES:
+        raise bad_request(f"at most {MAX_LINES} names per request")
+    lo, hi = _finite(lo, "lo"), _finite(hi, "hi")
+    present = set(handle.store.metric_names(run_id))
+    return SafeJSONResponse({n: line(_series(handle, run_id, n, x), width, lo, hi) for n in dict.fromkeys(name) if n in present})
+
+
+@router.get("/dashboard/runs/{run_id}/heatmap")
+def heatmap(
+    run_id: str,
+    handle: DataHandle,
+    metric: str,
+    kind: Kind = "metric",
+    width: Width = 400,
+    x: XAxis = "step",
+    lo: float | None = None,
+    hi: float | None = None,
+):
+    """Process × step (or time) cells of ``metric`` (``loss`` for ``rank*/loss``; with
+    ``kind=resource``, ``cpu.usage.percentage`` for ``resources/rank*/…``), with margins,
+    imbalance and the per-process table."""
+    require_run(handle, run_id)
+    return SafeJSONResponse(heat_map(_rows(handle, run_id, metric, kind, x), width, _finite(lo, "lo"), _finite(hi, "hi")))
+
+
+@router.get("/dashboard/runs/{run_id}/band")
+def band_view(
+    run_id: str,
+    handle: DataHandle,
+    metric: str,
+    kind: Kind = "metric",
+    width: Width = 800,
+    x: XAxis = "step",
+    lo: float | None = None,
+    hi: float | None = None,
+    outliers: Annotated[int, Query(ge=0, le=MAX_OUTLIERS)] = 3,
+):
+    """Lowest, mean and highest value over every process per column, and the lines of the
+    ``outliers`` processes furthest from the others."""
+    require_run(handle, run_id)
+    rows = _rows(handle, run_id, metric, kind, x)
+    return SafeJSONResponse(band(rows, width, _finite(lo, "lo"), _finite(hi, "hi"), outliers))
