@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
-from . import DEFAULT_MAX_BODY_MB
+from . import DEFAULT_MAX_BODY_MB, ui
 from .auth import TokenRejected, check_authorization, load_or_create_secret
 from .blobs import BlobStore
 from .db import ServerData
@@ -29,6 +29,9 @@ class ServerSettings:
     directory: Path
     faults: list[FaultRule] = dataclasses.field(default_factory=list)
     max_body_mb: float = DEFAULT_MAX_BODY_MB
+    # Tokens are signed with this instead of the data directory's secret (``simvue ui``: a
+    # token valid while that one process serves, and nothing written beside the store).
+    secret: bytes | None = None
 
 
 async def _require_token(request: Request) -> None:
@@ -68,9 +71,11 @@ def _route_templates(routers: list[tuple[str, APIRouter]]) -> list[tuple[re.Patt
 
 def create_app(settings: ServerSettings) -> FastAPI:
     """The server for one data directory.  Call ``app.state.data.close()`` after serving."""
-    app = FastAPI(title="simvue server", version=service.API_VERSION, default_response_class=SafeJSONResponse)
+    # /docs is the packaged page of simvue.server.ui: FastAPI's own loads its scripts from a CDN.
+    app = FastAPI(title="simvue server", version=service.API_VERSION, default_response_class=SafeJSONResponse,
+                  docs_url=None, redoc_url=None)
     app.state.data = ServerData(settings.directory)
-    app.state.secret, _ = load_or_create_secret(settings.directory)
+    app.state.secret = settings.secret or load_or_create_secret(settings.directory)[0]
     app.state.blobs = BlobStore(settings.directory / ARTIFACTS_DIR)
     app.state.blobs.remove_scratch()  # uploads cut off by a previous stop
     app.state.stats = RequestStats()
@@ -82,6 +87,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(artifacts.content_router)
+    ui.mount(app)
     routers = [(API_PREFIX, module.router) for module in _API_MODULES] + [("", artifacts.content_router)]
     # Starlette types a handler as taking any ``Exception``, though it is only called with the class given.
     app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]

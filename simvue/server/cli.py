@@ -1,7 +1,8 @@
-"""``simvue server`` and ``simvue server token``.
+"""``simvue server``, ``simvue server token`` and ``simvue ui``.
 
     simvue server [--host H] [--port P] [--data DIR] [--max-body-mb N] [--fault RULE ...]
     simvue server token [--data DIR] [--days N]
+    simvue ui [--store DIR] [--port P]
 
 The server needs the ``server`` extra (FastAPI, uvicorn, PyJWT); it is imported only when one
 of these commands runs, so the rest of simvue works without it.
@@ -22,6 +23,7 @@ import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ..store.sqlite import DATABASE_FILE
 from . import DEFAULT_MAX_BODY_MB
@@ -30,6 +32,8 @@ from .private import keep_private, make_private
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
+DEFAULT_UI_PORT = 8766
+UI_TOKEN_DAYS = 7
 DATA_ENV = "SIMVUE_SERVER_DATA"
 LEGACY_DATA_DIR = ".simvue-server"  # where earlier versions kept it by default: in the working directory
 DATA_DIR_HELP = f"data directory (default: ${DATA_ENV}, else ~/.local/share/simvue/server; see docs/server.md)"
@@ -73,6 +77,16 @@ def add_server_commands(commands: argparse._SubParsersAction) -> None:
         help=f"days until the token expires (default: {DEFAULT_TOKEN_DAYS})",
     )
     token.set_defaults(handler=_token, standalone=True)
+
+    ui = commands.add_parser(
+        "ui",
+        help="browse the local store's runs in a web browser",
+        description="Serve the dashboard over a local store, on 127.0.0.1 only, with a token in the URL it prints"
+        " (valid while this command runs).",
+    )
+    ui.add_argument("--store", metavar="DIR", default=None, help="store directory (default: $SIMVUE_STORE or ./.simvue)")
+    ui.add_argument("--port", type=int, default=DEFAULT_UI_PORT, help="port to listen on; 0 picks a free one")
+    ui.set_defaults(handler=_ui, standalone=True)
 
 
 def default_data_dir(cwd: Path | None = None, environ: Mapping[str, str] | None = None) -> Path:
@@ -144,7 +158,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"simvue server: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (the install hint rather than a traceback, before anything is created)
 
         from .app import ServerSettings, create_app
         from .auth import issue_token
@@ -172,6 +186,18 @@ def _serve(args: argparse.Namespace) -> int:
             f"  export SIMVUE_TOKEN={issue_token(app.state.secret)}\n"
             f"(simvue server token{data} prints a new token at any time)"
         )
+    print(f"simvue server listening on {url}", flush=True)  # last: whoever waits for it has read the rest
+    try:
+        _run(app, listener)
+    finally:
+        server_file.unlink(missing_ok=True)
+    return 0
+
+
+def _run(app: Any, listener: socket.socket) -> None:
+    """Serve ``app`` on ``listener`` until SIGINT or SIGTERM; closes its data at the end."""
+    import uvicorn
+
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     server = uvicorn.Server(config)
 
@@ -183,12 +209,40 @@ def _serve(args: argparse.Namespace) -> int:
 
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, stop)
-    print(f"simvue server listening on {url}", flush=True)  # last: whoever waits for it has read the rest
     try:
         server.run(sockets=[listener])
     finally:
-        server_file.unlink(missing_ok=True)
         app.state.data.close()
+
+
+def _ui(args: argparse.Namespace) -> int:
+    """``simvue ui``: the dashboard over a local store.  Loopback only; the token is signed
+    with a secret that lives as long as this process, so nothing is written beside the store
+    but the dashboard's own tables in its database."""
+    import secrets
+
+    from ..config import Settings
+
+    if missing := _missing_extra():
+        print(f"simvue ui needs the server extra: pip install 'simvue[server]' ({missing} is missing)", file=sys.stderr)
+        return 1
+    directory = Path(args.store) if args.store else Settings().store_path()
+    if not (directory / DATABASE_FILE).exists():
+        print(f"simvue ui: no store at {directory} (run something first, or pass --store DIR)", file=sys.stderr)
+        return 1
+    try:
+        listener = _listen(DEFAULT_HOST, args.port)
+    except OSError as exc:
+        print(f"simvue ui: cannot listen on {DEFAULT_HOST}:{args.port}: {exc} (--port 0 picks a free one)", file=sys.stderr)
+        return 1
+    from .app import ServerSettings, create_app
+    from .auth import issue_token
+
+    secret = secrets.token_bytes(32)
+    app = create_app(ServerSettings(directory=directory, secret=secret))
+    url = f"{_url(listener)}/dashboard/runs?token={issue_token(secret, UI_TOKEN_DAYS)}"
+    print(f"simvue ui: the runs of {directory} at\n  {url}\n(Ctrl-C stops it)", flush=True)
+    _run(app, listener)
     return 0
 
 

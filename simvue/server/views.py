@@ -195,6 +195,19 @@ def band(rows: Mapping[str, Series], width: int, lo: float | None = None, hi: fl
     }
 
 
+def positions(at: Iterable[float], times: FloatArray, steps: FloatArray) -> list[float | None]:
+    """Where instants ``at`` (seconds since the run started) fall on the step axis, read off
+    one series' (time, step) pairs by interpolation; None outside that series' span."""
+    instants = np.asarray(list(at), dtype=np.float64)
+    if times.size == 0:
+        return [None] * int(instants.size)
+    order = np.argsort(times, kind="stable")
+    t, s = times[order], steps[order]
+    placed = np.interp(instants, t, s)
+    outside = (instants < t[0]) | (instants > t[-1])
+    return [None if out else float(v) for v, out in zip(placed.tolist(), outside.tolist())]
+
+
 def _distinct_steps(all_series: Iterable[Series], left: float, right: float) -> int:
     """How many columns are worth drawing: no more than the points in range (a run of ten
     steps gets ten columns, not one per pixel with gaps between)."""

@@ -14,8 +14,9 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from fastapi import Query
 
+from ...validation import timestamp
 from ..downsample import MAX_BUCKETS
-from ..views import Series, band, group_metrics, heat_map, line
+from ..views import Series, band, group_metrics, heat_map, line, positions
 from . import DataHandle, SafeJSONResponse, bad_request, checked_router, iso, require_run
 from .runs import run_response
 
@@ -128,3 +129,44 @@ def band_view(
     require_run(handle, run_id)
     rows = _rows(handle, run_id, metric, kind, x)
     return SafeJSONResponse(band(rows, width, _finite(lo, "lo"), _finite(hi, "hi"), outliers))
+
+
+MAX_MARKERS = 500
+
+
+@router.get("/dashboard/runs/{run_id}/markers")
+def markers(run_id: str, handle: DataHandle, x: XAxis = "step", levels: str = "warning,error,critical"):
+    """Events of ``levels`` and alert firings placed on the x axis: at their time since the
+    run's start, or at the step the run's longest series had reached then.  The most recent
+    ``MAX_MARKERS``; ``{"markers": [{x, kind, level, text}], "left_out": n}``."""
+    run = require_run(handle, run_id)
+    wanted = {level.strip() for level in levels.split(",") if level.strip()}
+    t0 = run["started"] or run["created"]
+    found = [
+        {"t": e["timestamp"] - t0, "kind": "event", "level": e["level"], "text": e["message"]}
+        for e in handle.store.events(run_id) if e["level"] in wanted
+    ]
+    for alert in run_response(handle, run)["alerts"]:
+        fired = alert.get("fired_at")
+        if fired:
+            found.append({"t": timestamp(fired) - t0, "kind": "alert", "level": alert["status"],
+                          "text": f"alert {alert['alert'].get('name')} fired"})
+    found.sort(key=lambda m: m["t"])
+    left_out = max(0, len(found) - MAX_MARKERS)
+    found = found[left_out:]
+    if x == "time":
+        places: list[float | None] = [m["t"] for m in found]
+    else:
+        counts = handle.store.metric_counts(run_id)
+        longest = max((n for n in counts if not n.startswith("resources/")), key=lambda n: counts[n], default=None)
+        if longest is None:
+            places = [None] * len(found)
+        else:
+            raw = handle.store.metric_series(run_id, longest)
+            places = positions((m["t"] for m in found), np.frombuffer(raw["times"], dtype=np.float64),
+                               np.frombuffer(raw["steps"], dtype=np.int64).astype(np.float64))
+    return SafeJSONResponse({
+        "markers": [{"x": place, "kind": m["kind"], "level": m["level"], "text": m["text"]}
+                    for m, place in zip(found, places) if place is not None],
+        "left_out": left_out,
+    })
