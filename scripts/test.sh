@@ -28,6 +28,16 @@ if [ "$(id -u)" -eq 0 ] && ! bash scripts/slurm-cluster.sh status >/dev/null 2>&
     fi
 fi
 
+# Headless Chromium for tests/scenarios/test_dashboard_browser.py (Debian's package, driven by
+# Playwright from the test extra; no browser download).  Installed here when running as root
+# (CI); elsewhere those tests skip and say why.  Their screenshots go to test-output/dashboard/.
+if [ "$(id -u)" -eq 0 ] && [ ! -x /usr/bin/chromium ]; then
+    if ! { apt-get install -y -qq chromium >/dev/null 2>&1 \
+           || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null; }; }; then
+        echo "*** apt-get install chromium failed: the dashboard's browser tests will be SKIPPED ***" >&2
+    fi
+fi
+
 export PYTEST_ADDOPTS="-p no:cacheprovider --color=no"
 python -m pytest -q --timeout=180 --ignore=tests/mpi tests "$@"
 

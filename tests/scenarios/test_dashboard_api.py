@@ -31,6 +31,8 @@ SCRIPT = textwrap.dedent(
             if run.rank == 3:
                 value += 10.0   # a rank that runs hot all along
             run.log_metrics({{"loss": value, "plain": float(step % 7)}}, step=step)
+            if run.rank == 0 and step == 1000:
+                run.log_event("halfway", log_level="warning")
         run.log_event("done")
     """
 )
@@ -126,6 +128,19 @@ def test_the_band_spans_every_rank_and_names_the_outliers(dash):
     assert min(v for v in view["columns"]["min"] if v is not None) == 0.0
     assert max(v for v in view["columns"]["max"] if v is not None) == 100.0
     assert len(view["outliers"]["rank3"]["x"]) <= 82
+
+
+def test_markers_place_warnings_on_the_step_and_time_axes(dash):
+    server, run_id = dash
+    on_steps = _get(server, f"/dashboard/runs/{run_id}/markers").json()
+    halfway = [m for m in on_steps["markers"] if m["text"].endswith("halfway")]
+    assert len(halfway) == 1 and halfway[0]["level"] == "warning" and halfway[0]["kind"] == "event"
+    assert 700 <= halfway[0]["x"] <= 1300, halfway  # where the ranks were when rank 0 logged it
+    assert not any(m["text"].endswith("done") for m in on_steps["markers"])  # info is not asked for
+    with_info = _get(server, f"/dashboard/runs/{run_id}/markers", x="time", levels="info,warning").json()
+    done = [m for m in with_info["markers"] if m["text"].endswith("done")]
+    assert len(done) == 4 and all(m["x"] >= 0 for m in done)
+    assert with_info["left_out"] == 0
 
 
 @pytest.mark.parametrize("path, params, status", [
