@@ -32,6 +32,7 @@ fi
 # Playwright from the test extra; no browser download).  Installed here when running as root
 # (CI); elsewhere those tests skip and say why.  Their screenshots go to test-output/dashboard/.
 if [ "$(id -u)" -eq 0 ] && [ ! -x /usr/bin/chromium ]; then
+    export DEBIAN_FRONTEND=noninteractive
     if ! { apt-get install -y -qq chromium >/dev/null 2>&1 \
            || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null; }; }; then
         echo "*** apt-get install chromium failed: the dashboard's browser tests will be SKIPPED ***" >&2

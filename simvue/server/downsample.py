@@ -109,14 +109,18 @@ def buckets(x: npt.ArrayLike, y: npt.ArrayLike, count: int, lo: float, hi: float
     _check(xs, ys, count)
     keep = (xs >= lo) & (xs <= hi) & ~np.isnan(ys)
     xs, ys = xs[keep], ys[keep]
+    order = in_order(xs)
+    xs, ys = xs[order], ys[order]
     bucket = _bucket_of(xs, lo, hi, count)
     n = np.bincount(bucket, minlength=count).astype(np.int64)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.bincount(bucket, weights=ys, minlength=count) / n
-    low = np.full(count, np.inf)
-    high = np.full(count, -np.inf)
-    np.minimum.at(low, bucket, ys)
-    np.maximum.at(high, bucket, ys)
+    low = np.full(count, np.nan)
+    high = np.full(count, np.nan)
+    if bucket.size:  # each bucket's points are one run of the ordered points
+        starts = np.flatnonzero(np.concatenate(([True], bucket[1:] != bucket[:-1])))
+        low[bucket[starts]] = np.minimum.reduceat(ys, starts)
+        high[bucket[starts]] = np.maximum.reduceat(ys, starts)
     empty = n == 0
     mean[empty] = low[empty] = high[empty] = np.nan
     return Buckets(float(lo), float(hi), mean, low, high, n)

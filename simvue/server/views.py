@@ -145,10 +145,9 @@ def heat_map(rows: Mapping[str, Series], width: int, lo: float | None = None, hi
         imbalance = np.where(scale > 0, spread / scale, 0.0)
         imbalance[np.isnan(spread)] = np.nan
         distance = np.abs(cells - mean)
-        worst = [
-            labels[int(np.nanargmax(distance[:, c]))] if not np.all(np.isnan(distance[:, c])) else None
-            for c in range(columns)
-        ]
+        furthest = np.where(np.isnan(distance), -np.inf, distance).argmax(axis=0)
+        valued = ~np.all(np.isnan(distance), axis=0)
+        worst = [labels[int(row)] if ok else None for row, ok in zip(furthest.tolist(), valued.tolist())]
     table = []
     for label, figures in zip(labels, per_row):
         counted = figures.count.sum()
@@ -221,4 +220,7 @@ def _nan_to_none(value: float) -> float | None:
 
 
 def _floats(values: np.ndarray) -> list[float | None]:
-    return [None if np.isnan(v) else float(v) for v in values.tolist()]
+    """``values`` as a JSON list: NaN (no value) becomes null."""
+    out = values.astype(object)
+    out[np.isnan(values)] = None
+    return out.tolist()

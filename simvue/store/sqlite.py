@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ BUSY_TIMEOUT_S = 30.0
 # being stopped and it has not said goodbye yet: the run's final status and end time are stored
 # ahead of time (so that they survive a SIGKILL of the whole job), but more may come.
 STOPPING = "stopping"
+_COLUMN_SQL = {"steps": "c.steps", "times": "c.times", "timestamps": "c.timestamps", "values": "c.vals"}
 _ID_ALPHABET = string.ascii_letters + string.digits
 _LITTLE = sys.byteorder == "little"
 
@@ -687,6 +688,18 @@ class Store:
             series["timestamps"].extend(_unpack("d", timestamps))
             series["values"].extend(_unpack("d", values))
         return series
+
+    def metric_columns(self, run_id: str, name: str, columns: Sequence[str]) -> dict[str, bytes]:
+        """Some columns of one metric (``steps``, ``times``, ``timestamps``, ``values``), each as
+        the bytes of its little-endian int64 or float64 values in logging order: what numpy
+        reads with ``frombuffer`` (``"<i8"``, ``"<f8"``) without building Python arrays."""
+        chosen = [_COLUMN_SQL[column] for column in columns]  # KeyError for an unknown column
+        rows = self._db.execute(
+            f"SELECT {', '.join(chosen)} FROM metric_chunks c JOIN metrics m ON m.id = c.metric_id"
+            " WHERE m.run_id=? AND m.name=? ORDER BY c.id",
+            (run_id, name),
+        ).fetchall()
+        return {column: b"".join(row[i] for row in rows) for i, column in enumerate(columns)}
 
     def metric_counts(self, run_id: str) -> dict[str, int]:
         rows = self._db.execute(

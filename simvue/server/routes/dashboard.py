@@ -36,9 +36,10 @@ def _finite(value: float | None, name: str) -> float | None:
 
 
 def _series(handle: Any, run_id: str, name: str, x: XAxis) -> Series:
-    raw = handle.store.metric_series(run_id, name)
-    xs = np.frombuffer(raw["steps"], dtype=np.int64) if x == "step" else np.frombuffer(raw["times"], dtype=np.float64)
-    return Series.ordered(xs, np.frombuffer(raw["values"], dtype=np.float64))
+    column = "steps" if x == "step" else "times"
+    raw = handle.store.metric_columns(run_id, name, (column, "values"))
+    xs = np.frombuffer(raw[column], dtype="<i8" if x == "step" else "<f8")
+    return Series.ordered(xs, np.frombuffer(raw["values"], dtype="<f8"))
 
 
 def _rows(handle: Any, run_id: str, metric: str, kind: Kind, x: XAxis) -> dict[str, Series]:
@@ -162,9 +163,9 @@ def markers(run_id: str, handle: DataHandle, x: XAxis = "step", levels: str = "w
         if longest is None:
             places = [None] * len(found)
         else:
-            raw = handle.store.metric_series(run_id, longest)
-            places = positions((m["t"] for m in found), np.frombuffer(raw["times"], dtype=np.float64),
-                               np.frombuffer(raw["steps"], dtype=np.int64).astype(np.float64))
+            raw = handle.store.metric_columns(run_id, longest, ("times", "steps"))
+            places = positions((m["t"] for m in found), np.frombuffer(raw["times"], dtype="<f8"),
+                               np.frombuffer(raw["steps"], dtype="<i8").astype(np.float64))
     return SafeJSONResponse({
         "markers": [{"x": place, "kind": m["kind"], "level": m["level"], "text": m["text"]}
                     for m, place in zip(found, places) if place is not None],
