@@ -1,7 +1,7 @@
 """How fast the dashboard answers for a big run: server time and bytes per view, and the
 browser's time to drawn charts.
 
-    python bench/dashboard.py [--ranks 64] [--steps 100000] [--repeat 5] [--no-browser]
+    python bench/dashboard.py [--ranks 64] [--steps 100000] [--repeat 5] [--no-browser] [--screenshots DIR]
 
 Writes an ``mpiexec``-shaped run straight into a fresh store (``--ranks`` ranks, each with two
 metrics of ``--steps`` steps, committed in chunks of 1000 points as the aggregator would, plus
@@ -104,7 +104,7 @@ def timed(session: requests.Session, url: str, params: dict, repeat: int) -> tup
     return statistics.median(seconds), size
 
 
-def browser_times(url: str, repeat: int) -> dict[str, float]:
+def browser_times(url: str, repeat: int, screenshots: Path | None = None) -> dict[str, float]:
     from playwright.sync_api import sync_playwright
 
     found: dict[str, list[float]] = {"metrics tab: every chart drawn": [], "ranks tab: heat map drawn": []}
@@ -120,6 +120,13 @@ def browser_times(url: str, repeat: int) -> dict[str, float]:
             page.click('.tabs a[data-tab="ranks"]')
             page.wait_for_selector("#heat-labels div", timeout=60_000)
             found["ranks tab: heat map drawn"].append(time.perf_counter() - start)
+            if screenshots is not None:
+                screenshots.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(screenshots / "ranks-64.png"), full_page=True)
+                page.click('.tabs a[data-tab="metrics"]')
+                page.wait_for_function("() => document.querySelectorAll('.chart[data-lines]').length >= 2")
+                page.screenshot(path=str(screenshots / "metrics-64.png"), full_page=True)
+                screenshots = None
             page.close()
         browser.close()
     return {key: statistics.median(values) for key, values in found.items()}
@@ -131,6 +138,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-browser", action="store_true")
+    parser.add_argument("--screenshots", type=Path, help="save the run page's metrics and ranks tabs here")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,7 +180,8 @@ def main() -> int:
                   f"{sum(size for _, _, size in rows[:4]):10,}")
             if not args.no_browser:
                 print(f"\n{'browser (Chromium, headless)':45} {'seconds':>9}")
-                for label, seconds in browser_times(f"{base}/dashboard/runs/run/{run_id}?token={token}", args.repeat).items():
+                for label, seconds in browser_times(f"{base}/dashboard/runs/run/{run_id}?token={token}", args.repeat,
+                                                      args.screenshots).items():
                     print(f"{label:45} {seconds:9.3f}")
         finally:
             ui.terminate()

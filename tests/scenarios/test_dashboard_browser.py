@@ -31,12 +31,17 @@ pytestmark = pytest.mark.skipif(
 
 JOB = textwrap.dedent(
     """
-    import math, sys, time
+    import math, os, sys, tempfile, time
     from simvue import Run
     steps, pause = int(sys.argv[2]), float(sys.argv[3])
     with Run() as run:
         run.config(resources_metrics_interval=1)
         run.init(name=sys.argv[1], folder="/browser", tags=["mpi"], reduce={"loss": ["mean", "min", "max", "namespace"]})
+        if run.rank == 0:
+            path = os.path.join(tempfile.mkdtemp(), "result.txt")
+            with open(path, "w") as out:
+                out.write("hello from rank 0")
+            run.save_file(path, category="output")
         for step in range(steps):
             run.log_metrics({"loss": math.exp(-step / 100) + 0.1 * run.rank}, step=step)
             if run.rank == 1 and step == steps // 2:
@@ -178,6 +183,12 @@ def test_the_resources_and_metadata_tabs_show_every_rank_and_the_node(site, page
     assert len(page.query_selector_all("#processes tbody tr")) == 4
     assert page.query_selector("#hosts tbody tr") is not None
     _shot(page, "metadata")
+    page.click('.tabs a[data-tab="artifacts"]')
+    link = page.wait_for_selector("#artifacts tbody a")
+    assert link.inner_text() == "rank0/result.txt" and link.get_attribute("href").startswith(server.url)
+    with page.expect_download() as download:
+        link.click()
+    assert Path(download.value.path()).read_text() == "hello from rank 0"
 
 
 def test_a_running_run_gains_points_without_a_reload(site, page):
@@ -245,6 +256,12 @@ def test_simvue_ui_serves_a_local_store_on_loopback_with_a_token(site, page):
         per_rank = page.wait_for_selector('.chart[data-title="loss per process"][data-lines]')
         assert per_rank.get_attribute("data-lines") == "4"
         _shot(page, "ui-local-store")
+        page.click('.tabs a[data-tab="artifacts"]')
+        link = page.wait_for_selector("#artifacts tbody a")  # from the store itself: fetched with the token
+        assert link.inner_text() == "rank0/result.txt"
+        with page.expect_download() as download:
+            link.click()
+        assert Path(download.value.path()).read_text() == "hello from rank 0"
     finally:
         ui.terminate()
         ui.wait(timeout=30)

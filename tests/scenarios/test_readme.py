@@ -88,3 +88,38 @@ def test_the_python_example_and_the_browsing_commands(fresh):
     run = read_run(cwd / ".simvue", "my-run")
     assert run["status"] == "completed" and len(run["metrics"]["loss"]) == 100
     assert [e["message"] for e in run["events"]] == ["converged"]
+
+
+def test_the_browser_block_serves_the_runs_of_the_store(fresh):
+    """``simvue ui`` as the README gives it (with a free port, so that 8766 need not be free):
+    the URL it prints opens the page and, with its token, the API lists the store's runs."""
+    pytest.importorskip("fastapi", reason='the server extra is not installed: pip install "simvue[server]"')
+    import socket
+
+    import requests
+
+    cwd, env = fresh
+    script = cwd / "example.py"
+    script.write_text(textwrap.dedent(_block("python", "from simvue import Run")))
+    assert subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, timeout=120).returncode == 0
+    commands = [line.split("#")[0].strip() for line in _block("bash", "simvue ui").splitlines()]
+    commands = [c for c in commands if c and not any(p.match(c) for p in _SKIPPED)]
+    assert commands == ["simvue ui"], commands
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ui = subprocess.Popen(["simvue", "ui", "--port", str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        printed = [ui.stdout.readline() for _ in range(3)]
+        url = printed[1].strip()
+        assert re.fullmatch(rf"http://127\.0\.0\.1:{port}/dashboard/runs\?token=\S+", url), printed
+        assert "<title>simvue</title>" in requests.get(url, timeout=10).text
+        token = url.split("token=")[1]
+        runs = requests.get(f"http://127.0.0.1:{port}/api/runs", headers={"Authorization": f"Bearer {token}"},
+                            timeout=10).json()["data"]
+        assert [run["name"] for run in runs] == ["my-run"]
+    finally:
+        ui.terminate()
+        _, err = ui.communicate(timeout=30)
+    assert ui.returncode == 0 and not ALARMING.search(err), err

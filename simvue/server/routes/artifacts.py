@@ -179,7 +179,7 @@ def link_artifact(run_id: str, artifact_id: str, body: ArtifactLink, request: Re
     return _response(request, handle, record) | {"category": body.category}
 
 
-def _run_artifacts(request: Request, handle: Handle, run_id: str) -> list[dict]:
+def run_artifacts(request: Request, handle: Handle, run_id: str) -> list[dict]:
     rows = handle.db.execute(
         f"SELECT {', '.join('a.' + c for c in _COLUMNS.split(', '))}, l.category FROM server_artifacts a"
         " JOIN server_run_artifacts l ON l.artifact_id = a.id WHERE l.run_id=? ORDER BY a.created",
@@ -194,7 +194,7 @@ def list_run_artifacts(
 ):
     require_run(handle, run_id)
     return [
-        artifact for artifact in _run_artifacts(request, handle, run_id)
+        artifact for artifact in run_artifacts(request, handle, run_id)
         if (category is None or artifact["category"] == category) and (name is None or artifact["name"] == name)
     ]
 
@@ -202,7 +202,7 @@ def list_run_artifacts(
 @router.get("/runs/{run_id}/artifacts/{artifact_id}")
 def get_run_artifact(run_id: str, artifact_id: str, request: Request, handle: DataHandle):
     require_run(handle, run_id)
-    for artifact in _run_artifacts(request, handle, run_id):
+    for artifact in run_artifacts(request, handle, run_id):
         if artifact["id"] == artifact_id:
             return artifact
     raise not_found(f"artifact linked to run {run_id!r}", artifact_id)

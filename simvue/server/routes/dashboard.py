@@ -12,12 +12,14 @@ import math
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import Query
+from fastapi import Query, Request
+from fastapi.responses import Response
 
 from ...validation import timestamp
 from ..downsample import MAX_BUCKETS
 from ..views import Series, band, group_metrics, heat_map, line, positions
-from . import DataHandle, SafeJSONResponse, bad_request, checked_router, iso, require_run
+from . import DataHandle, SafeJSONResponse, bad_request, checked_router, iso, not_found, require_run
+from .artifacts import run_artifacts
 from .runs import run_response
 
 router = checked_router()
@@ -171,3 +173,32 @@ def markers(run_id: str, handle: DataHandle, x: XAxis = "step", levels: str = "w
                     for m, place in zip(found, places) if place is not None],
         "left_out": left_out,
     })
+
+
+@router.get("/dashboard/runs/{run_id}/artifacts")
+def artifacts(run_id: str, request: Request, handle: DataHandle):
+    """The run's artifacts: those sent to this server (with their download ``url``) and, for a
+    store served by ``simvue ui``, those its own runs saved (``url`` null: the content comes
+    from ``…/artifacts/content?name=``, with the token)."""
+    require_run(handle, run_id)
+    sent = run_artifacts(request, handle, run_id)
+    names = {a["name"] for a in sent}
+    kept = [
+        {"name": a["name"], "category": a["category"], "size": a["size"], "mime_type": a["mime_type"],
+         "created": iso(a["created"]), "url": None, "local": True}
+        for a in handle.store.artifacts(run_id) if a["name"] not in names
+    ]
+    return SafeJSONResponse(sent + kept)
+
+
+@router.get("/dashboard/runs/{run_id}/artifacts/content")
+def artifact_content(run_id: str, handle: DataHandle, name: str):
+    """The content of the run's artifact ``name`` from the store (see ``artifacts``)."""
+    require_run(handle, run_id)
+    try:
+        content = handle.store.artifact_bytes(run_id, name)
+    except (KeyError, OSError):
+        raise not_found("artifact", name) from None
+    row = next((a for a in handle.store.artifacts(run_id) if a["name"] == name), None)
+    media = (row or {}).get("mime_type") or "application/octet-stream"
+    return Response(content, media_type=media, headers={"Content-Disposition": "attachment"})

@@ -48,6 +48,7 @@
     if (value === null || value === undefined) return "";
     if (typeof value !== "number") return String(value);
     if (!isFinite(value)) return String(value);
+    if (Number.isInteger(value) && Math.abs(value) < 1e15) return value.toLocaleString();
     const abs = Math.abs(value);
     if (abs !== 0 && (abs >= 1e6 || abs < 1e-3)) return value.toExponential(3);
     return Number(value.toPrecision(5)).toLocaleString();
@@ -541,7 +542,7 @@
         el("div", { class: "heat" }, el("div"), topHolder, el("div"), labels, canvas, right),
         scale, el("div", { class: "note muted", text: "Each cell: the process's mean over that column. Right: each process's mean over the range. Click a row to see that process." })),
       el("div", { class: "charts" }, rowHolder, imbalanceHolder),
-      el("div", { class: "panel" }, el("h3", { text: "Per process" }), table));
+      el("div", { class: "panel" }, el("h3", { text: "Per process" }), el("div", { class: "scroll" }, table)));
 
     const top = lineChart(topHolder, { title: "over processes: mean, min–max", xLabel: page.xAxis, height: 160,
       fetch: async () => {
@@ -599,7 +600,8 @@
         const w = Math.max(1, 110 * (row.mean - mlo) / ((mhi - mlo) || 1));
         rctx.fillRect(0, r * rowHeight + 1, w, Math.max(1, rowHeight - 2));
       });
-      labels.replaceChildren(...data.labels.map((label) => el("div", { dataset: { label }, text: rows <= 64 ? label : "",
+      const every = Math.ceil(13 / rowHeight); // a label on every row that has room for one
+      labels.replaceChildren(...data.labels.map((label, r) => el("div", { dataset: { label }, text: r % every ? "" : label,
         title: label, class: label === selected ? "selected" : "", onclick: () => select(label) })));
       canvas.onclick = (event) => {
         const r = Math.floor((event.offsetY / canvas.clientHeight) * rows);
@@ -813,12 +815,25 @@
   async function artifactsTab(body, page) {
     const table = el("table", { id: "artifacts" });
     body.append(el("div", { class: "panel" }, table));
+
+    async function download(artifact) {
+      // an artifact of the store itself: its content needs the token, so it is fetched here
+      const response = await fetch(`/api/dashboard/runs/${encodeURIComponent(page.runId)}/artifacts/content?name=${encodeURIComponent(artifact.name)}`,
+        { headers: { Authorization: `Bearer ${localStorage.getItem(TOKEN_KEY) || ""}` } });
+      if (!response.ok) { alert(`Could not download ${artifact.name}: ${response.status}`); return; }
+      const link = el("a", { href: URL.createObjectURL(await response.blob()), download: artifact.name.split("/").pop() });
+      document.body.append(link);
+      link.click();
+      link.remove();
+    }
+
     async function load() {
-      const artifacts = await api(`/runs/${encodeURIComponent(page.runId)}/artifacts`);
+      const artifacts = await api(`/dashboard/runs/${encodeURIComponent(page.runId)}/artifacts`);
       if (!artifacts.length) { table.replaceChildren(el("tbody", {}, el("tr", {}, el("td", { class: "empty", text: "This run has no artifacts." })))); return; }
       table.replaceChildren(el("thead", {}, el("tr", {}, ...["Name", "Category", "Size", "Type", "Created"].map((t) => el("th", { text: t })))),
         el("tbody", {}, ...artifacts.map((a) => el("tr", {},
-          el("td", {}, a.url ? el("a", { href: a.url, download: a.name.split("/").pop(), text: a.name }) : a.name),
+          el("td", {}, a.url ? el("a", { href: a.url, download: a.name.split("/").pop(), text: a.name })
+            : el("a", { href: "#", text: a.name, onclick: (event) => { event.preventDefault(); download(a); } })),
           el("td", { text: a.category }), el("td", { class: "num", text: fmtBytes(a.size) }),
           el("td", { text: a.mime_type || "" }), el("td", { text: fmtTime(a.created) })))));
     }
