@@ -186,16 +186,17 @@ def _serve(args: argparse.Namespace) -> int:
             f"  export SIMVUE_TOKEN={issue_token(app.state.secret)}\n"
             f"(simvue server token{data} prints a new token at any time)"
         )
-    print(f"simvue server listening on {url}", flush=True)  # last: whoever waits for it has read the rest
     try:
-        _run(app, listener)
+        # the ready line last: whoever waits for it has read the rest
+        _run(app, listener, f"simvue server listening on {url}")
     finally:
         server_file.unlink(missing_ok=True)
     return 0
 
 
-def _run(app: Any, listener: socket.socket) -> None:
-    """Serve ``app`` on ``listener`` until SIGINT or SIGTERM; closes its data at the end."""
+def _run(app: Any, listener: socket.socket, ready: str) -> None:
+    """Print ``ready``, then serve ``app`` on ``listener`` until SIGINT or SIGTERM; closes its
+    data at the end.  The stop signals are handled before ``ready`` is printed."""
     import uvicorn
 
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
@@ -209,6 +210,7 @@ def _run(app: Any, listener: socket.socket) -> None:
 
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, stop)
+    print(ready, flush=True)
     try:
         server.run(sockets=[listener])
     finally:
@@ -241,8 +243,7 @@ def _ui(args: argparse.Namespace) -> int:
     secret = secrets.token_bytes(32)
     app = create_app(ServerSettings(directory=directory, secret=secret))
     url = f"{_url(listener)}/dashboard/runs?token={issue_token(secret, UI_TOKEN_DAYS)}"
-    print(f"simvue ui: the runs of {directory} at\n  {url}\n(Ctrl-C stops it)", flush=True)
-    _run(app, listener)
+    _run(app, listener, f"simvue ui: the runs of {directory} at\n  {url}\n(Ctrl-C stops it)")
     return 0
 
 

@@ -77,6 +77,33 @@ def m4(x: npt.ArrayLike, y: npt.ArrayLike, buckets: int, lo: float | None = None
     return (np.unique(np.concatenate(picked)) + start).astype(np.intp)
 
 
+def m4_within(x: npt.ArrayLike, y: npt.ArrayLike, limit: int) -> IndexArray:
+    """Indices of at most ``limit`` points of ascending ``x`` chosen as ``m4`` chooses them, at
+    the most pixel columns that fit (the API's ``max_points``).  Below 4 points there is no
+    column to speak of: the first and last point, and the highest one between if it fits."""
+    xs = np.asarray(x, dtype=np.float64)
+    ys = np.asarray(y, dtype=np.float64)
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    if xs.size <= limit:
+        return np.arange(xs.size, dtype=np.intp)
+    if limit < 4:
+        ends = [xs.size - 1] if limit == 1 else [0, xs.size - 1]
+        if limit == 3 and not np.all(np.isnan(ys[1:-1])):
+            ends.insert(1, 1 + int(np.nanargmax(ys[1:-1])))
+        return np.array(ends, dtype=np.intp)
+    low, high = 1, min(limit, MAX_BUCKETS)
+    best = m4(xs, ys, 1)
+    while low <= high:  # the most columns whose points fit (the count grows with the columns)
+        middle = (low + high) // 2
+        picked = m4(xs, ys, middle)
+        if picked.size <= limit:
+            best, low = picked, middle + 1
+        else:
+            high = middle - 1
+    return best
+
+
 def _extreme(y: FloatArray, starts: IndexArray, ufunc: np.ufunc) -> IndexArray:
     """In each segment of ``y`` beginning at ``starts``, the index of the first point equal to
     the segment's ``ufunc`` reduction (fmin/fmax: NaN ignored); none for an all-NaN segment."""

@@ -11,7 +11,7 @@ np = pytest.importorskip("numpy")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from simvue.server.downsample import MAX_BUCKETS, buckets, in_order, m4, window  # noqa: E402
+from simvue.server.downsample import MAX_BUCKETS, buckets, in_order, m4, m4_within, window  # noqa: E402
 
 values = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False, min_value=-1e12, max_value=1e12),
@@ -140,3 +140,29 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="one-dimensional"):
         buckets(x.reshape(2, 5), x.reshape(2, 5), 3, 0, 10)
     assert buckets(x, x, 3, 5.0, 5.0).count.tolist() == [1, 0, 0]  # a range of one step: one bucket
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 2000), max_size=400), st.lists(values, max_size=400), st.integers(1, 60))
+def test_m4_within_never_exceeds_the_limit_and_keeps_the_ends(steps, ys, limit):
+    x, y = _series(steps, ys)
+    picked = m4_within(x, y, limit).tolist()
+    assert len(picked) <= limit and picked == sorted(set(picked))
+    if x.size <= limit:
+        assert picked == list(range(x.size))
+    elif limit >= 2:
+        assert picked[0] == 0 and picked[-1] == x.size - 1
+    else:
+        assert picked == [x.size - 1]
+
+
+def test_max_points_keeps_the_spike_and_uses_its_budget():
+    x = np.arange(10_000, dtype=float)
+    y = x.copy()
+    y[4321] = 1e9
+    picked = m4_within(x, y, 50)
+    assert 4321 in picked and 44 <= len(picked) <= 50  # monotone elsewhere: the budget is nearly all used
+    assert m4_within(x, y, 3).tolist() == [0, 4321, 9999]
+    assert m4_within(x, y, 2).tolist() == [0, 9999]
+    with pytest.raises(ValueError):
+        m4_within(x, y, 0)

@@ -93,14 +93,19 @@ def _points(handle: Handle, run_id: str, name: str) -> list[dict]:
     ]
 
 
-def _thin(points: list[dict], max_points: int | None) -> list[dict]:
-    """At most ``max_points`` points, evenly spaced, always keeping the first and the last."""
+def _thin(points: list[dict], max_points: int | None, xaxis: str, key: str = "value") -> list[dict]:
+    """At most ``max_points`` of ``points`` (in ``xaxis`` order), chosen per pixel column as the
+    dashboard's charts choose them (``downsample.m4_within``): each column's first, last, lowest
+    and highest point, and the series' first and last, so that no spike is lost."""
     if not max_points or len(points) <= max_points:
         return points
-    if max_points == 1:
-        return points[-1:]
-    last = len(points) - 1
-    return [points[round(i * last / (max_points - 1))] for i in range(max_points)]
+    import numpy as np
+
+    from ..downsample import m4_within
+
+    x = np.array([p[xaxis] for p in points], dtype=np.float64)
+    y = np.array([np.nan if p[key] is None else p[key] for p in points], dtype=np.float64)
+    return [points[i] for i in m4_within(x, y, max_points).tolist()]
 
 
 def _aggregate(per_run: list[list[dict]], xaxis: str) -> list[dict]:
@@ -145,12 +150,13 @@ def get_metric_values(
         if xaxis == "timestamp":
             raise HTTPException(status_code=400, detail="aggregate=true cannot be combined with xaxis=timestamp")
         return SafeJSONResponse({
-            name: _thin(_aggregate([by_name[name] for by_name in found.values() if name in by_name], xaxis), max_points)
+            name: _thin(_aggregate([by_name[name] for by_name in found.values() if name in by_name], xaxis), max_points,
+                        xaxis, "average")
             for name in names
             if any(name in by_name for by_name in found.values())
         })
     return SafeJSONResponse({
-        run_id: {name: _thin(points, max_points) for name, points in by_name.items()}
+        run_id: {name: _thin(points, max_points, xaxis) for name, points in by_name.items()}
         for run_id, by_name in found.items()
     })
 
