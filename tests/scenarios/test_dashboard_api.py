@@ -24,6 +24,7 @@ SCRIPT = textwrap.dedent(
     with Run() as run:
         run.config(resources_metrics_interval=1)
         run.init(name="dash", reduce={{"loss": ["mean", "min", "max", "namespace"]}})
+        run.create_user_alert("halfway reached")
         for step in range({STEPS}):
             value = run.rank + step / {STEPS}
             if run.rank == 2 and step == 1234:
@@ -33,6 +34,7 @@ SCRIPT = textwrap.dedent(
             run.log_metrics({{"loss": value, "plain": float(step % 7)}}, step=step)
             if run.rank == 0 and step == 1000:
                 run.log_event("halfway", log_level="warning")
+                run.log_alert("halfway reached", "critical")
         run.log_event("done")
     """
 )
@@ -141,6 +143,9 @@ def test_markers_place_warnings_on_the_step_and_time_axes(dash):
     done = [m for m in with_info["markers"] if m["text"].endswith("done")]
     assert len(done) == 4 and all(m["x"] >= 0 for m in done)
     assert with_info["left_out"] == 0
+    fired = [m for m in on_steps["markers"] if m["kind"] == "alert"]
+    assert [m["text"] for m in fired] == ["alert halfway reached fired"] and fired[0]["level"] == "critical"
+    assert abs(fired[0]["x"] - halfway[0]["x"]) < 300  # fired where the warning was logged
 
 
 @pytest.mark.parametrize("path, params, status", [
