@@ -135,10 +135,8 @@ class Sender:
                 and self._bulk_queued_bytes + self._bulk_unacked_bytes + nbytes > protocol.MAX_ARTIFACT_BYTES_IN_FLIGHT
             ):
                 left = deadline - time.monotonic()
-                if self.run_finished.is_set():  # nothing is acknowledged any more
-                    return not self.buffer and self._acked_seq >= self._sent_seq
-                if left <= 0 or self._finished.is_set():
-                    return False
+                if left <= 0 or self._finished.is_set() or self.run_finished.is_set():
+                    return False  # (once the run is over nothing is acknowledged any more)
                 self._acked.wait(min(left, 0.5))
             if self._finished.is_set():
                 return False

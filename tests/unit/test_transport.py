@@ -303,3 +303,33 @@ def test_an_oversized_frame_from_anyone_is_refused_without_holding_it_in_memory(
     assert grew < MAX_FRAME_BYTES, f"the aggregator's process grew by {grew / 2**20:.0f} MB"
     exported = read_run(store_dir, "oversized")
     assert exported["status"] == "completed" and exported["metrics"]["after"][0][2] == 1.0
+
+
+def test_a_sender_told_the_run_is_over_neither_waits_nor_loses_what_it_logs_later(store_dir):
+    """The aggregator's last words to a live sender (a drained pool worker outliving the run):
+    flush, an artifact chunk and close return at once instead of waiting for answers that
+    cannot come, and records logged after the end go to the spill file, counted."""
+    with Run() as run:
+        run.init(name="outlived")
+        address = run._address
+        sender, losses = make_sender(address.address, address.key, store_dir / "spill" / "late.msgpack",
+                                     close_timeout_s=30.0)
+        sender.buffer.append((RecordKind.METRICS, 0, 0.0, 0.0, {"v": 0.0}))
+        assert sender.flush(10.0) is True
+    assert sender.run_finished.wait(10.0), "no word that the run is over"
+    assert sender.flush(10.0) is True  # nothing new: everything was acknowledged
+    for step in range(1, 6):
+        sender.buffer.append((RecordKind.METRICS, step, 0.0, 0.0, {"v": float(step)}))
+    started = time.monotonic()
+    assert sender.flush(10.0) is False
+    chunk = (RecordKind.ARTIFACT_CHUNK, "late", 0, b"x")
+    assert sender.put_bulk(chunk, protocol.MAX_ARTIFACT_BYTES_IN_FLIGHT, 10.0) is True  # room: queued
+    assert sender.put_bulk(chunk, protocol.MAX_ARTIFACT_BYTES_IN_FLIGHT, 10.0) is False  # no room will come
+    assert sender.close(None, {}) is False
+    assert time.monotonic() - started < 5.0  # not the 30 s close timeout, nor put_bulk's 10 s
+    assert losses.snapshot()["spilled"] == 6
+    spilled = [record for kind, _, body in spill.read(store_dir / "spill" / "late.msgpack")
+               if kind == MessageKind.DATA for record in body]
+    assert [r[1] for r in spilled if r[0] == RecordKind.METRICS] == [1, 2, 3, 4, 5]
+    assert [r for r in spilled if r[0] == RecordKind.ARTIFACT_CHUNK] == [list(chunk)]
+    assert [p[0] for p in read_run(store_dir, "outlived")["metrics"]["worker0/v"]] == [0]

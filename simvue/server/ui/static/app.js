@@ -450,7 +450,14 @@
   }
 
   function markersOf(page) {
-    return async () => (await api(`/dashboard/runs/${encodeURIComponent(page.runId)}/markers`, { x: page.xAxis })).markers;
+    // one request for every chart refreshed together
+    return () => {
+      const cached = page.markers;
+      if (cached && cached.x === page.xAxis && performance.now() - cached.at < 1000) return cached.promise;
+      const promise = api(`/dashboard/runs/${encodeURIComponent(page.runId)}/markers`, { x: page.xAxis }).then((got) => got.markers);
+      page.markers = { x: page.xAxis, at: performance.now(), promise };
+      return promise;
+    };
   }
 
   function linesOf(page, names, labels) {
@@ -544,7 +551,7 @@
       el("div", { class: "charts" }, rowHolder, imbalanceHolder),
       el("div", { class: "panel" }, el("h3", { text: "Per process" }), el("div", { class: "scroll" }, table)));
 
-    const top = lineChart(topHolder, { title: "over processes: mean, min–max", xLabel: page.xAxis, height: 160,
+    const top = lineChart(topHolder, { title: "over processes: mean, min–max", xLabel: page.xAxis, height: 160, markers: markersOf(page),
       fetch: async () => {
         if (!data || !data.edges.length) return [];
         const centres = data.edges.slice(0, -1).map((edge, i) => (edge + data.edges[i + 1]) / 2);
@@ -553,6 +560,7 @@
           { label: "mean", x: centres, y: data.columns.mean, colour: "#1d2430" }];
       } });
     const imbalance = lineChart(imbalanceHolder, { title: "imbalance: (max − min) / mean of the cells", xLabel: page.xAxis, height: 180,
+      markers: markersOf(page),
       fetch: async () => {
         if (!data || !data.edges.length) return [];
         const centres = data.edges.slice(0, -1).map((edge, i) => (edge + data.edges[i + 1]) / 2);
@@ -728,7 +736,7 @@
           for (const [title, test] of families) {
             const names = metrics.filter(test).sort();
             if (!names.length) continue;
-            all.push(lineChart(card, { title, xLabel: page.xAxis, height: 140,
+            all.push(lineChart(card, { title, xLabel: page.xAxis, height: 140, markers: markersOf(page),
               fetch: linesOf(page, names.map((m) => `resources/node/${host}/${m}`), names) }));
           }
         }
@@ -738,7 +746,8 @@
       if (groups.plain_resources.length) {
         const grid = el("div", { class: "charts" });
         nodeBox.append(el("h2", { text: "This process" }), grid);
-        const all = groups.plain_resources.map((name) => lineChart(grid, { title: name.replace(/^resources\//, ""), xLabel: page.xAxis, fetch: linesOf(page, [name]) }));
+        const all = groups.plain_resources.map((name) => lineChart(grid, { title: name.replace(/^resources\//, ""), xLabel: page.xAxis,
+          markers: markersOf(page), fetch: linesOf(page, [name]) }));
         await Promise.all(all.map((chart) => chart.refresh()));
         refreshers.push(() => Promise.all(all.map((chart) => chart.refresh())));
       }
