@@ -85,7 +85,8 @@ def add_server_commands(commands: argparse._SubParsersAction) -> None:
         " (valid while this command runs).",
     )
     ui.add_argument("--store", metavar="DIR", default=None, help="store directory (default: $SIMVUE_STORE or ./.simvue)")
-    ui.add_argument("--port", type=int, default=DEFAULT_UI_PORT, help="port to listen on; 0 picks a free one")
+    ui.add_argument("--port", type=int, default=DEFAULT_UI_PORT,
+                    help=f"port to listen on; 0 picks a free one (default: {DEFAULT_UI_PORT})")
     ui.set_defaults(handler=_ui, standalone=True)
 
 
