@@ -172,3 +172,27 @@ def test_the_endpoints_need_the_token(dash):
     server, run_id = dash
     answer = requests.get(f"{server.url}/api/dashboard/runs/{run_id}", timeout=30)
     assert answer.status_code == 401
+
+
+def test_simvue_ui_says_what_is_wrong_without_a_store_or_a_free_port(tmp_path):
+    import socket
+    import subprocess
+
+    missing = subprocess.run([sys.executable, "-m", "simvue.cli", "ui", "--store", str(tmp_path / "nothing")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == f"simvue ui: no store at {tmp_path / 'nothing'} (run something first, or pass --store DIR)"
+    assert not (tmp_path / "nothing").exists()  # nothing created
+    store = tmp_path / "store"
+    from simvue.store import Store
+
+    Store(store).close()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = subprocess.run([sys.executable, "-m", "simvue.cli", "ui", "--store", str(store), "--port", str(port)],
+                              capture_output=True, text=True, timeout=60)
+    assert busy.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in busy.stderr and "--port 0 picks a free one" in busy.stderr
+    assert "Traceback" not in busy.stderr
