@@ -172,7 +172,10 @@ def test_metrics_and_events_round_trip(server):
         "runs": runs_param, "metrics": json.dumps(["loss"]), "xaxis": "time", "max_points": 2}).json()
     assert [p["time"] for p in thinned[run["id"]]["loss"]] == [0.0, 2.0]
     assert server.api.get(f"{server.url}/api/metrics/names", params={"runs": runs_param}).json() == ["acc", "loss"]
-    assert server.api.get(f"{server.url}/api/runs/{run['id']}").json()["metrics"]["loss"]["count"] == 5
+    summary = server.api.get(f"{server.url}/api/runs/{run['id']}").json()["metrics"]["loss"]
+    losses = [p["values"]["loss"] for p in sent]
+    assert summary == {"count": 5, "min": min(losses), "max": max(losses), "mean": pytest.approx(sum(losses) / 5),
+                       "last": losses[-1]}
 
     read = server.api.get(f"{server.url}/api/events", params={"run": run["id"], "start": 0, "count": 0}).json()
     assert read["count"] == 4 and read["data"] == events
@@ -327,6 +330,20 @@ def test_alerts_deduplicate_attach_and_carry_a_status_per_run(server):
     assert server.api.put(url, json={"alerts": ["nosuchalert"]}).status_code == 404
     assert server.api.put(status_url, json={"status": "purple"}).status_code == 422
 
+    # a definition changes in place: the rule is merged, the status per run is kept
+    alert_url = f"{server.url}/api/alerts/{alert_id}"
+    changed = server.api.put(alert_url, json={"description": "updated!", "alert": {"threshold": 20.0}})
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["description"] == "updated!" and changed.json()["alert"]["threshold"] == 20.0
+    assert changed.json()["alert"]["metric"] == "loss" and changed.json()["id"] == alert_id
+    assert server.api.get(alert_url).json()["description"] == "updated!"
+    assert server.api.put(alert_url, json={"name": "loss-higher"}).json()["name"] == "loss-higher"
+    assert server.api.put(alert_url, json={"source": "events"}).status_code == 400
+    assert server.api.put(alert_url, json={"name": ""}).status_code == 422
+    assert server.api.put(alert_url, json={"enabled": "yes"}).status_code == 422
+    assert server.api.put(f"{server.url}/api/alerts/nosuchalert", json={"description": "x"}).status_code == 404
+    assert server.api.get(status_url).json()["status"] == "critical"
+
 
 def test_run_listing_filters_sorts_and_pages(server):
     made = [create_run(server, name=f"list-{i}", folder="/listing", tags=["even"] if i % 2 == 0 else [],
@@ -348,8 +365,10 @@ def test_run_listing_filters_sorts_and_pages(server):
     assert names(filters=in_folder, count=2, offset=4) == ["list-0"]
     total = server.api.get(f"{server.url}/api/runs", params={"filters": in_folder, "count": 1}).json()["count"]
     assert total == 5
-    server.api.delete(f"{server.url}/api/runs/{made[0]['id']}")
+    deleted = server.api.delete(f"{server.url}/api/runs/{made[0]['id']}")
+    assert deleted.status_code == 200 and deleted.json() == {}  # what the upstream client takes as done
     assert server.api.get(f"{server.url}/api/runs/{made[0]['id']}").status_code == 404
+    assert server.api.delete(f"{server.url}/api/runs/{made[0]['id']}").status_code == 404
     assert "list-0" not in names(filters=in_folder)
 
 

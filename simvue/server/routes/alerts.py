@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from ...store import new_id
-from . import DataHandle, IsoTime, Page, SafeJSONResponse, checked_router, iso, not_found, require_run
+from . import DataHandle, IsoTime, Page, SafeJSONResponse, bad_request, checked_router, iso, not_found, require_run
 
 router = checked_router()
 
@@ -33,6 +33,20 @@ class AlertCreate(BaseModel):
     source: Literal["metrics", "events", "user"]
     enabled: bool = True
     abort: bool = False
+    alert: dict[str, Any] | None = None
+
+
+class AlertUpdate(BaseModel):
+    """A change to an alert's definition: the fields given replace those stored (``alert``, the
+    rule, is merged key by key); what an alert watches (``source``) cannot change."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    name: Annotated[str, StringConstraints(min_length=1)] | None = None
+    description: str | None = None
+    notification: Literal["none", "email"] | None = None
+    source: Literal["metrics", "events", "user"] | None = None
+    enabled: bool | None = None
+    abort: bool | None = None
     alert: dict[str, Any] | None = None
 
 
@@ -156,6 +170,27 @@ def set_alert_status(alert_id: str, run_id: str, body: AlertStatusUpdate, handle
             "SELECT fired_at FROM server_run_alerts WHERE run_id=? AND alert_id=?", (run_id, alert_id)
         ).fetchone()
     return _status(alert_id, run_id, body.status, stored)
+
+
+@router.put("/alerts/{alert_id}")
+def update_alert(alert_id: str, body: AlertUpdate, handle: DataHandle):
+    """Change the alert's definition (its name, description, notification, switches, rule);
+    answers the alert as it now is.  Its status for each run is kept."""
+    changes = body.model_dump(exclude_unset=True)
+    with handle.transaction() as db:
+        current = _alert(db, alert_id)
+        if changes.get("source", current.get("source")) != current.get("source"):
+            raise bad_request(f"an alert's source cannot change (this one watches {current.get('source')})")
+        definition = {k: v for k, v in current.items() if k not in ("id", "created")}
+        rule = changes.pop("alert", None)
+        if rule is not None:
+            definition["alert"] = {**(definition.get("alert") or {}), **rule}
+        definition.update({k: v for k, v in changes.items() if v is not None or k == "description"})
+        db.execute(
+            "UPDATE server_alerts SET name=?, definition=? WHERE id=?",
+            (definition["name"], json.dumps(definition), alert_id),
+        )
+    return _alert(handle.db, alert_id)
 
 
 @router.delete("/alerts/{alert_id}")
