@@ -26,9 +26,9 @@ async def receive(blobs: BlobStore, chunks: AsyncIterator[bytes], checksum: str)
             writer.write(chunk)
         writer.close()
         if writer.checksum() != checksum:
-            raise ChecksumMismatch(
-                f"uploaded content ({writer.size} bytes) has sha256 {writer.checksum()}, "
-                f"but the artifact was created with checksum {checksum}"
+            raise ChecksumMismatch(  # the first sentence is object storage's, which clients match
+                f"The SHA256 you specified did not match the calculated checksum. The uploaded content "
+                f"({writer.size} bytes) has sha256 {writer.checksum()}; the artifact was created with {checksum}."
             )
         blobs.commit(writer)
     finally:

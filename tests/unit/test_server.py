@@ -278,6 +278,7 @@ def test_artifact_upload_with_checksum_check_and_download(server):
     assert bad_key.status_code == 403
     corrupt = requests.put(created["url"], data=content + b"x")
     assert corrupt.status_code == 400 and "sha256" in corrupt.json()["detail"]
+    assert corrupt.json()["detail"].startswith("The SHA256 you specified did not match the calculated checksum.")
     assert requests.put(created["url"], data=content).status_code == 200  # raw PUT, no token
     confirmed = server.api.put(f"{server.url}/api/artifacts/{created['id']}", json={"uploaded": True}).json()
     assert confirmed["uploaded"] is True and confirmed["name"] == "input.txt"
@@ -888,6 +889,8 @@ def test_tensor_metrics_are_stored_on_their_grid_and_read_back(server):
     assert api.get(f"{url}/runs/{run['id']}/metrics//field/values", params={"step": 2}).json()["step"] == 2
     (span,) = api.get(f"{url}/runs/{run['id']}/metrics/field/span").json()
     assert (span["min"], span["max"], span["steps"]) == (-2.0, 4.0, 3)
+    assert (span["min_time"], span["max_time"]) == (0.0, 2.0)
+    assert (span["min_timestamp"], span["max_timestamp"]) == (iso(1e9), iso(1e9 + 2))
     (listed,) = api.get(f"{url}/runs/{run['id']}/grids").json()
     assert (listed["id"], listed["metric"], listed["labels"]) == (grid["id"], "field", ["x", "y"])
 

@@ -224,16 +224,18 @@ def grid_values(run_id: str, metric: str, handle: DataHandle, step: NonNegativeI
 
 @router.get("/runs/{run_id}/metrics/{metric:path}/span")
 def grid_span(run_id: str, metric: str, handle: DataHandle):
-    """``[{"metric", "grid", "min", "max", "first_step", "last_step", "steps"}]``: the range of
-    the metric's values over all its steps (what a colour scale needs)."""
+    """``[{"metric", "grid", "min", "max", "first_step", "last_step", "steps", "min_time",
+    "max_time", "min_timestamp", "max_timestamp"}]``: the range of the metric's values over all
+    its steps (what a colour scale needs) and when they were logged."""
     require_run(handle, run_id)
     name = _metric_name(handle, run_id, metric)
-    minimum, maximum, first, last, steps = handle.db.execute(
-        "SELECT MIN(minimum), MAX(maximum), MIN(step), MAX(step), COUNT(*) FROM server_grid_values"
-        " WHERE run_id=? AND metric=?", (run_id, name),
+    minimum, maximum, first, last, steps, min_time, max_time, min_stamp, max_stamp = handle.db.execute(
+        "SELECT MIN(minimum), MAX(maximum), MIN(step), MAX(step), COUNT(*), MIN(time), MAX(time), MIN(timestamp),"
+        " MAX(timestamp) FROM server_grid_values WHERE run_id=? AND metric=?", (run_id, name),
     ).fetchone()
     (grid_id,) = handle.db.execute(
         "SELECT grid_id FROM server_run_grids WHERE run_id=? AND metric=?", (run_id, name)
     ).fetchone()
     return [{"metric": name, "grid": grid_id, "min": minimum, "max": maximum, "first_step": first, "last_step": last,
-             "steps": steps}]
+             "steps": steps, "min_time": min_time, "max_time": max_time, "min_timestamp": iso(min_stamp),
+             "max_timestamp": iso(max_stamp)}]
