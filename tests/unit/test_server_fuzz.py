@@ -56,6 +56,7 @@ NO_BODY_ROUTES = {"PUT /api/runs/{run_id}/heartbeat"}
 VALID_BODIES: dict[str, dict[str, Any]] = {
     "FolderCreate": {"path": "/fuzz/folder"},
     "FolderUpdate": {"description": "d"},
+    "AlertUpdate": {"description": "d", "alert": {"threshold": 2.0}},
     "RunCreate": {"folder": "/fuzz", "status": "running", "name": "fuzzed"},
     "RunUpdate": {"status": "running"},
     "AbortRequest": {"reason": "r"},

@@ -71,7 +71,13 @@ def post_metrics(
     body: RawBody, handle: DataHandle, idempotency_key: Annotated[str | None, Header()] = None
 ):
     request = body.parse(MetricsPost, non_finite_ok=NON_FINITE_VALUES)
-    require_run(handle, request.run)
+    try:
+        require_run(handle, request.run)
+    except HTTPException:
+        # A field of the body names nothing: a validation error (422), as Simvue servers answer
+        # and the upstream client expects, in FastAPI's shape.
+        raise HTTPException(status_code=422, detail=[{
+            "loc": ["body", "run"], "msg": f"no run with id {request.run!r}", "type": "value_error"}]) from None
     now = time.time()
     chunks = _chunks(request.metrics, now)
     written = write_once(handle, request.run, idempotency_key, StoreBatch(metrics=chunks, heartbeat=now))
