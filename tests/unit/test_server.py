@@ -118,6 +118,9 @@ def test_folders_are_created_once_listed_and_edited(server):
     listed = server.api.get(f"{server.url}/api/folders", params={"filters": json.dumps(["path == /proj/part1"])}).json()
     assert listed["count"] == 1 and listed["data"][0]["id"] == created["id"]
     assert server.api.get(f"{server.url}/api/folders/nosuchfolder").status_code == 404
+    made = [server.api.post(f"{server.url}/api/folders", json={"path": f"/many/{i}"}).json()["id"] for i in range(12)]
+    first_page = server.api.get(f"{server.url}/api/folders", params={"count": 10}).json()["data"]
+    assert [f["id"] for f in first_page] == made[::-1][:10]  # newest first: a folder just made is on page one
 
 
 def test_run_create_read_and_partial_updates(server):

@@ -160,7 +160,9 @@ def list_folders(
     filters: Filters = None,
     sorting: str | None = None,
 ):
-    rows = handle.db.execute(f"SELECT {_COLUMNS} FROM {_FROM} ORDER BY f.created").fetchall()
+    """Folders matching ``filters``, newest first unless ``sorting`` says otherwise (as runs:
+    a folder just made is on the first page)."""
+    rows = handle.db.execute(f"SELECT {_COLUMNS} FROM {_FROM} ORDER BY f.created DESC, f.rowid DESC").fetchall()
     try:
         folders = select([_record(row) for row in rows], parse_filters(filters), _folder_fields)
         folders = order(folders, parse_sorting(sorting, _sortable), _folder_fields)
