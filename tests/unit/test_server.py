@@ -851,6 +851,8 @@ def test_tags_have_ids_and_renaming_or_deleting_one_changes_every_run(server):
     made = server.api.post(f"{server.url}/api/tags", json={"name": "unused", "colour": "#123456"})
     assert made.status_code == 200 and made.json()["colour"] == "#123456"
     assert server.api.post(f"{server.url}/api/tags", json={"name": "unused"}).json()["id"] == made.json()["id"]
+    newest = server.api.get(f"{server.url}/api/tags", params={"count": 1}).json()["data"]
+    assert [tag["name"] for tag in newest] == ["unused"]  # newest first: a tag just made is on page one
 
 
 def test_folders_form_a_tree_and_delete_with_what_they_hold(tmp_path):

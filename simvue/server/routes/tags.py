@@ -94,10 +94,11 @@ def _fields(tag: dict, name: str) -> list | None:
 
 @router.get("/tags")
 def list_tags(handle: DataHandle, paging: Page, sorting: str | None = None):
-    """Every tag, oldest first unless ``sorting`` says otherwise."""
+    """Every tag, newest first unless ``sorting`` says otherwise (as runs and folders: a tag
+    just made is on the first page)."""
     with handle.transaction() as db:
         _adopt_run_tags(db)
-    rows = handle.db.execute(f"SELECT {_COLUMNS} FROM server_tags ORDER BY created, name").fetchall()
+    rows = handle.db.execute(f"SELECT {_COLUMNS} FROM server_tags ORDER BY created DESC, name").fetchall()
     try:
         tags = order([_record(row) for row in rows], parse_sorting(sorting, _sortable), _fields)
     except QueryError as exc:
