@@ -912,3 +912,26 @@ def test_tensor_metrics_are_stored_on_their_grid_and_read_back(server):
     assert api.get(f"{url}/runs/{run['id']}/metrics/field/values", params={"step": 9}).status_code == 404
     assert api.get(f"{url}/runs/{run['id']}/metrics/other/values").status_code == 404
     assert server.unreadable(run["id"]) == {}
+
+
+def test_a_batch_of_runs_is_created_in_one_request_or_not_at_all(server):
+    batch = [{"name": f"batched-{i}", "folder": "/batch", "metadata": {"i": i}, "status": "created"} for i in range(5)]
+    made = server.api.post(f"{server.url}/api/runs", json=batch)
+    assert made.status_code == 200, made.text
+    assert [run["name"] for run in made.json()] == [f"batched-{i}" for i in range(5)]
+    for i, run in enumerate(made.json()):
+        read = server.api.get(f"{server.url}/api/runs/{run['id']}").json()
+        assert (read["name"], read["metadata"], read["folder"], read["status"]) == (f"batched-{i}", {"i": i}, "/batch",
+                                                                                      "created")
+    before = server.api.get(f"{server.url}/api/runs").json()["count"]
+    unknown_alert = [{"name": "fine", "folder": "/batch"}, {"name": "bad", "folder": "/batch", "alerts": ["nope"]}]
+    assert server.api.post(f"{server.url}/api/runs", json=unknown_alert).status_code == 404
+    wrong_shape = [{"name": "fine", "folder": "/batch"}, {"name": 5, "folder": "/batch"}]
+    answer = server.api.post(f"{server.url}/api/runs", json=wrong_shape)
+    assert answer.status_code == 422
+    keyed = server.api.post(f"{server.url}/api/runs", json=batch[:1], headers={"Idempotency-Key": "k1"})
+    assert keyed.status_code == 400 and "idempotent" in keyed.json()["detail"]
+    too_many = server.api.post(f"{server.url}/api/runs", json=[{"folder": "/batch"}] * 1001)
+    assert too_many.status_code == 400
+    assert server.api.get(f"{server.url}/api/runs").json()["count"] == before  # nothing made by a refused batch
+    assert server.api.post(f"{server.url}/api/runs", json=[]).json() == []

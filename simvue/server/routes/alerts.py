@@ -67,7 +67,8 @@ def _alert_object(row: tuple) -> dict:
     return {**ALERT_DEFAULTS, **json.loads(definition), "id": alert_id, "created": iso(created)}
 
 
-def _alert(db: sqlite3.Connection, alert_id: str) -> dict:
+def alert_definition(db: sqlite3.Connection, alert_id: str) -> dict:
+    """The alert with this id, as the API answers it, or a 404."""
     row = db.execute("SELECT id, definition, created FROM server_alerts WHERE id=?", (alert_id,)).fetchone()
     if row is None:
         raise not_found("alert", alert_id)
@@ -92,7 +93,7 @@ def attach_alerts(db: sqlite3.Connection, run_id: str, alert_ids: list[str]) -> 
     """
     wanted = dict.fromkeys(alert_ids)  # a list may repeat an id
     for alert_id in wanted:
-        _alert(db, alert_id)
+        alert_definition(db, alert_id)
     # Compared here rather than in one "NOT IN (?, ?, ...)": SQLite takes at most 32,766 values.
     attached = [row[0] for row in db.execute("SELECT alert_id FROM server_run_alerts WHERE run_id=?", (run_id,))]
     db.executemany(
@@ -119,7 +120,7 @@ def create_alert(body: AlertCreate, handle: DataHandle, deduplicate: bool = Fals
             "INSERT INTO server_alerts (id, name, definition, created) VALUES (?,?,?,?)",
             (alert_id, body.name, json.dumps(body.model_dump()), time.time()),
         )
-    return _alert(handle.db, alert_id)
+    return alert_definition(handle.db, alert_id)
 
 
 @router.get("/alerts")
@@ -133,7 +134,7 @@ def list_alerts(
 
 @router.get("/alerts/{alert_id}")
 def get_alert(alert_id: str, handle: DataHandle):
-    return _alert(handle.db, alert_id)
+    return alert_definition(handle.db, alert_id)
 
 
 def _status(alert_id: str, run_id: str, status: str, fired_at: float | None) -> dict:
@@ -142,7 +143,7 @@ def _status(alert_id: str, run_id: str, status: str, fired_at: float | None) -> 
 
 @router.get("/alerts/{alert_id}/status/{run_id}")
 def get_alert_status(alert_id: str, run_id: str, handle: DataHandle):
-    _alert(handle.db, alert_id)
+    alert_definition(handle.db, alert_id)
     require_run(handle, run_id)
     row = handle.db.execute(
         "SELECT status, fired_at FROM server_run_alerts WHERE run_id=? AND alert_id=?", (run_id, alert_id)
@@ -159,7 +160,7 @@ def set_alert_status(alert_id: str, run_id: str, body: AlertStatusUpdate, handle
     require_run(handle, run_id)
     fired_at = (time.time() if body.fired_at is None else body.fired_at) if body.status == "critical" else None
     with handle.transaction() as db:
-        _alert(db, alert_id)
+        alert_definition(db, alert_id)
         db.execute(
             "INSERT INTO server_run_alerts (run_id, alert_id, status, fired_at) VALUES (?,?,?,?)"
             " ON CONFLICT (run_id, alert_id) DO UPDATE SET status=excluded.status,"
@@ -178,7 +179,7 @@ def update_alert(alert_id: str, body: AlertUpdate, handle: DataHandle):
     answers the alert as it now is.  Its status for each run is kept."""
     changes = body.model_dump(exclude_unset=True)
     with handle.transaction() as db:
-        current = _alert(db, alert_id)
+        current = alert_definition(db, alert_id)
         if changes.get("source", current.get("source")) != current.get("source"):
             raise bad_request(f"an alert's source cannot change (this one watches {current.get('source')})")
         definition = {k: v for k, v in current.items() if k not in ("id", "created")}
@@ -190,14 +191,14 @@ def update_alert(alert_id: str, body: AlertUpdate, handle: DataHandle):
             "UPDATE server_alerts SET name=?, definition=? WHERE id=?",
             (definition["name"], json.dumps(definition), alert_id),
         )
-    return _alert(handle.db, alert_id)
+    return alert_definition(handle.db, alert_id)
 
 
 @router.delete("/alerts/{alert_id}")
 def delete_alert(alert_id: str, handle: DataHandle):
     """Remove the alert, and detach it from every run."""
     with handle.transaction() as db:
-        _alert(db, alert_id)
+        alert_definition(db, alert_id)
         db.execute("DELETE FROM server_run_alerts WHERE alert_id=?", (alert_id,))
         db.execute("DELETE FROM server_alerts WHERE id=?", (alert_id,))
     return {"id": alert_id}

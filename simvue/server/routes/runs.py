@@ -39,7 +39,7 @@ from . import (
     iso,
     require_run,
 )
-from .alerts import attach_alerts, run_alerts
+from .alerts import alert_definition, attach_alerts, run_alerts
 from .folders import ensure_folder
 
 router = checked_router()
@@ -222,10 +222,29 @@ def _claim_creation(handle: Handle, key: str, run_id: str) -> str | None:
         return row[0]
 
 
+MAX_BATCH_RUNS = 1000
+
+
 @router.post("/runs")
-def create_run(body: RunCreate, handle: DataHandle, idempotency_key: Annotated[str | None, Header()] = None):
-    """Create a run.  With ``Idempotency-Key``, a repeat of the request answers the run the
-    first one created instead of making another (a client that stopped waiting retries)."""
+def create_run(
+    body: RunCreate | list[RunCreate], handle: DataHandle, idempotency_key: Annotated[str | None, Header()] = None
+):
+    """Create a run, or a batch of runs (a list: answered with a list of runs, in order).
+    With ``Idempotency-Key``, a repeat of the request answers the run the first one created
+    instead of making another (a client that stopped waiting retries); batches take no key."""
+    if isinstance(body, list):
+        if idempotency_key is not None:
+            raise bad_request("a batch of runs cannot be made idempotent: send each run with its own key")
+        if len(body) > MAX_BATCH_RUNS:
+            raise bad_request(f"at most {MAX_BATCH_RUNS} runs per batch")
+        for entry in body:  # an unknown alert anywhere (404) before any run is made
+            for alert_id in entry.alerts or []:
+                alert_definition(handle.db, alert_id)
+        made = []
+        for entry in body:
+            ensure_folder(handle, entry.folder)
+            made.append(_create_run(handle, new_id(), entry))
+        return made
     ensure_folder(handle, body.folder)
     run_id = new_id()
     if idempotency_key is not None:
