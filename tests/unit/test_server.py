@@ -348,6 +348,17 @@ def test_alerts_deduplicate_attach_and_carry_a_status_per_run(server):
     assert server.api.put(f"{server.url}/api/alerts/nosuchalert", json={"description": "x"}).status_code == 404
     assert server.api.get(status_url).json()["status"] == "critical"
 
+    # an alert that aborts: going critical for a run asks that run to stop, and no other
+    stopper = server.api.post(f"{server.url}/api/alerts", json={"name": "stopper", "source": "user", "abort": True}).json()
+    other = create_run(server)
+    assert server.api.get(f"{url}/abort").json()["status"] is False
+    assert server.api.put(f"{server.url}/api/alerts/{stopper['id']}/status/{run['id']}", json={"status": "ok"}).ok
+    assert server.api.get(f"{url}/abort").json()["status"] is False
+    assert server.api.put(f"{server.url}/api/alerts/{stopper['id']}/status/{run['id']}", json={"status": "critical"}).ok
+    requested = server.api.get(f"{url}/abort").json()
+    assert (requested["status"], requested["reason"]) == (True, "alert 'stopper' is critical")
+    assert server.api.get(f"{server.url}/api/runs/{other['id']}/abort").json()["status"] is False
+
 
 def test_run_listing_filters_sorts_and_pages(server):
     made = [create_run(server, name=f"list-{i}", folder="/listing", tags=["even"] if i % 2 == 0 else [],

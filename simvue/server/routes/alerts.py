@@ -156,11 +156,17 @@ def get_alert_status(alert_id: str, run_id: str, handle: DataHandle):
 @router.put("/alerts/{alert_id}/status/{run_id}")
 def set_alert_status(alert_id: str, run_id: str, body: AlertStatusUpdate, handle: DataHandle):
     """Set the alert's status for the run, attaching the alert to the run if it was not.  The
-    first ``critical`` records ``fired_at`` (the body's, else now); later changes keep it."""
+    first ``critical`` records ``fired_at`` (the body's, else now); later changes keep it.  A
+    ``critical`` alert defined with ``abort`` asks the run to stop (``GET /runs/{id}/abort``)."""
     require_run(handle, run_id)
     fired_at = (time.time() if body.fired_at is None else body.fired_at) if body.status == "critical" else None
     with handle.transaction() as db:
-        alert_definition(db, alert_id)
+        alert = alert_definition(db, alert_id)
+        if body.status == "critical" and alert.get("abort") is True:
+            # an alert that aborts its run: the run's clients see the request at their next poll
+            db.execute("INSERT OR IGNORE INTO server_runs (run_id) VALUES (?)", (run_id,))
+            db.execute("UPDATE server_runs SET abort_requested=1, abort_reason=? WHERE run_id=?",
+                       (f"alert {alert['name']!r} is critical", run_id))
         db.execute(
             "INSERT INTO server_run_alerts (run_id, alert_id, status, fired_at) VALUES (?,?,?,?)"
             " ON CONFLICT (run_id, alert_id) DO UPDATE SET status=excluded.status,"
