@@ -321,10 +321,11 @@ def test_alerts_deduplicate_attach_and_carry_a_status_per_run(server):
     url = f"{server.url}/api/runs/{run['id']}"
     server.api.put(url, json={"alerts": [alert_id, user["id"]]})
     status_url = f"{server.url}/api/alerts/{user['id']}/status/{run['id']}"
+    assert server.api.get(status_url).json()["status"] is None  # attached, not set by anyone yet
     assert server.api.put(status_url, json={"status": "critical"}).status_code == 200
     assert server.api.get(status_url).json()["status"] == "critical"
     attached = {a["alert"]["id"]: (a["alert"]["name"], a["status"]) for a in server.api.get(url).json()["alerts"]}
-    assert attached == {alert_id: ("loss-high", "ok"), user["id"]: ("manual", "critical")}
+    assert attached == {alert_id: ("loss-high", None), user["id"]: ("manual", "critical")}  # none set: null
 
     fetched = server.api.get(f"{server.url}/api/alerts/{alert_id}").json()
     assert fetched["alert"]["threshold"] == 10.0 and fetched["source"] == "metrics"

@@ -23,6 +23,9 @@ from . import DataHandle, IsoTime, Page, SafeJSONResponse, bad_request, checked_
 router = checked_router()
 
 AlertStatus = Literal["ok", "critical"]
+# An alert attached to a run whose status no client has set yet (the column predates it and
+# cannot hold NULL); answered as null, as Simvue servers do.
+UNSET = ""
 
 
 class AlertCreate(BaseModel):
@@ -83,11 +86,12 @@ def run_alerts(db: sqlite3.Connection, run_id: str) -> list[dict]:
         " JOIN server_alerts a ON a.id = r.alert_id WHERE r.run_id=? ORDER BY a.created",
         (run_id,),
     ).fetchall()
-    return [{"alert": _alert_object(row[:3]), "status": row[3], "fired_at": iso(row[4])} for row in rows]
+    return [{"alert": _alert_object(row[:3]), "status": row[3] or None, "fired_at": iso(row[4])} for row in rows]
 
 
 def attach_alerts(db: sqlite3.Connection, run_id: str, alert_ids: list[str]) -> None:
-    """Make ``alert_ids`` the run's alerts: new ones start ``ok``, kept ones keep their status.
+    """Make ``alert_ids`` the run's alerts: new ones have no status until a client sets one
+    (stored as ``UNSET``, answered as null), kept ones keep theirs.
 
     Call inside a transaction.
     """
@@ -101,8 +105,8 @@ def attach_alerts(db: sqlite3.Connection, run_id: str, alert_ids: list[str]) -> 
         [(run_id, alert_id) for alert_id in attached if alert_id not in wanted],
     )
     db.executemany(
-        "INSERT OR IGNORE INTO server_run_alerts (run_id, alert_id) VALUES (?, ?)",
-        [(run_id, alert_id) for alert_id in wanted],
+        "INSERT OR IGNORE INTO server_run_alerts (run_id, alert_id, status) VALUES (?, ?, ?)",
+        [(run_id, alert_id, UNSET) for alert_id in wanted],
     )
 
 
@@ -138,7 +142,7 @@ def get_alert(alert_id: str, handle: DataHandle):
 
 
 def _status(alert_id: str, run_id: str, status: str, fired_at: float | None) -> dict:
-    return {"id": alert_id, "run": run_id, "status": status, "fired_at": iso(fired_at)}
+    return {"id": alert_id, "run": run_id, "status": status or None, "fired_at": iso(fired_at)}
 
 
 @router.get("/alerts/{alert_id}/status/{run_id}")

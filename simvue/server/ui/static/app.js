@@ -807,7 +807,7 @@
         el("tbody", {}, ...alerts.map((a) => el("tr", {},
           el("td", { text: a.alert.name }),
           el("td", { text: describeRule(a.alert) }),
-          el("td", {}, badge(a.status)),
+          el("td", {}, badge(a.status || "not set")),
           el("td", { text: fmtTime(a.fired_at) })))));
     }
     render();
