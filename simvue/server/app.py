@@ -17,11 +17,25 @@ from .blobs import BlobStore
 from .db import ServerData
 from .faults import FaultRule, FaultSet
 from .guard import RequestGuard, RequestStats
-from .routes import SafeJSONResponse, alerts, artifacts, dashboard, events, folders, grids, metrics, runs, service, tags
+from .routes import (
+    SafeJSONResponse,
+    admin,
+    alerts,
+    artifacts,
+    dashboard,
+    events,
+    folders,
+    grids,
+    metrics,
+    runs,
+    service,
+    storage,
+    tags,
+)
 
 ARTIFACTS_DIR = "artifacts"
 API_PREFIX = "/api"
-_API_MODULES = (service, folders, runs, metrics, events, artifacts, alerts, tags, grids, dashboard)
+_API_MODULES = (service, folders, runs, metrics, events, artifacts, alerts, tags, grids, dashboard, admin, storage)
 
 
 @dataclasses.dataclass

@@ -58,8 +58,9 @@ def issue_token(secret: bytes, days: float = DEFAULT_TOKEN_DAYS, now: float | No
     return jwt.encode(claims, secret, algorithm=_ALGORITHM)
 
 
-def check_authorization(secret: bytes, header: str | None) -> None:
-    """Accept an ``Authorization: Bearer <jwt>`` header signed with ``secret`` and not expired."""
+def check_authorization(secret: bytes, header: str | None) -> str:
+    """Accept an ``Authorization: Bearer <jwt>`` header signed with ``secret`` and not expired;
+    the token's subject (its user's name)."""
     import jwt
 
     if not header:
@@ -68,7 +69,7 @@ def check_authorization(secret: bytes, header: str | None) -> None:
     if scheme.lower() != "bearer" or not token.strip():
         raise TokenRejected("malformed Authorization header (expected 'Bearer <token>')")
     try:
-        jwt.decode(token.strip(), secret, algorithms=[_ALGORITHM], options={"require": ["exp", "sub"]})
+        claims = jwt.decode(token.strip(), secret, algorithms=[_ALGORITHM], options={"require": ["exp", "sub"]})
     except jwt.ExpiredSignatureError:
         raise TokenRejected("token has expired") from None
     except jwt.InvalidSignatureError:
@@ -77,6 +78,7 @@ def check_authorization(secret: bytes, header: str | None) -> None:
         raise TokenRejected(f"token lacks the {exc.claim!r} claim") from None
     except jwt.InvalidTokenError as exc:
         raise TokenRejected(f"malformed token: {exc}") from None
+    return str(claims["sub"])
 
 
 def blob_key(secret: bytes, purpose: str, artifact_id: str) -> str:

@@ -4,8 +4,9 @@ The server keeps everything in one SQLite file, ``DIR/simvue.db``: runs, folders
 events in the store's own schema (written through :class:`simvue.store.Store`, so the
 ``simvue`` command can browse a server's data directory like any store), and beside them the
 ``server_*`` tables below for what the store has no notion of: folder, alert and tag ids,
-alerts, artifacts, tensor-metric grids and their values, abort requests and the idempotency
-keys of ingest requests.  The store's writes only add and merge, so the routes replace a run's
+alerts, artifacts, tensor-metric grids and their values, abort requests, the idempotency
+keys of ingest requests, and the tenants, users and storage records of ``routes/admin.py``
+and ``routes/storage.py``.  The store's writes only add and merge, so the routes replace a run's
 tags, rename, move and delete runs, and edit and delete folders and tags, with SQL of their own
 on the store's tables.
 
@@ -20,11 +21,13 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..store import Store
+from ..store import Store, new_id
 from ..store.sqlite import BUSY_TIMEOUT_S, DATABASE_FILE, transaction
+from .auth import TOKEN_SUBJECT
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS server_folders (
@@ -107,7 +110,42 @@ CREATE TABLE IF NOT EXISTS server_grid_values (
     maximum REAL
 );
 CREATE INDEX IF NOT EXISTS server_grid_values_by_metric ON server_grid_values (run_id, metric, step);
+CREATE TABLE IF NOT EXISTS server_tenants (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    is_enabled INTEGER NOT NULL DEFAULT 1,
+    max_request_rate INTEGER NOT NULL DEFAULT 0,
+    max_runs INTEGER NOT NULL DEFAULT 0,
+    max_data_volume INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS server_users (
+    id TEXT PRIMARY KEY,
+    username TEXT NOT NULL UNIQUE,
+    tenant_id TEXT NOT NULL,
+    fullname TEXT NOT NULL DEFAULT '',
+    email TEXT,
+    is_manager INTEGER NOT NULL DEFAULT 0,
+    is_admin INTEGER NOT NULL DEFAULT 0,
+    is_readonly INTEGER NOT NULL DEFAULT 0,
+    is_enabled INTEGER NOT NULL DEFAULT 1,
+    welcome INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS server_storage (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    backend TEXT NOT NULL,
+    config TEXT NOT NULL DEFAULT '{}',
+    disable_check INTEGER NOT NULL DEFAULT 0,
+    is_tenant_useable INTEGER NOT NULL DEFAULT 1,
+    is_default INTEGER NOT NULL DEFAULT 0,
+    is_enabled INTEGER NOT NULL DEFAULT 1,
+    created REAL NOT NULL
+);
 """
+
+DEFAULT_TENANT = "default"
 
 # Columns added after the first release: a data directory an older server made gets them at start.
 ADDED_COLUMNS = (
@@ -122,6 +160,26 @@ RUN_TABLES = (
     ("server_run_alerts", "run_id"), ("server_run_artifacts", "run_id"), ("applied_keys", "run_id"),
     ("server_run_keys", "run_id"), ("server_run_grids", "run_id"), ("server_grid_values", "run_id"),
 )
+
+
+def ensure_user(db: sqlite3.Connection, username: str) -> str:
+    """The id of the user named ``username``, made (an administrator, in the oldest tenant, or
+    in a new ``default`` tenant if there is none) if there is no such user; call inside a
+    transaction."""
+    row = db.execute("SELECT id FROM server_users WHERE username=?", (username,)).fetchone()
+    if row is not None:
+        return row[0]
+    now = time.time()
+    tenant = db.execute("SELECT id FROM server_tenants ORDER BY created, id LIMIT 1").fetchone()
+    if tenant is None:
+        tenant = (new_id(),)
+        db.execute("INSERT INTO server_tenants (id, name, created) VALUES (?,?,?)", (tenant[0], DEFAULT_TENANT, now))
+    user_id = new_id()
+    db.execute(
+        "INSERT INTO server_users (id, username, tenant_id, fullname, is_admin, created) VALUES (?,?,?,?,1,?)",
+        (user_id, username, tenant[0], username, now),
+    )
+    return user_id
 
 
 def delete_runs(db: sqlite3.Connection, run_ids: list[str]) -> None:
@@ -169,6 +227,8 @@ class ServerData:
                     handle.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
             # The key of a creation cut off by a crash names no run: let its retry create it.
             handle.db.execute("DELETE FROM server_run_keys WHERE run_id NOT IN (SELECT id FROM runs)")
+            with handle.transaction() as db:
+                ensure_user(db, TOKEN_SUBJECT)  # whoever holds a token
 
     @contextlib.contextmanager
     def checkout(self) -> Iterator[Handle]:
