@@ -352,7 +352,8 @@ class Replicator:
             )
             if not isinstance(answer, dict) or not answer.get("id"):
                 raise ServerRejected("POST", "/alerts", 200, f"the answer has no alert id: {answer!r}")
-            known[alert["name"]] = {"id": answer["id"], "status": "ok"}
+            # no status on the server yet (null there): the first pass sends what the run has, "ok" too
+            known[alert["name"]] = {"id": answer["id"], "status": None}
         attached = [alert for alert in alerts if alert.get("attached", True)]
         if any(alert.get("attached", True) for alert in new):
             ids = [known[alert["name"]]["id"] for alert in attached]
