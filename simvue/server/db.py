@@ -143,6 +143,11 @@ CREATE TABLE IF NOT EXISTS server_storage (
     is_enabled INTEGER NOT NULL DEFAULT 1,
     created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS server_starred (
+    kind TEXT NOT NULL,
+    object_id TEXT NOT NULL,
+    PRIMARY KEY (kind, object_id)
+);
 """
 
 DEFAULT_TENANT = "default"
@@ -159,6 +164,7 @@ RUN_TABLES = (
     ("metrics", "run_id"), ("events", "run_id"), ("runs", "id"), ("server_runs", "run_id"),
     ("server_run_alerts", "run_id"), ("server_run_artifacts", "run_id"), ("applied_keys", "run_id"),
     ("server_run_keys", "run_id"), ("server_run_grids", "run_id"), ("server_grid_values", "run_id"),
+    ("server_starred", "object_id"),
 )
 
 
@@ -180,6 +186,18 @@ def ensure_user(db: sqlite3.Connection, username: str) -> str:
         (user_id, username, tenant[0], username, now),
     )
     return user_id
+
+
+def set_starred(db: sqlite3.Connection, kind: str, object_id: str, starred: bool) -> None:
+    """Star (favourite) a run or a folder, or take the star away; call inside a transaction."""
+    if starred:
+        db.execute("INSERT OR IGNORE INTO server_starred (kind, object_id) VALUES (?, ?)", (kind, object_id))
+    else:
+        db.execute("DELETE FROM server_starred WHERE kind=? AND object_id=?", (kind, object_id))
+
+
+def is_starred(db: sqlite3.Connection, kind: str, object_id: str) -> bool:
+    return db.execute("SELECT 1 FROM server_starred WHERE kind=? AND object_id=?", (kind, object_id)).fetchone() is not None
 
 
 def delete_runs(db: sqlite3.Connection, run_ids: list[str]) -> None:

@@ -947,3 +947,25 @@ def test_a_batch_of_runs_is_created_in_one_request_or_not_at_all(server):
     assert too_many.status_code == 400
     assert server.api.get(f"{server.url}/api/runs").json()["count"] == before  # nothing made by a refused batch
     assert server.api.post(f"{server.url}/api/runs", json=[]).json() == []
+
+
+def test_runs_and_folders_can_be_starred_and_unstarred(server):
+    run = create_run(server, folder="/stars")
+    (folder,) = server.api.get(f"{server.url}/api/folders", params={"filters": json.dumps(["path == /stars"])}).json()[
+        "data"]
+    run_url, folder_url = f"{server.url}/api/runs/{run['id']}", f"{server.url}/api/folders/{folder['id']}"
+    assert run["starred"] is False and folder["starred"] is False
+    for url in (run_url, folder_url):
+        answer = server.api.put(f"{url}/starred", json={"starred": True})
+        assert answer.status_code == 200 and answer.json()["starred"] is True
+        assert server.api.get(url).json()["starred"] is True
+        assert server.api.put(f"{url}/starred", json={"starred": True}).ok  # again: still starred, once
+        assert server.api.put(f"{url}/starred", json={"starred": "yes"}).status_code == 422
+        assert server.api.put(f"{url}/starred", json={}).status_code == 422
+    assert server.api.put(f"{run_url}/starred", json={"starred": False}).json()["starred"] is False
+    assert server.api.get(run_url).json()["starred"] is False and server.api.get(folder_url).json()["starred"] is True
+    assert server.api.put(f"{server.url}/api/runs/nosuchrun/starred", json={"starred": True}).status_code == 404
+    assert server.api.put(f"{server.url}/api/folders/nosuchfolder/starred", json={"starred": True}).status_code == 404
+    server.api.delete(folder_url, params={"recursive": "True", "runs": "True"})
+    assert server.api.get(folder_url).status_code == 404 and server.api.get(run_url).status_code == 404
+    assert server.unreadable() == {}

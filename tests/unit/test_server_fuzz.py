@@ -57,6 +57,7 @@ VALID_BODIES: dict[str, dict[str, Any]] = {
     "FolderCreate": {"path": "/fuzz/folder"},
     "FolderUpdate": {"description": "d"},
     "AlertUpdate": {"description": "d", "alert": {"threshold": 2.0}},
+    "Starred": {"starred": True},
     "RunCreate": {"folder": "/fuzz", "status": "running", "name": "fuzzed"},
     "RunUpdate": {"status": "running"},
     "AbortRequest": {"reason": "r"},

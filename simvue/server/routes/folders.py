@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt
 
 from ..._util import merge_dicts
 from ...store import new_id
-from ..db import Handle, delete_runs
+from ..db import Handle, delete_runs, set_starred
 from ..query import QueryError, dotted, order, parse_filters, parse_sorting, select
 from . import (
     DataHandle,
@@ -35,8 +35,16 @@ from . import (
 
 router = checked_router()
 
-_COLUMNS = "f.id, f.path, f.created, s.description, s.metadata, s.tags, f.ttl"
+_COLUMNS = ("f.id, f.path, f.created, s.description, s.metadata, s.tags, f.ttl,"
+            " EXISTS (SELECT 1 FROM server_starred WHERE kind='folder' AND object_id=f.id)")
 _FROM = "server_folders f JOIN folders s ON s.path = f.path"
+
+
+class Starred(BaseModel):
+    """``PUT /runs/{id}/starred`` and ``PUT /folders/{id}/starred``: a favourite or not."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    starred: bool
 
 
 class FolderUpdate(BaseModel):
@@ -84,7 +92,7 @@ def adopt_store_folders(handle: Handle) -> None:
 
 
 def _record(row: tuple) -> dict:
-    folder_id, path, created, description, metadata, tags, ttl = row
+    folder_id, path, created, description, metadata, tags, ttl, starred = row
     return {
         "id": folder_id,
         "path": path,
@@ -94,6 +102,7 @@ def _record(row: tuple) -> dict:
         "tags": json.loads(tags),
         "created": created,
         "ttl": ttl,
+        "starred": bool(starred),
     }
 
 
@@ -171,6 +180,15 @@ def list_folders(
     return {"data": [_response(f) for f in paging(folders)], "count": len(folders)}
 
 
+@router.put("/folders/{folder_id}/starred")
+def star_folder(folder_id: str, body: Starred, handle: DataHandle):
+    """Mark the folder as a favourite (``{"starred": true}``) or not."""
+    _folder(handle, folder_id)
+    with handle.transaction() as db:
+        set_starred(db, "folder", folder_id, body.starred)
+    return {"id": folder_id, "starred": body.starred}
+
+
 @router.get("/folders/{folder_id}")
 def get_folder(folder_id: str, handle: DataHandle):
     return _response(_folder(handle, folder_id))
@@ -217,5 +235,6 @@ def delete_folder(
         delete_runs(db, run_ids)
         for doomed_id, doomed_path in doomed_folders:
             db.execute("DELETE FROM server_folders WHERE id=?", (doomed_id,))
+            set_starred(db, "folder", doomed_id, False)
             db.execute("DELETE FROM folders WHERE path=?", (doomed_path,))
     return {"folders": [fid for fid, _ in doomed_folders], "runs": run_ids}

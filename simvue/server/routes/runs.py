@@ -24,7 +24,7 @@ from ... import validation
 from ...names import random_name
 from ...store import StoreBatch, new_id
 from ..auth import TOKEN_SUBJECT
-from ..db import Handle, delete_runs
+from ..db import Handle, delete_runs, is_starred, set_starred
 from ..query import QueryError, dotted, order, parse_filters, parse_sorting, select
 from . import (
     DataHandle,
@@ -40,7 +40,7 @@ from . import (
     require_run,
 )
 from .alerts import alert_definition, attach_alerts, run_alerts
-from .folders import ensure_folder
+from .folders import Starred, ensure_folder
 
 router = checked_router()
 
@@ -173,6 +173,7 @@ def run_response(handle: Handle, run: dict) -> dict:
         "metrics": metric_summaries(handle, run["id"]),
         "events": _event_counts(handle, run["id"]),
         "user": TOKEN_SUBJECT,  # one user per server: whoever holds a token
+        "starred": is_starred(handle.db, "run", run["id"]),
     }
 
 
@@ -421,6 +422,15 @@ def request_abort(run_id: str, handle: DataHandle, body: AbortRequest | None = N
         db.execute("INSERT OR IGNORE INTO server_runs (run_id) VALUES (?)", (run_id,))
         db.execute("UPDATE server_runs SET abort_requested=1, abort_reason=? WHERE run_id=?", (reason, run_id))
     return {"id": run_id, "status": True, "reason": reason}
+
+
+@router.put("/runs/{run_id}/starred")
+def star_run(run_id: str, body: Starred, handle: DataHandle):
+    """Mark the run as a favourite (``{"starred": true}``) or not."""
+    require_run(handle, run_id)
+    with handle.transaction() as db:
+        set_starred(db, "run", run_id, body.starred)
+    return {"id": run_id, "starred": body.starred}
 
 
 @router.delete("/runs/{run_id}")
