@@ -964,6 +964,12 @@ def test_runs_and_folders_can_be_starred_and_unstarred(server):
         assert server.api.put(f"{url}/starred", json={}).status_code == 422
     assert server.api.put(f"{run_url}/starred", json={"starred": False}).json()["starred"] is False
     assert server.api.get(run_url).json()["starred"] is False and server.api.get(folder_url).json()["starred"] is True
+    starred_folders = server.api.get(f"{server.url}/api/folders", params={"filters": json.dumps(["starred"])}).json()
+    assert [f["id"] for f in starred_folders["data"]] == [folder["id"]]
+    assert server.api.get(f"{server.url}/api/runs", params={"filters": json.dumps(["starred"])}).json()["data"] == []
+    server.api.put(f"{run_url}/starred", json={"starred": True})
+    starred_runs = server.api.get(f"{server.url}/api/runs", params={"filters": json.dumps(["starred"])}).json()
+    assert [r["id"] for r in starred_runs["data"]] == [run["id"]]
     assert server.api.put(f"{server.url}/api/runs/nosuchrun/starred", json={"starred": True}).status_code == 404
     assert server.api.put(f"{server.url}/api/folders/nosuchfolder/starred", json={"starred": True}).status_code == 404
     server.api.delete(folder_url, params={"recursive": "True", "runs": "True"})

@@ -153,6 +153,8 @@ def _folder_fields(folder: dict, name: str) -> list | None:
         return [folder["created"]]
     if name == "tag":
         return folder["tags"]
+    if name == "starred":  # the filter "starred"
+        return [True] if folder["starred"] else []
     if name.startswith("metadata."):
         return dotted(folder["metadata"], name.removeprefix("metadata."))
     return None

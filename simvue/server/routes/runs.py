@@ -314,6 +314,10 @@ class _RunFields:
             found.setdefault(run_id, []).append(artifact_id)
         return found
 
+    @functools.cached_property
+    def _starred(self) -> set[str]:
+        return {row[0] for row in self._db.execute("SELECT object_id FROM server_starred WHERE kind='run'")}
+
     def __call__(self, run: dict, name: str) -> list | None:
         if name in ("id", "name", "status", "description", "folder", "created", "started"):
             return [run[name]]
@@ -328,8 +332,8 @@ class _RunFields:
             return [simple[name]]
         if name == "tag":
             return run["tags"]
-        if name == "starred":
-            return []
+        if name == "starred":  # the filter "starred"
+            return [True] if run["id"] in self._starred else []
         for prefix in ("metadata.", "system."):
             if name.startswith(prefix):
                 return dotted(run[prefix[:-1]], name.removeprefix(prefix))
