@@ -866,6 +866,13 @@ def test_tags_have_ids_and_renaming_or_deleting_one_changes_every_run(server):
     newest = server.api.get(f"{server.url}/api/tags", params={"count": 1}).json()["data"]
     assert [tag["name"] for tag in newest] == ["unused"]  # newest first: a tag just made is on page one
 
+    # a tag outlives the run that brought it, even if no one listed the tags in between
+    brief = create_run(server, tags=["brief-tag"])
+    server.api.put(f"{server.url}/api/runs/{brief['id']}", json={"tags": ["brief-tag", "later-tag"]})
+    assert server.api.delete(f"{server.url}/api/runs/{brief['id']}").status_code == 200
+    names = {tag["name"] for tag in server.api.get(f"{server.url}/api/tags").json()["data"]}
+    assert {"brief-tag", "later-tag"} <= names
+
 
 def test_folders_form_a_tree_and_delete_with_what_they_hold(tmp_path):
     with ServerProcess(tmp_path / "server") as server:

@@ -41,6 +41,7 @@ from . import (
 )
 from .alerts import alert_definition, attach_alerts, run_alerts
 from .folders import Starred, ensure_folder
+from .tags import adopt_tags
 
 router = checked_router()
 
@@ -107,6 +108,8 @@ def _set_server_fields(db: sqlite3.Connection, run_id: str, body: RunFields) -> 
         )
     if body.alerts is not None:
         attach_alerts(db, run_id, body.alerts)
+    if body.tags:
+        adopt_tags(db, body.tags)
 
 
 def _seconds(timeout: float | None) -> float | int | None:

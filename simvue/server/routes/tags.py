@@ -57,6 +57,16 @@ def _adopt_run_tags(db: sqlite3.Connection) -> None:
     )
 
 
+def adopt_tags(db: sqlite3.Connection, names: list[str]) -> None:
+    """Give these tag names (of a run being created or tagged) an id now, if they have none:
+    a tag outlives the runs that carried it, as on Simvue servers.  Call inside a transaction."""
+    now = time.time()
+    db.executemany(
+        "INSERT OR IGNORE INTO server_tags (id, name, colour, description, created) VALUES (?,?,?,NULL,?)",
+        [(new_id(), name, _default_colour(name), now) for name in dict.fromkeys(names)],
+    )
+
+
 def _record(row: tuple) -> dict:
     tag_id, name, colour, description, created = row
     return {"id": tag_id, "name": name, "colour": colour, "description": description, "created": created}
