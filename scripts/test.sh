@@ -58,3 +58,7 @@ done
 # (docs/openmpi.md).
 bash scripts/test-mpi.sh openmpi
 bash scripts/test-mpi.sh impi
+
+# The upstream Simvue client's own test suite against `simvue server`, with its list of expected
+# failures (docs/server.md).
+bash scripts/test-upstream-suite.sh
