@@ -121,7 +121,7 @@ def test_a_torchrun_job_over_two_nodes_joins_over_the_network_through_the_shared
         "run.init(name=sys.argv[1])",
         "run.init(name=sys.argv[1])\n"
         "    address = run._membership.address.address if run._membership.address else None\n"
-        "    print('ADDRESS', run.rank, address, flush=True)",
+        "    os.write(1, f'ADDRESS {run.rank} {address}\\n'.encode())  # one write: lines of the ranks do not mix",
     ))
     launcher = HERE / "launchers" / "torchrun_like.py"
     result = subprocess.run(
