@@ -19,6 +19,7 @@ from ...validation import timestamp
 from ..downsample import MAX_BUCKETS
 from ..views import Series, band, group_metrics, heat_map, line, positions
 from . import DataHandle, SafeJSONResponse, bad_request, checked_router, iso, not_found, require_run
+from .alerts import run_alerts
 from .artifacts import run_artifacts
 from .runs import run_response
 
@@ -59,14 +60,15 @@ def overview(run_id: str, handle: DataHandle):
     """The run (as ``GET /runs/{id}`` gives it), its metrics grouped for drawing, its points per
     metric, its processes and nodes, and how long it lasted."""
     run = require_run(handle, run_id)
-    counts = handle.store.metric_counts(run_id)
+    response = run_response(handle, run, summaries=False)
+    counts = {name: metric["count"] for name, metric in response["metrics"].items()}
     simvue = (run.get("metadata") or {}).get("simvue") or {}
     processes: dict[str, Any] = simvue["processes"] if isinstance(simvue.get("processes"), dict) else {}
     hosts: dict[str, Any] = simvue["hosts"] if isinstance(simvue.get("hosts"), dict) else {}
     end = run["ended"] if run["ended"] is not None else run["heartbeat"]
     started = run["started"] or run["created"]
     return SafeJSONResponse({
-        "run": run_response(handle, run),
+        "run": response,
         "groups": group_metrics(counts).as_json(),
         "points": counts,
         "events": handle.store.event_count(run_id),
@@ -149,7 +151,7 @@ def markers(run_id: str, handle: DataHandle, x: XAxis = "step", levels: str = "w
         {"t": e["timestamp"] - t0, "kind": "event", "level": e["level"], "text": e["message"]}
         for e in handle.store.events(run_id) if e["level"] in wanted
     ]
-    for alert in run_response(handle, run)["alerts"]:
+    for alert in run_alerts(handle.db, run_id):
         fired = alert.get("fired_at")
         if fired:
             found.append({"t": timestamp(fired) - t0, "kind": "alert", "level": alert["status"],
