@@ -15,6 +15,9 @@ CACHE=.cache/upstream-suite
 VENV=.venv-upstream-suite
 EXPECTED=tests/upstream/expected-failures.txt
 mkdir -p "$CACHE"
+# The executor tests run their commands with the shell named by SHELL, and otherwise with the
+# parent process's executable (python, under pytest-xdist); CI machines may not set it.
+export SHELL="${SHELL:-/bin/bash}"
 
 if [ ! -x "$VENV/bin/python" ] || [ "$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("simvue"))' 2>/dev/null)" != "$VERSION" ]; then
     rm -rf "$VENV"
