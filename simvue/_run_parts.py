@@ -7,7 +7,7 @@ Declared once, for the type checker: at run time ``RunParts`` is an empty base c
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -18,6 +18,13 @@ if TYPE_CHECKING:
         _state: str
         _buffer: deque[tuple] | None
         _pipe: Pipe | None
+        _t0: float
+        _steps: Iterator[int]
+        _max_buffered: int
+        _full_wait_s: float | None
+        _grid_defs: dict[str, tuple[list[list[float]], list[str]]]
+        _metric_grids: dict[str, str]
+        _grids_sent: set[str]
 
         def _process_buffer(self, call: str) -> deque[tuple] | None: ...
 
@@ -29,7 +36,7 @@ if TYPE_CHECKING:
         def log_event(self, message: Any, timestamp: str | None = None, log_level: str = "info") -> bool: ...
 
         def log_metrics(
-            self, metrics: dict[str, int | float], step: int | None = None, time: float | None = None,
+            self, metrics: dict[str, int | float | Any], step: int | None = None, time: float | None = None,
             timestamp: str | None = None,
         ) -> bool: ...
 

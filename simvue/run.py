@@ -26,6 +26,7 @@ from .artifacts import ArtifactsMixin
 from .compat import CompatMixin
 from .config import Settings, from_environment, normalise_reduce
 from .errors import ErrorPolicy, SimvueError, SimvueRunError, SimvueTypeError, SimvueValueError, SimvueWarning
+from .grids import GridsMixin
 from .names import default_name
 from .transport.protocol import (
     EventRecord,
@@ -47,7 +48,7 @@ NEW, ACTIVE, CLOSED, DISABLED = "new", "active", "closed", "disabled"
 
 def _plain_finite(values: Any) -> bool:
     """True when every value is a plain float, or an int that fits in 64 bits, and none is
-    inf or nan (the fast check; anything else takes ``validation.metrics``)."""
+    inf or nan (the fast check; anything else takes ``validation.split_metrics``)."""
     for value in values:
         cls = value.__class__
         if cls is not float and (cls is not int or not _INT64_MIN <= value <= _INT64_MAX):
@@ -55,7 +56,7 @@ def _plain_finite(values: Any) -> bool:
     return _isfinite(sum(values))
 
 
-class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
+class Run(CompatMixin, ArtifactsMixin, AlertsMixin, GridsMixin):
     """A tracked run, as seen from this process.
 
     ``Run()`` does no I/O.  ``init()`` creates the run (in the aggregator's process) or joins
@@ -94,6 +95,8 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
         self._folder = "/"
         self._address: AggregatorAddress | None = None
         self._t0 = _now()
+        self._grid_defs: dict[str, tuple[list[list[float]], list[str]]] = {}  # grid name -> axes, labels
+        self._metric_grids: dict[str, str] = {}  # metric -> grid name
         self._reset_process_state()
         if environment_error is not None:
             self._fail("config", environment_error)
@@ -113,6 +116,7 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
         self._membership: session.Membership | None = None
         self._steps: Iterator[int] = iter(())  # the membership's step counter, once joined
         self._known_names: frozenset[str] = frozenset()
+        self._grids_sent: set[str] = set()  # metrics whose grid this process has announced
         self._max_buffered = self._settings.max_buffered_records
         self._full_wait_s = self._settings.close_timeout_s if self._settings.queue_blocking else None
         self._closed_here = False
@@ -302,12 +306,13 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
 
     def log_metrics(
         self,
-        metrics: dict[str, int | float],
+        metrics: dict[str, int | float | Any],
         step: int | None = None,
         time: float | None = None,
         timestamp: str | None = None,
     ) -> bool:
-        """Record metric values.
+        """Record metric values: numbers, or arrays (``numpy`` arrays or nested lists, 1 or 2
+        axes, at most 50,000 values) for metrics on a grid (``assign_metric_to_grid``).
 
         ``step`` defaults to a per-process counter that increases on every call; ``time``
         defaults to seconds since the run started; ``timestamp`` (UTC,
@@ -328,6 +333,9 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
             checked = self._checked_metrics(metrics)
             if checked is None:
                 return False
+            if checked.__class__ is tuple:  # it holds arrays
+                numbers, arrays = checked
+                return self._log_arrays(buffer, numbers, arrays, step, time, timestamp)
             metrics = checked
         else:
             metrics = metrics.copy()
@@ -353,14 +361,15 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
 
     log = log_metrics  # the older ``Simvue()`` client's name, without an extra call
 
-    def _checked_metrics(self, metrics: Any) -> dict[str, int | float] | None:
+    def _checked_metrics(self, metrics: Any) -> Any:
+        """The call's numbers, or ``(numbers, arrays)`` if it holds arrays; None if invalid."""
         try:
-            checked = validation.metrics(metrics)
+            checked, arrays = validation.split_metrics(metrics)
         except SimvueError as exc:
             self._fail("log_metrics", exc)
             return None
         self._known_names = self._known_names | checked.keys()
-        return checked
+        return (checked, arrays) if arrays else checked
 
     def _process_buffer(self, call: str):
         """The buffer to append to, joining the run first if this process has not yet."""
@@ -548,6 +557,8 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
             "address": self._address.to_json() if self._address else None,
             "t0": self._t0,
             "mode": self._mode,
+            "grids": self._grid_defs,
+            "metric_grids": self._metric_grids,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -561,6 +572,8 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin):
         self._folder = state["folder"]
         self._address = AggregatorAddress.from_json(state["address"]) if state["address"] else None
         self._t0 = state["t0"]
+        self._grid_defs = state["grids"]
+        self._metric_grids = state["metric_grids"]
         self._abort_callback = None
         self._server_url = self._server_token = None
         self._aborted = False

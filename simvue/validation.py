@@ -12,7 +12,9 @@ import json
 import math
 import numbers
 import re
+import sys
 import unicodedata
+from array import array
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -27,6 +29,9 @@ MAX_METADATA_DEPTH = 64  # levels of nested dicts and lists
 MAX_METADATA_BYTES = 16 << 20  # as JSON; one update_metadata call
 # What every stage can carry: msgpack on the wire, int64 columns in the store, the server.
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+# Array metrics (on grids): what the Simvue server takes.
+MAX_GRID_AXES = 2
+MAX_TENSOR_VALUES = 50_000
 
 RUN_STATUSES = ("created", "running", "completed", "failed", "terminated", "lost")
 FINAL_STATUSES = ("completed", "failed", "terminated", "lost")
@@ -68,13 +73,123 @@ def _float(name: str, value: Any) -> float:
         raise SimvueValueError(f"metric {name!r} is too large for a float64: {str(value)[:40]}...") from None
 
 
-def metrics(values: Any) -> dict[str, float | int]:
-    """A validated copy of a ``log_metrics`` dictionary."""
+def is_array(value: Any) -> bool:
+    """Whether a ``log_metrics`` value is an array (a metric on a grid): a list, a tuple or
+    anything numpy can read as one (``ndarray``, a CPU tensor), not a number."""
+    return isinstance(value, (list, tuple)) or (
+        not isinstance(value, numbers.Number) and (hasattr(value, "__array__") or hasattr(value, "__array_interface__"))
+    )
+
+
+def split_metrics(values: Any) -> tuple[dict[str, float | int], dict[str, tuple[tuple[int, ...], bytes]]]:
+    """A validated copy of a ``log_metrics`` dictionary, as ``(numbers, arrays)``; each
+    array as ``(shape, little-endian float64 bytes)`` (see ``tensor``)."""
     if not isinstance(values, Mapping):
         raise SimvueTypeError(f"metrics must be a dict of name -> number, not {type(values).__name__}")
     if not values:
         raise SimvueValueError("metrics dict is empty")
-    return {metric_name(k): metric_value(k, v) for k, v in values.items()}
+    scalars: dict[str, float | int] = {}
+    arrays: dict[str, tuple[tuple[int, ...], bytes]] = {}
+    for key, value in values.items():
+        name = metric_name(key)
+        if is_array(value):
+            shaped = tensor(name, value)
+            if shaped[0]:
+                arrays[name] = shaped
+            else:  # a 0-d array is a number
+                scalars[name] = float(value)
+        else:
+            scalars[name] = metric_value(name, value)
+    return scalars, arrays
+
+
+def tensor(name: str, value: Any) -> tuple[tuple[int, ...], bytes]:
+    """``(shape, data)`` of an array metric value: at most ``MAX_GRID_AXES`` axes and
+    ``MAX_TENSOR_VALUES`` finite numbers, as little-endian float64 bytes in C order."""
+    try:
+        import numpy
+    except ImportError:  # nested lists still work
+        shape, flat = _nested(name, value)
+        values = array("d", flat)
+        if sys.byteorder != "little":
+            values.byteswap()
+        data = values.tobytes()
+    else:
+        try:
+            found = numpy.asarray(value)
+        except Exception as exc:  # noqa: BLE001 - whatever the object raises
+            raise SimvueValueError(f"metric {name!r} is not an array of numbers: {exc}") from None
+        if found.dtype.kind not in "iuf":
+            raise SimvueTypeError(
+                f"metric {name!r} is an array of {found.dtype}; an array metric holds ints or floats"
+                + (" (and its rows must be of equal length)" if found.dtype.kind == "O" else "")
+            )
+        shape = tuple(int(n) for n in found.shape)
+        _check_shape(name, shape)
+        with numpy.errstate(over="ignore"):
+            as_float = numpy.ascontiguousarray(found, dtype="<f8")
+        if not numpy.isfinite(as_float).all():
+            raise SimvueValueError(f"metric {name!r} holds inf or nan; metric values must be finite")
+        data = as_float.tobytes()
+    return shape, data
+
+
+def _check_shape(name: str, shape: tuple[int, ...]) -> None:
+    if len(shape) > MAX_GRID_AXES:
+        raise SimvueValueError(f"metric {name!r} has {len(shape)} axes; an array metric has 1 or {MAX_GRID_AXES}")
+    if 0 in shape:
+        raise SimvueValueError(f"metric {name!r} is an empty array")
+    size = math.prod(shape)
+    if size > MAX_TENSOR_VALUES:
+        raise SimvueValueError(f"metric {name!r} holds {size} values; an array metric holds at most {MAX_TENSOR_VALUES}")
+
+
+def _nested(name: str, value: Any) -> tuple[tuple[int, ...], list[float]]:
+    """Shape and values of nested lists of numbers (when numpy is not installed)."""
+    if not isinstance(value, (list, tuple)):
+        return (), [metric_value(name, value)]
+    rows = [_nested(name, item) for item in value]
+    shapes = {shape for shape, _ in rows}
+    if len(shapes) > 1:
+        raise SimvueTypeError(f"metric {name!r} is not rectangular: its rows must be of equal length")
+    shape = (len(rows), *(shapes.pop() if shapes else ()))
+    _check_shape(name, shape)
+    return shape, [number for _, flat in rows for number in flat]
+
+
+def grid(name: Any, axes: Any, labels: Any) -> tuple[str, list[list[float]], list[str]]:
+    """A checked grid definition: a name like a run's, 1 or ``MAX_GRID_AXES`` axes of finite
+    ticks in increasing or decreasing order, and one label per axis."""
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_LENGTH or not name.isprintable():
+        raise SimvueValueError(f"invalid grid name {name!r}: use 1-{MAX_NAME_LENGTH} printable characters")
+    if hasattr(axes, "tolist") and not isinstance(axes, (list, tuple)):
+        axes = axes.tolist()
+    if not isinstance(axes, (list, tuple)) or not 1 <= len(axes) <= MAX_GRID_AXES:
+        raise SimvueValueError(f"grid {name!r}: axes_ticks must hold 1 or {MAX_GRID_AXES} axes of ticks")
+    ticks: list[list[float]] = []
+    for index, axis in enumerate(axes):
+        if hasattr(axis, "tolist") and not isinstance(axis, (list, tuple)):
+            axis = axis.tolist()
+        if not isinstance(axis, (list, tuple)) or not 1 <= len(axis) <= MAX_TENSOR_VALUES:
+            raise SimvueValueError(f"grid {name!r}: axis {index} must be a list of 1-{MAX_TENSOR_VALUES} ticks")
+        values = [metric_value(f"{name} axis {index}", tick) for tick in axis]
+        pairs = list(zip(values, values[1:]))
+        if not (all(a <= b for a, b in pairs) or all(a >= b for a, b in pairs)):
+            raise SimvueValueError(f"grid {name!r}: the ticks of axis {index} are not in order")
+        ticks.append([float(v) for v in values])
+    if not isinstance(labels, (list, tuple)) or not all(isinstance(label, str) for label in labels):
+        raise SimvueTypeError(f"grid {name!r}: axes_labels must be a list of str")
+    if len(labels) != len(ticks):
+        raise SimvueValueError(f"grid {name!r}: {len(labels)} axes_labels for {len(ticks)} axes")
+    return utf8(name, "grid name"), ticks, [utf8(label, "axis label") for label in labels]
+
+
+def fits_grid(shape: tuple[int, ...] | list[int], axes: list[list[float]]) -> bool:
+    """Whether an array of ``shape`` lies on a grid with these axes: one array axis per grid
+    axis, as many values as ticks, with the grid's first axis the array's last (x along a
+    row, as ``numpy.meshgrid`` lays it out) or its first."""
+    lengths = [len(axis) for axis in axes]
+    return list(shape) in (lengths[::-1], lengths)
 
 
 def step(value: Any) -> int:

@@ -6,20 +6,29 @@ Reduced combines, per metric and step, the values of every sender into ``loss.me
 step is written when every live sender has reported it and no expected rank is still to
 join (a sender that has left is not waited for, but its values count), or ``wait_s`` after
 its first value; a value arriving for a step already written is counted as late
-(``LossReason.LATE_STEP``).
+(``LossReason.LATE_STEP``).  Array metrics are reduced the same way, element by element
+(``simvue.aggregator.arrays``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from ..config import REDUCERS
 from ..losses import LossCounter, LossReason
 
 FINISHED_STEPS_REMEMBERED = 100_000
 
-Emit = Callable[[str, int, float, float, float], None]
+Emit = Callable[[str, int, float, float, Any], None]
+# ``combine(op, values)``: the values of one step, one per sender, reduced by ``op``; None if
+# they cannot be (arrays of different shapes).
+Combine = Callable[[str, list[Any]], Any]
+
+
+def combine_numbers(op: str, values: list[float]) -> float:
+    return float(REDUCERS[op](values))
 
 
 class _PendingStep:
@@ -27,7 +36,7 @@ class _PendingStep:
 
     def __init__(self, first_seen: float) -> None:
         self.first_seen = first_seen
-        self.values: dict[str, float] = {}
+        self.values: dict[str, Any] = {}
         self.time = 0.0
         self.timestamp = 0.0
 
@@ -38,7 +47,8 @@ class Reducer:
     ``spec`` maps a metric name, or ``"*"`` for every metric, to its ops.  ``live_labels``
     is the (live, updated in place) set of labels of senders still running and ``missing``
     counts expected ranks that have not joined yet.  ``emit(name, step, time, timestamp,
-    value)`` receives each reduced point.
+    value)`` receives each reduced point, ``emit_count`` (default: ``emit``) each step's count
+    of senders; ``combine`` reduces one step's values (default: numbers).
     """
 
     def __init__(
@@ -50,12 +60,16 @@ class Reducer:
         missing: Callable[[], int],
         emit: Emit,
         losses: LossCounter,
+        emit_count: Emit | None = None,
+        combine: Combine = combine_numbers,
     ) -> None:
         self.spec = dict(spec)
         self.wait_s = wait_s
         self.live_labels = live_labels
         self.missing = missing
         self.emit = emit
+        self.emit_count = emit_count or emit
+        self.combine = combine
         self.losses = losses
         self._pending: dict[tuple[str, int], _PendingStep] = {}
         self._finished: OrderedDict[tuple[str, int], None] = OrderedDict()
@@ -67,7 +81,7 @@ class Reducer:
             ops = self.spec.get("*")
         return ops
 
-    def add(self, label: str, name: str, step: int, time: float, timestamp: float, value: float, now: float) -> None:
+    def add(self, label: str, name: str, step: int, time: float, timestamp: float, value: Any, now: float) -> None:
         key = (name, step)
         pending = self._pending.get(key)
         if pending is None:
@@ -104,7 +118,10 @@ class Reducer:
         name, step = key
         values = list(pending.values.values())
         for op in self.ops_for(name) or ():
-            reducer = REDUCERS.get(op)
-            if reducer is not None:
-                self.emit(f"{name}.{op}", step, pending.time, pending.timestamp, float(reducer(values)))
-        self.emit(f"{name}.count", step, pending.time, pending.timestamp, float(len(values)))
+            if op in REDUCERS:
+                value = self.combine(op, values)
+                if value is None:
+                    self.losses.record(LossReason.BAD_RECORD)
+                else:
+                    self.emit(f"{name}.{op}", step, pending.time, pending.timestamp, value)
+        self.emit_count(f"{name}.count", step, pending.time, pending.timestamp, float(len(values)))

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from .._util import merge_dicts
 from ..abort import AbortSignal
-from ..config import Settings
+from ..config import REDUCERS, Settings
 from ..losses import LossCounter, LossReason
 from ..resources.emissions import EmissionEstimate
 from ..store import STOPPING, SeriesChunk, StoreBatch
@@ -43,6 +43,7 @@ from ..transport.protocol import (
     ArtifactRecord,
     EventRecord,
     FolderRecord,
+    GridRecord,
     Message,
     MessageKind,
     MetadataRecord,
@@ -50,9 +51,11 @@ from ..transport.protocol import (
     ResourcesRecord,
     StatusRecord,
     TagsRecord,
+    TensorRecord,
 )
-from ..validation import EVENT_LEVELS, FINAL_STATUSES, RUN_STATUSES
+from ..validation import EVENT_LEVELS, FINAL_STATUSES, INT64_MAX, RUN_STATUSES
 from .alerts import CRITICAL, AlertEngine, AlertSpec, Transition
+from .arrays import GridBook, checked_value, combine_arrays
 from .artifacts import ArtifactAssembly
 from .instructions import Instruction, Notice, Reply
 from .merge import Reducer
@@ -141,6 +144,17 @@ class AggregatorState:
             emit=self._emit_reduced,
             losses=self.losses,
         )
+        self.grids = GridBook()
+        self.array_reducer = Reducer(
+            settings.reduce,
+            wait_s=settings.reduce_wait_s,
+            live_labels=self.table.live_labels,
+            missing=self.table.missing_ranks_count,
+            emit=self._emit_reduced_array,
+            emit_count=self._emit_reduced,
+            combine=combine_arrays,
+            losses=self.losses,
+        )
         self.alerts = AlertEngine()
         self.artifacts = ArtifactAssembly(blobs)
         self.sampling = SamplingPlanner(self.host, settings.resources_interval_s)
@@ -173,6 +187,8 @@ class AggregatorState:
             RecordKind.ARTIFACT: self._on_artifact,
             RecordKind.ARTIFACT_CHUNK: self._on_artifact_chunk,
             RecordKind.RESOURCES: self._on_resources,
+            RecordKind.GRID: self._on_grid,
+            RecordKind.TENSOR: self._on_tensor,
         }
 
     # -- queries --------------------------------------------------------------------------
@@ -292,6 +308,7 @@ class AggregatorState:
                     if self.table.mark_lost(state, reason):
                         self._report_lost(state)
         self.reducer.tick(now)
+        self.array_reducer.tick(now)
         if self.abort.is_set and not self._abort_announced:
             self._abort_announced = True
             self._event(f"this run was asked to stop: {self.abort.reason}", "warning")
@@ -352,6 +369,7 @@ class AggregatorState:
     def finish(self, *, crashed: bool = False) -> StoreBatch:
         """The run's last batch: pending reductions, the final status and what was lost."""
         self.reducer.finish()
+        self.array_reducer.finish()
         for sender_id in self.artifacts.abandon():
             sender = self.table.by_id.get(sender_id)
             self.losses.record(LossReason.ARTIFACT_FAILED)
@@ -563,6 +581,38 @@ class AggregatorState:
         else:
             self.losses.record(LossReason.ARTIFACT_FAILED)
             self._event(f"artifact {name!r} from {producer.label} was not saved: {problem}", "error")
+
+    def _on_grid(self, producer: Producer, record: GridRecord) -> None:
+        identity, new = self.grids.on_grid(producer.label, record.metric, record.grid, record.axes, record.labels)
+        if new is not None:
+            self._batch.grids[identity] = new
+        self._batch.grid_metrics.update(self.grids.assign(self._array_series(producer, record.metric), identity))
+
+    def _array_series(self, producer: Producer, metric: str) -> list[str]:
+        """The names under which ``producer``'s array metric ``metric`` is stored."""
+        ops = self.reducer.ops_for(metric)
+        if ops is None:
+            return [producer.prefix + metric]
+        names = [f"{metric}.{op}" for op in ops if op in REDUCERS]
+        if "namespace" in ops and producer.prefix:
+            names.append(producer.prefix + metric)
+        return names
+
+    def _on_tensor(self, producer: Producer, record: TensorRecord) -> None:
+        grid = self.grids.grid_of(producer.label, record.name) if isinstance(record.name, str) else None
+        if grid is None or record.step.__class__ is not int or not 0 <= record.step <= INT64_MAX:
+            raise ValueError("malformed array value record (or its metric's grid was never announced)")
+        value = checked_value(record.shape, record.data, grid[1])
+        t, ts = float(record.time), float(record.timestamp)
+        ops = self.reducer.ops_for(record.name)
+        if ops is not None:
+            self.array_reducer.add(producer.label, record.name, record.step, t, ts, value, self.clock.monotonic())
+        if ops is None or ("namespace" in ops and producer.prefix):
+            self._batch.tensors.append((producer.prefix + record.name, record.step, t, ts, list(value[0]), value[1]))
+
+    def _emit_reduced_array(self, name: str, step: int, t: float, ts: float, value: Any) -> None:
+        shape, data = value
+        self._batch.tensors.append((name, step, t, ts, list(shape), data))
 
     def _on_resources(self, producer: Producer, record: ResourcesRecord) -> None:
         host = str(record.host)

@@ -164,7 +164,8 @@ RUN_TABLES = (
     ("metrics", "run_id"), ("events", "run_id"), ("runs", "id"), ("server_runs", "run_id"),
     ("server_run_alerts", "run_id"), ("server_run_artifacts", "run_id"), ("applied_keys", "run_id"),
     ("server_run_keys", "run_id"), ("server_run_grids", "run_id"), ("server_grid_values", "run_id"),
-    ("server_starred", "object_id"),
+    ("server_starred", "object_id"), ("alerts", "run_id"), ("artifacts", "run_id"), ("uploads", "run_id"),
+    ("artifact_uploads", "run_id"), ("grids", "run_id"), ("grid_metrics", "run_id"), ("tensors", "run_id"),
 )
 
 

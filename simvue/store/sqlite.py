@@ -145,6 +145,32 @@ CREATE TABLE IF NOT EXISTS artifact_uploads (
     remote_id TEXT NOT NULL,
     PRIMARY KEY (run_id, server, name)
 );
+CREATE TABLE IF NOT EXISTS grids (
+    run_id TEXT NOT NULL REFERENCES runs (id),
+    id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    axes TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    PRIMARY KEY (run_id, id)
+);
+CREATE TABLE IF NOT EXISTS grid_metrics (
+    run_id TEXT NOT NULL REFERENCES runs (id),
+    metric TEXT NOT NULL,
+    grid_id TEXT NOT NULL,
+    PRIMARY KEY (run_id, metric)
+);
+CREATE TABLE IF NOT EXISTS tensors (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs (id),
+    metric TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    time REAL NOT NULL,
+    timestamp REAL NOT NULL,
+    shape TEXT NOT NULL,
+    vals BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tensors_by_metric ON tensors (run_id, metric, step);
+CREATE INDEX IF NOT EXISTS tensors_by_run ON tensors (run_id, id);
 CREATE TABLE IF NOT EXISTS uploads (
     run_id TEXT NOT NULL REFERENCES runs (id),
     server TEXT NOT NULL,
@@ -235,6 +261,11 @@ class StoreBatch:
     # Artifact rows {name, category, size, checksum, mime_type, original_path, metadata, created};
     # their content is already in the store's blobs when the batch is written.
     artifacts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # Array values (name, step, time, timestamp, shape, little-endian float64 bytes); a later
+    # value of a metric at the same step replaces the earlier one.
+    tensors: list[tuple[str, int, float, float, list[int], bytes]] = dataclasses.field(default_factory=list)
+    grids: dict[str, tuple[str, list[list[float]], list[str]]] = dataclasses.field(default_factory=dict)  # id -> name, axes, labels
+    grid_metrics: dict[str, str] = dataclasses.field(default_factory=dict)  # array metric -> its grid's id
     status: str | None = None
     heartbeat: float | None = None
     ended: float | None = None
@@ -242,6 +273,7 @@ class StoreBatch:
     def is_empty(self) -> bool:
         return not (
             self.metrics or self.events or self.metadata or self.tags or self.folders or self.alerts or self.artifacts
+            or self.tensors or self.grids or self.grid_metrics
         ) and self.status is None and self.heartbeat is None and self.ended is None
 
     @property
@@ -254,7 +286,7 @@ class StoreBatch:
         alert, an artifact, the metadata and tags, the status): what is lost if it is."""
         return (
             self.point_count + len(self.events) + len(self.folders) + len(self.alerts) + len(self.artifacts)
-            + bool(self.metadata or self.tags) + (self.status is not None or self.ended is not None)
+            + len(self.tensors) + len(self.grids) + len(self.grid_metrics) + bool(self.metadata or self.tags) + (self.status is not None or self.ended is not None)
         )
 
     def extend(self, later: StoreBatch) -> None:
@@ -278,6 +310,9 @@ class StoreBatch:
                 alert = {**alert, "fired_at": earlier["fired_at"]}  # the store keeps the first firing
             self.alerts[name] = alert
         self.artifacts.extend(later.artifacts)
+        self.tensors.extend(later.tensors)
+        self.grids.update(later.grids)
+        self.grid_metrics.update(later.grid_metrics)
         if later.status is not None:
             self.status = later.status
         if later.heartbeat is not None:
@@ -288,8 +323,8 @@ class StoreBatch:
     def split_bulk(self) -> tuple[StoreBatch, StoreBatch]:
         """``(points and events, everything else)``: the part that grows with the data and
         the small part (metadata, tags, folders, alerts, artifact rows, status)."""
-        bulk = StoreBatch(metrics=self.metrics, events=self.events)
-        rest = dataclasses.replace(self, metrics={}, events=[])
+        bulk = StoreBatch(metrics=self.metrics, events=self.events, tensors=self.tensors)
+        rest = dataclasses.replace(self, metrics={}, events=[], tensors=[])
         return bulk, rest
 
     def parts(self) -> list[StoreBatch]:
@@ -303,6 +338,9 @@ class StoreBatch:
         out += [StoreBatch(folders=[folder]) for folder in self.folders]
         out += [StoreBatch(alerts={name: alert}) for name, alert in self.alerts.items()]
         out += [StoreBatch(artifacts=[artifact]) for artifact in self.artifacts]
+        if self.grids or self.grid_metrics:  # before the arrays on them
+            out.append(StoreBatch(grids=self.grids, grid_metrics=self.grid_metrics))
+        out += [StoreBatch(tensors=[tensor]) for tensor in self.tensors]
         if self.status is not None or self.heartbeat is not None or self.ended is not None:
             out.append(StoreBatch(status=self.status, heartbeat=self.heartbeat, ended=self.ended))
         return out
@@ -320,7 +358,7 @@ class StoreBatch:
         words = [f"{len(chunk)} points of {name!r}" for name, chunk in self.metrics.items() if chunk]
         for count, noun in (
             (len(self.events), "event"), (len(self.folders), "folder"), (len(self.alerts), "alert"),
-            (len(self.artifacts), "artifact"),
+            (len(self.artifacts), "artifact"), (len(self.tensors), "array value"), (len(self.grids), "grid"),
         ):
             if count:
                 words.append(f"{count} {noun}{'s' if count > 1 else ''}")
@@ -340,7 +378,7 @@ def pack_batch(run_id: str, batch: StoreBatch) -> bytes:
         "format": SPILLED_BATCH_FORMAT,
         "run_id": run_id,
         "metrics": {
-            name: [_pack(chunk.steps), _pack(chunk.times), _pack(chunk.timestamps), _pack(chunk.values)]
+            name: [pack_column(chunk.steps), pack_column(chunk.times), pack_column(chunk.timestamps), pack_column(chunk.values)]
             for name, chunk in batch.metrics.items()
         },
         "events": [list(event) for event in batch.events],
@@ -349,6 +387,9 @@ def pack_batch(run_id: str, batch: StoreBatch) -> bytes:
         "folders": [list(folder) for folder in batch.folders],
         "alerts": batch.alerts,
         "artifacts": batch.artifacts,
+        "tensors": [list(tensor) for tensor in batch.tensors],
+        "grids": {grid_id: list(grid) for grid_id, grid in batch.grids.items()},
+        "grid_metrics": batch.grid_metrics,
         "status": batch.status,
         "heartbeat": batch.heartbeat,
         "ended": batch.ended,
@@ -367,8 +408,8 @@ def read_spilled_batches(path: str | Path) -> Iterator[tuple[str, StoreBatch]]:
             metrics = {}
             for name, (steps, times, timestamps, values) in item["metrics"].items():
                 chunk = SeriesChunk()
-                chunk.steps, chunk.times = _unpack("q", steps), _unpack("d", times)
-                chunk.timestamps, chunk.values = _unpack("d", timestamps), _unpack("d", values)
+                chunk.steps, chunk.times = unpack_column("q", steps), unpack_column("d", times)
+                chunk.timestamps, chunk.values = unpack_column("d", timestamps), unpack_column("d", values)
                 metrics[name] = chunk
             yield item["run_id"], StoreBatch(
                 metrics=metrics,
@@ -378,6 +419,9 @@ def read_spilled_batches(path: str | Path) -> Iterator[tuple[str, StoreBatch]]:
                 folders=[tuple(folder) for folder in item["folders"]],
                 alerts=item["alerts"],
                 artifacts=item["artifacts"],
+                tensors=[tuple(tensor) for tensor in item.get("tensors", ())],  # absent from older spill files
+                grids={grid_id: tuple(grid) for grid_id, grid in item.get("grids", {}).items()},
+                grid_metrics=item.get("grid_metrics", {}),
                 status=item["status"],
                 heartbeat=item["heartbeat"],
                 ended=item["ended"],
@@ -403,7 +447,7 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
-def _pack(column: array) -> bytes:
+def pack_column(column: array) -> bytes:
     if _LITTLE:
         return column.tobytes()
     swapped = array(column.typecode, column)
@@ -411,7 +455,7 @@ def _pack(column: array) -> bytes:
     return swapped.tobytes()
 
 
-def _unpack(kind: str, blob: bytes) -> array:
+def unpack_column(kind: str, blob: bytes) -> array:
     values = array(kind)
     values.frombytes(blob)
     if not _LITTLE:
@@ -543,10 +587,10 @@ class Store:
                             len(chunk),
                             min(chunk.steps),
                             max(chunk.steps),
-                            _pack(chunk.steps),
-                            _pack(chunk.times),
-                            _pack(chunk.timestamps),
-                            _pack(chunk.values),
+                            pack_column(chunk.steps),
+                            pack_column(chunk.times),
+                            pack_column(chunk.timestamps),
+                            pack_column(chunk.values),
                         )
                     )
                 db.executemany(
@@ -587,6 +631,24 @@ class Store:
                          a.get("original_path"), json.dumps(a.get("metadata") or {}), a.get("created") or time.time())
                         for a in batch.artifacts
                     ],
+                )
+            if batch.grids:
+                db.executemany(
+                    "INSERT OR IGNORE INTO grids (run_id, id, name, axes, labels) VALUES (?,?,?,?,?)",
+                    [(run_id, grid_id, name, json.dumps(axes), json.dumps(labels))
+                     for grid_id, (name, axes, labels) in batch.grids.items()],
+                )
+            if batch.grid_metrics:
+                db.executemany(
+                    "INSERT OR REPLACE INTO grid_metrics (run_id, metric, grid_id) VALUES (?,?,?)",
+                    [(run_id, metric, grid_id) for metric, grid_id in batch.grid_metrics.items()],
+                )
+            if batch.tensors:
+                db.executemany(
+                    "INSERT OR REPLACE INTO tensors (run_id, metric, step, time, timestamp, shape, vals)"
+                    " VALUES (?,?,?,?,?,?,?)",
+                    [(run_id, name, step, t, ts, json.dumps(list(shape)), data)
+                     for name, step, t, ts, shape, data in batch.tensors],
                 )
             if batch.status is not None:
                 db.execute(
@@ -683,10 +745,10 @@ class Store:
             (run_id, name),
         )
         for steps, times, timestamps, values in rows:
-            series["steps"].extend(_unpack("q", steps))
-            series["times"].extend(_unpack("d", times))
-            series["timestamps"].extend(_unpack("d", timestamps))
-            series["values"].extend(_unpack("d", values))
+            series["steps"].extend(unpack_column("q", steps))
+            series["times"].extend(unpack_column("d", times))
+            series["timestamps"].extend(unpack_column("d", timestamps))
+            series["values"].extend(unpack_column("d", values))
         return series
 
     def metric_columns(self, run_id: str, name: str, columns: Sequence[str]) -> dict[str, bytes]:
@@ -729,7 +791,7 @@ class Store:
             (run_id, chunk_id, limit),
         ).fetchall()
         return [
-            (cid, name, _unpack("q", steps), _unpack("d", times), _unpack("d", stamps), _unpack("d", values))
+            (cid, name, unpack_column("q", steps), unpack_column("d", times), unpack_column("d", stamps), unpack_column("d", values))
             for cid, name, steps, times, stamps, values in rows
         ]
 
@@ -748,6 +810,44 @@ class Store:
             "SELECT id, timestamp, message, level FROM events WHERE run_id=? AND id>? ORDER BY id LIMIT ?",
             (run_id, event_id, limit),
         ).fetchall()
+
+    def grids(self, run_id: str) -> list[dict]:
+        """The run's grids: ``[{"id", "name", "axes", "labels"}]``, by name."""
+        rows = self._db.execute(
+            "SELECT id, name, axes, labels FROM grids WHERE run_id=? ORDER BY name, id", (run_id,)
+        ).fetchall()
+        return [{"id": i, "name": n, "axes": json.loads(a), "labels": json.loads(la)} for i, n, a, la in rows]
+
+    def grid_metrics(self, run_id: str) -> dict[str, str]:
+        """The run's array metrics, each with the id of its grid."""
+        rows = self._db.execute("SELECT metric, grid_id FROM grid_metrics WHERE run_id=? ORDER BY metric", (run_id,))
+        return dict(rows.fetchall())
+
+    def array_values(self, run_id: str, metric: str) -> list[dict]:
+        """The values of array metric ``metric``, by step: ``[{"step", "time", "timestamp",
+        "shape", "values"}]``, ``values`` the array's numbers in C order (an ``array('d')``)."""
+        rows = self._db.execute(
+            "SELECT step, time, timestamp, shape, vals FROM tensors WHERE run_id=? AND metric=? ORDER BY step",
+            (run_id, metric),
+        ).fetchall()
+        return [{"step": step, "time": t, "timestamp": ts, "shape": json.loads(shape), "values": unpack_column("d", data)}
+                for step, t, ts, shape, data in rows]
+
+    def array_values_after(self, run_id: str, after: int, max_values: int) -> list[tuple]:
+        """``(id, metric, step, time, timestamp, shape, values)`` of the run's array values
+        stored after row ``after``, in the order stored, as many as hold ``max_values``
+        numbers (at least one)."""
+        out: list[tuple] = []
+        total = 0
+        for row_id, metric, step, t, ts, shape, data in self._db.execute(
+            "SELECT id, metric, step, time, timestamp, shape, vals FROM tensors WHERE run_id=? AND id>? ORDER BY id",
+            (run_id, after),
+        ):
+            total += len(data) // 8
+            if out and total > max_values:
+                break
+            out.append((row_id, metric, step, t, ts, json.loads(shape), unpack_column("d", data)))
+        return out
 
     def upload(self, run_id: str, server: str) -> dict | None:
         """How far run ``run_id`` has been sent to ``server`` (None: not started)."""

@@ -70,6 +70,13 @@ ARTIFACT_CHUNK 9 [9, transfer: int, offset: int, data: bytes]       part of its 
 RESOURCES  10   [10, host: str, time: float s, timestamp: float epoch s, {name: number}]
                 one resource sample of a node; the names are complete
                 (``resources/...``) and the aggregator numbers the steps per host
+TENSOR     11   [11, step, time, timestamp, name: str, shape: [int, ...], data: bytes]
+                one array value of a metric (``log_metrics`` with an array):
+                little-endian float64, C order, ``data`` is 8 * prod(shape) bytes
+GRID       12   [12, metric: str, grid: str, axes: [[tick, ...], ...], labels: [str]]
+                the sender's metric ``metric`` is on grid ``grid``, defined by its
+                axes' ticks and labels; sent by each process before the first TENSOR
+                of that metric, and again when the process assigns it to another grid
 ==============  ==================================================================
 
 Artifacts.  The aggregator's own process copies content straight into the store's blobs and
@@ -123,6 +130,8 @@ class RecordKind(enum.IntEnum):
     ARTIFACT = 8
     ARTIFACT_CHUNK = 9
     RESOURCES = 10
+    TENSOR = 11
+    GRID = 12
 
 
 class MetricsRecord(NamedTuple):
@@ -197,6 +206,24 @@ class ResourcesRecord(NamedTuple):
     values: dict[str, float]  # complete names, ``resources/...``
 
 
+class TensorRecord(NamedTuple):
+    kind: RecordKind
+    step: int
+    time: float
+    timestamp: float
+    name: str
+    shape: list[int]  # one length per axis of the metric's grid
+    data: bytes  # little-endian float64 values, C order
+
+
+class GridRecord(NamedTuple):
+    kind: RecordKind
+    metric: str
+    grid: str  # the grid's name
+    axes: list[list[float]]  # each axis's ticks
+    labels: list[str]  # one per axis
+
+
 RECORD_TYPES: dict[RecordKind, Any] = {  # each a NamedTuple class, with ``_make``
     RecordKind.METRICS: MetricsRecord,
     RecordKind.EVENT: EventRecord,
@@ -209,6 +236,8 @@ RECORD_TYPES: dict[RecordKind, Any] = {  # each a NamedTuple class, with ``_make
     RecordKind.ARTIFACT: ArtifactRecord,
     RecordKind.ARTIFACT_CHUNK: ArtifactChunkRecord,
     RecordKind.RESOURCES: ResourcesRecord,
+    RecordKind.TENSOR: TensorRecord,
+    RecordKind.GRID: GridRecord,
 }
 
 ARTIFACT_CHUNK_BYTES = 1 << 20
