@@ -8,6 +8,7 @@ import os
 import re
 import stat
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -95,3 +96,11 @@ def open_private(path: Path, flags: int) -> int:
     """``os.open`` a file that is created readable and writable only by its owner (the umask
     can only take permissions away, so 0600 holds whatever it is)."""
     return os.open(path, flags | os.O_CREAT, PRIVATE_FILE_MODE)
+
+
+def nested(values: Sequence[float], shape: Sequence[int]) -> list:
+    """The flat ``values`` (C order) as nested lists of ``shape``."""
+    flat: list[Any] = list(values)
+    for length in reversed(shape[1:]):
+        flat = [flat[i:i + length] for i in range(0, len(flat), length)]
+    return flat

@@ -37,6 +37,7 @@ from typing import Any, BinaryIO
 
 import requests
 
+from ._util import nested
 from .abort import AbortSignal
 from .api.config import ServerConfig
 from .api.connection import Backoff, Connection, ServerRejected, ServerUnavailable, clip, describe_failure, is_local
@@ -58,6 +59,7 @@ STARTING_SERVER_WAIT_S = 3.0
 STARTING_SERVER_POLL_S = 0.1
 MAX_POINTS_PER_REQUEST = 100_000
 MAX_EVENTS_PER_REQUEST = 16_000
+MAX_ARRAY_VALUES_PER_REQUEST = 1_000_000  # numbers in array values (about 9 MB packed)
 CHUNKS_PER_READ = 16
 MIN_SERVER_HEARTBEAT_TIMEOUT_S = 180.0
 log = logging.getLogger(__name__)
@@ -214,6 +216,55 @@ class Replicator:
         self._save(event_id=rows[-1][0])
         return len(rows)
 
+    def send_grids(self) -> None:
+        """Create the run's grids on the server and put its array metrics on them, each
+        once (and again when a metric moves to another grid)."""
+        remote = dict(self.state["sent"].get("grids", {}))  # grid id here -> id there
+        placed = dict(self.state["sent"].get("grid_metrics", {}))  # metric -> grid id here
+        todo = {m: g for m, g in self.store.grid_metrics(self.run_id).items() if placed.get(m) != g}
+        if not todo:
+            return
+        grids = {grid["id"]: grid for grid in self.store.grids(self.run_id)}
+        for metric, grid_id in todo.items():
+            if grid_id not in remote:
+                grid = grids[grid_id]
+                answer = self.connection.request(
+                    "POST", "/grids", json={"name": grid["name"], "grid": grid["axes"], "labels": grid["labels"]}
+                )
+                if not isinstance(answer, dict) or not answer.get("id"):
+                    raise ServerRejected("POST", "/grids", 200, f"the answer has no grid id: {answer!r}")
+                remote[grid_id] = answer["id"]
+                self._save(sent={**self.state["sent"], "grids": remote})
+            self.connection.request("PUT", f"/runs/{self.remote_id}/grids/{remote[grid_id]}", json={"metric": metric})
+            placed[metric] = grid_id
+            self._save(sent={**self.state["sent"], "grid_metrics": placed})
+
+    def send_arrays(self) -> int:
+        """Send the next batch of array values (after their grids); returns how many were
+        sent (0: caught up)."""
+        after = self.state["sent"].get("array_row", 0)
+        rows = self.store.array_values_after(self.run_id, after, MAX_ARRAY_VALUES_PER_REQUEST)
+        if not rows:
+            return 0
+        self.send_grids()
+        remote, placed = self.state["sent"].get("grids", {}), self.state["sent"].get("grid_metrics", {})
+        body = []
+        for _, metric, step, t, ts, shape, values in rows:
+            grid_id = placed.get(metric)
+            if grid_id is None:  # its grid is not stored yet: the next pass sends it
+                break
+            body.append({"metric": metric, "grid": remote[grid_id], "step": step, "time": t,
+                         "timestamp": self._timestamp(ts), "array": nested(values, shape)})
+        if not body:
+            return 0
+        last = rows[len(body) - 1][0]
+        self.connection.request(
+            "POST", f"/runs/{self.remote_id}/metrics/", packed=body,
+            headers={"Idempotency-Key": f"{self.run_id}/arrays/{after}"},
+        )
+        self._save(sent={**self.state["sent"], "array_row": last})
+        return len(body)
+
     def send_changes(self, run: dict[str, Any], *, job_over: bool = False) -> bool:
         """Send what changed in the run's fields since last time; ``run`` must have been read
         before the data was drained, so a final status is never sent ahead of data.
@@ -275,6 +326,8 @@ class Replicator:
                 progress(sent)
         while sent := self.send_events():
             events += sent
+        while self.send_arrays():
+            pass
         self.send_alerts()
         artifacts = self.send_artifacts(artifact_progress)
         complete = self.send_changes(run, job_over=job_over)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from array import array
 from typing import Any
+from urllib.parse import quote
 
 from ..store import RunNotFound
 from ..validation import timestamp as parse_timestamp
@@ -69,6 +70,41 @@ class RemoteStore:
             answer = self.connection.request("GET", f"/runs/{run_id}/metrics") or {}
             self._metric_cache[run_id] = answer.get("data", {})
         return self._metric_cache[run_id]
+
+    def grids(self, run_id: str) -> list[dict]:
+        """The run's grids, shaped as ``Store.grids``."""
+        found = {g["id"]: {"id": g["id"], "name": g["name"], "axes": g["grid"], "labels": g["labels"]}
+                 for g in self._run_grids(run_id)}
+        return sorted(found.values(), key=lambda g: (g["name"], g["id"]))
+
+    def grid_metrics(self, run_id: str) -> dict[str, str]:
+        return {g["metric"]: g["id"] for g in sorted(self._run_grids(run_id), key=lambda g: g["metric"])}
+
+    def _run_grids(self, run_id: str) -> list[dict]:
+        answer = self.connection.request("GET", f"/runs/{run_id}/grids") or []
+        return [g for g in answer if isinstance(g, dict) and {"id", "name", "metric", "grid", "labels"} <= g.keys()]
+
+    def array_values(self, run_id: str, metric: str) -> list[dict]:
+        """The values of an array metric by step, shaped as ``Store.array_values``: the span
+        says which steps to ask for, one request each."""
+        path = f"/runs/{run_id}/metrics/{quote(metric, safe='/')}"
+        span = (self.connection.request("GET", f"{path}/span") or [{}])[0]
+        if not span.get("steps"):
+            return []
+        found = []
+        for step in range(span["first_step"], span["last_step"] + 1):
+            try:
+                answer = self.connection.request("GET", f"{path}/values", params={"step": step})
+            except ServerRejected as exc:
+                if exc.status == 404:  # no value at this step
+                    continue
+                raise
+            values, shape = _flattened(answer["array"])
+            found.append({"step": answer["step"], "time": answer["time"],
+                          "timestamp": parse_timestamp(answer["timestamp"]), "shape": shape, "values": values})
+            if len(found) == span["steps"]:
+                break
+        return found
 
     def events(self, run_id: str) -> list[dict]:
         return [
@@ -165,3 +201,16 @@ def _run_dict(run: dict) -> dict:
             key: run[key] for key in ("ttl", "visibility", "notifications") if key in run
         },
     }
+
+
+def _flattened(nested: Any) -> tuple[array, list[int]]:
+    """The numbers of nested lists, in C order, and their shape."""
+    shape: list[int] = []
+    level = nested
+    while isinstance(level, list):
+        shape.append(len(level))
+        level = level[0] if level else None
+    flat = nested
+    for _ in shape[1:]:
+        flat = [value for row in flat for value in row]
+    return array("d", flat), shape

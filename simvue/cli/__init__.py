@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, TextIO
 
+from .._util import nested
 from .._version import __version__
 from ..api import config as api_config
 from ..api.connection import Connection, ServerError
@@ -483,6 +484,14 @@ def export_run(
         metrics[metric] = [list(point) for point in zip(series["steps"], series["times"], series["values"])]
         if progress:
             progress(len(series["values"]))
+    grid_of = store.grid_metrics(run["id"])
+    arrays = {}
+    for metric, grid_id in grid_of.items():
+        values = store.array_values(run["id"], metric)
+        arrays[metric] = {
+            "grid": grid_id,
+            "values": [[v["step"], v["time"], nested(v["values"], v["shape"])] for v in values],
+        }
     return {
         "name": run["name"],
         "id": run["id"],
@@ -503,6 +512,8 @@ def export_run(
             for e in store.events(run["id"])
         ],
         "metrics": metrics,
+        "grids": store.grids(run["id"]),
+        "arrays": arrays,
         "artifacts": [
             {key: artifact[key] for key in ("name", "category", "size", "checksum", "mime_type")}
             for artifact in store.artifacts(run["id"])

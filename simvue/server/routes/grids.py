@@ -6,8 +6,10 @@ The upstream client's ``Run.assign_metric_to_grid`` and ``Run.log_metrics`` with
   defines a grid;
 * ``PUT /api/runs/{run}/grids/{grid}`` ``{"metric"}`` puts a run's metric on it;
 * ``POST /api/runs/{run}/metrics/`` (msgpack or JSON) ``[{"metric", "grid", "step", "time",
-  "timestamp", "array"}, ...]`` stores values, one array per metric and step, whose shape is
-  the grid's (one dimension per axis, as many values as ticks);
+  "timestamp", "array"}, ...]`` stores values, one array per metric and step, whose shape
+  fits the grid: one dimension per axis, as many values as ticks, with the grid's first axis
+  the array's last (a row runs along x, as the upstream client's default grid has it) or its
+  first;
 * ``GET /api/runs/{run}/grids``, ``GET /api/runs/{run}/metrics/{metric}/values?step=N`` and
   ``.../span`` read them back.
 
@@ -155,11 +157,14 @@ def _check_point(db: sqlite3.Connection, shapes: dict[str, tuple[int, ...]], ind
         if row is None:
             raise not_found("grid", point.grid)
         shapes[point.grid] = tuple(len(axis) for axis in json.loads(row[0]))
-    expected = shapes[point.grid]
+    ticks = shapes[point.grid]
     try:
         shape = _shape(point.array)
-        if shape != expected:
-            raise ValueError(f"its shape {list(shape)} is not the grid's {list(expected)}")
+        if list(shape) not in (list(ticks[::-1]), list(ticks)):
+            raise ValueError(
+                f"its shape {list(shape)} does not fit the grid's axes of {list(ticks)} ticks: the array's last axis"
+                " (or its first) is the grid's first"
+            )
     except ValueError as exc:
         raise HTTPException(status_code=422, detail=[
             {"loc": ["body", index, "array"], "msg": str(exc), "type": "grid_shape"}
