@@ -70,6 +70,11 @@ ARTIFACT_CHUNK 9 [9, transfer: int, offset: int, data: bytes]       part of its 
 RESOURCES  10   [10, host: str, time: float s, timestamp: float epoch s, {name: number}]
                 one resource sample of a node; the names are complete
                 (``resources/...``) and the aggregator numbers the steps per host
+TAGS_SET   11   [11, [tag, ...]]             replaces the run's tags (``Run.set_tags``)
+ALERT_ATTACH 12 [12, [alert name, ...]]      attaches alerts defined with
+                                             ``attach_to_run=False`` (``Run.add_alerts``)
+SAMPLE_PID 13   [13, pid: int]               the sender's resource figures follow this pid
+                                             on its node from now on (``Run.set_pid``)
 ==============  ==================================================================
 
 Artifacts.  The aggregator's own process copies content straight into the store's blobs and
@@ -123,6 +128,9 @@ class RecordKind(enum.IntEnum):
     ARTIFACT = 8
     ARTIFACT_CHUNK = 9
     RESOURCES = 10
+    TAGS_SET = 11
+    ALERT_ATTACH = 12
+    SAMPLE_PID = 13
 
 
 class MetricsRecord(NamedTuple):
@@ -197,6 +205,21 @@ class ResourcesRecord(NamedTuple):
     values: dict[str, float]  # complete names, ``resources/...``
 
 
+class TagsSetRecord(NamedTuple):
+    kind: RecordKind
+    tags: list[str]  # the run's tags from now on
+
+
+class AlertAttachRecord(NamedTuple):
+    kind: RecordKind
+    names: list[str]  # alerts of the run to evaluate and attach from now on
+
+
+class SamplePidRecord(NamedTuple):
+    kind: RecordKind
+    pid: int  # the process (on the sender's node) its resource figures follow
+
+
 RECORD_TYPES: dict[RecordKind, Any] = {  # each a NamedTuple class, with ``_make``
     RecordKind.METRICS: MetricsRecord,
     RecordKind.EVENT: EventRecord,
@@ -209,6 +232,9 @@ RECORD_TYPES: dict[RecordKind, Any] = {  # each a NamedTuple class, with ``_make
     RecordKind.ARTIFACT: ArtifactRecord,
     RecordKind.ARTIFACT_CHUNK: ArtifactChunkRecord,
     RecordKind.RESOURCES: ResourcesRecord,
+    RecordKind.TAGS_SET: TagsSetRecord,
+    RecordKind.ALERT_ATTACH: AlertAttachRecord,
+    RecordKind.SAMPLE_PID: SamplePidRecord,
 }
 
 ARTIFACT_CHUNK_BYTES = 1 << 20
