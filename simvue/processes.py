@@ -211,6 +211,8 @@ class ProcessesMixin(RunParts):
         except SimvueError as exc:
             self._fail("add_process", exc)
             return None
+        if self._state == "active" and self._buffer is None:
+            self._process_buffer("add_process")  # a worker joins the run first: its label names the files
         active = self._state == "active"
         stem = self._output_stem(identifier)
         out_path, err_path = Path(f"{stem}.out").absolute(), Path(f"{stem}.err").absolute()
