@@ -12,12 +12,12 @@ from typing import Any
 from ._run_parts import RunParts
 from .aggregator.alerts import CRITICAL, OK, RULES, AlertSpec, alert_spec
 from .errors import SimvueError, SimvueValueError
-from .transport.protocol import AlertRecord, AlertStateRecord, RecordKind
+from .transport.protocol import AlertAttachRecord, AlertRecord, AlertStateRecord, RecordKind
 
 
 class AlertsMixin(RunParts):
     """``add_alert``, ``create_metric_threshold_alert``, ``create_metric_range_alert``,
-    ``create_event_alert``, ``create_user_alert`` and ``log_alert``."""
+    ``create_event_alert``, ``create_user_alert``, ``add_alerts`` and ``log_alert``."""
 
     def add_alert(
         self,
@@ -101,6 +101,24 @@ class AlertsMixin(RunParts):
             "create_user_alert", name=name, source="user", notification=notification, attached=attach_to_run,
             description=description, trigger_abort=trigger_abort,
         )
+
+    def add_alerts(self, ids: list[str] | None = None, names: list[str] | None = None) -> bool:
+        """Attach alerts this run defined with ``attach_to_run=False``, by id or name (an
+        alert's id is its name here): from now on they are evaluated for the run.  A name
+        no alert has yet is attached when an alert of that name is defined."""
+        wanted: list[str] = []
+        for what, given in (("ids", ids), ("names", names)):
+            if given is None:
+                continue
+            if isinstance(given, str) or not isinstance(given, (list, tuple, set, frozenset)):
+                return self._fail("add_alerts", SimvueValueError(f"add_alerts: {what} must be a list of str, not {given!r}"))
+            for item in given:
+                if not isinstance(item, str) or not item.strip():
+                    return self._fail("add_alerts", SimvueValueError(f"add_alerts: {item!r} is not an alert id or name"))
+                wanted.append(item)
+        if not wanted:
+            return self._fail("add_alerts", SimvueValueError("add_alerts needs alert ids or alert names"))
+        return self._record(AlertAttachRecord(RecordKind.ALERT_ATTACH, list(dict.fromkeys(wanted))), "add_alerts")
 
     def log_alert(self, identifier: str | None = None, state: str = "critical", *, name: str | None = None) -> bool:
         """Set a user alert's state, ``ok`` or ``critical``."""

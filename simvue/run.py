@@ -28,6 +28,7 @@ from .config import Settings, from_environment, normalise_reduce
 from .errors import ErrorPolicy, SimvueError, SimvueRunError, SimvueTypeError, SimvueValueError, SimvueWarning
 from .grids import GridsMixin
 from .names import default_name
+from .processes import ProcessesMixin
 from .transport.protocol import (
     EventRecord,
     FolderRecord,
@@ -56,7 +57,7 @@ def _plain_finite(values: Any) -> bool:
     return _isfinite(sum(values))
 
 
-class Run(CompatMixin, ArtifactsMixin, AlertsMixin, GridsMixin):
+class Run(CompatMixin, ArtifactsMixin, AlertsMixin, GridsMixin, ProcessesMixin):
     """A tracked run, as seen from this process.
 
     ``Run()`` does no I/O.  ``init()`` creates the run (in the aggregator's process) or joins
@@ -89,6 +90,8 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin, GridsMixin):
             self._settings, environment_error = Settings(), exc
         self._errors = ErrorPolicy(self._settings.suppress_errors)
         self._state = NEW
+        self._status: str | None = None  # the run's status as this process knows it (``status``)
+        self._server: api_config.ServerConfig | None = None
         self._mode = mode
         self._name: str | None = None
         self._id: str | None = None
@@ -246,6 +249,7 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin, GridsMixin):
         except SimvueError as exc:
             self._fail("config", exc)
             server = api_config.ServerConfig()
+        self._server = server
         if server.mode == "disabled":
             self._state = DISABLED
             return True
@@ -256,6 +260,7 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin, GridsMixin):
             return self._fail(call, SimvueRunError(f"could not start the run: {exc}"))
         self._join(membership)
         self._folder = fields["folder"]
+        self._status = fields["status"]
         return True
 
     def _join(self, membership: session.Membership) -> None:
@@ -433,7 +438,10 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin, GridsMixin):
             record = StatusRecord(RecordKind.STATUS, validation.status(status))
         except SimvueError as exc:
             return self._fail("set_status", exc)
-        return self._record(record, "set_status")
+        if not self._record(record, "set_status"):
+            return False
+        self._status = record.status
+        return True
 
     def set_folder_details(
         self,
@@ -474,10 +482,15 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin, GridsMixin):
         return self._close(None)
 
     def _close(self, status: str | None) -> bool:
+        # Processes from add_process first (waited for, or stopped when the run ends early):
+        # their ends and outputs are recorded while the run still takes records.
+        self._end_processes(kill=status is not None)
         with self._lock:
             if self._state in (NEW, DISABLED) or self._closed_here:
                 return True
             self._closed_here = True
+            if self._status not in validation.FINAL_STATUSES:
+                self._status = status or "completed"
             self._state = CLOSED
             membership = self._membership
             self._buffer = None
@@ -513,6 +526,8 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin, GridsMixin):
 
     def _on_abort(self) -> None:
         self._aborted = True
+        if self._abort_action() != "ignore":
+            self._stop_processes_on_abort()
         if self._abort_callback is not None:
             try:
                 self._abort_callback(self)
@@ -559,6 +574,7 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin, GridsMixin):
             "mode": self._mode,
             "grids": self._grid_defs,
             "metric_grids": self._metric_grids,
+            "status": self._status,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -574,6 +590,8 @@ class Run(CompatMixin, ArtifactsMixin, AlertsMixin, GridsMixin):
         self._t0 = state["t0"]
         self._grid_defs = state["grids"]
         self._metric_grids = state["metric_grids"]
+        self._status = state.get("status")
+        self._server = None
         self._abort_callback = None
         self._server_url = self._server_token = None
         self._aborted = False

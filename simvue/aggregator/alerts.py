@@ -174,19 +174,39 @@ class AlertEngine:
         self.alerts: dict[str, AlertState] = {}
         self._by_metric: dict[str, list[AlertState]] = {}
         self._event_alerts: list[AlertState] = []
+        self._to_attach: set[str] = set()
 
     def add(self, spec: AlertSpec, now: float) -> bool:
-        """Define an alert; the same name again (e.g. from every rank) is ignored."""
+        """Define an alert; the same name again (e.g. from every rank) is ignored.  An alert
+        named in an earlier ``attach`` is attached however it was defined."""
         if spec.name in self.alerts:
             return False
+        if spec.name in self._to_attach:
+            spec = dataclasses.replace(spec, attached=True)
         state = self.alerts[spec.name] = AlertState(spec, next_due=now + spec.frequency_s)
-        if not spec.attached:
-            return True  # kept with the run for a server, never evaluated here
+        if spec.attached:
+            self._watch(state)
+        return True  # an unattached one is kept with the run for a server, never evaluated here
+
+    def attach(self, name: str) -> bool:
+        """Evaluate and attach the alert ``name`` from now on (``Run.add_alerts``); True if
+        that changed it.  A name not yet defined is attached when it is."""
+        state = self.alerts.get(name)
+        if state is None:
+            self._to_attach.add(name)
+            return False
+        if state.spec.attached:
+            return False
+        state.spec = dataclasses.replace(state.spec, attached=True)
+        self._watch(state)
+        return True
+
+    def _watch(self, state: AlertState) -> None:
+        spec = state.spec
         if spec.source == "metrics":  # ``alert_spec`` gives every metrics alert its metric
             self._by_metric.setdefault(cast(str, spec.metric), []).append(state)
         elif spec.source == "events":
             self._event_alerts.append(state)
-        return True
 
     @property
     def watched_metrics(self) -> Iterable[str]:

@@ -18,9 +18,11 @@ class Reply(NamedTuple):
 
 
 class SampleHere(NamedTuple):
-    """The run's processes on the aggregator's own node changed: its sampler samples these."""
+    """The run's processes on the aggregator's own node changed: its sampler samples these.
+    ``plain_pid``: whose figures also get the plain Simvue names (a single process's run)."""
 
     processes: tuple[Proc, ...]
+    plain_pid: int | None = None
 
 
 class Notice(NamedTuple):

@@ -38,7 +38,8 @@ class SamplingPlanner:
         for state in live:
             by_host.setdefault(state.host or "", []).append(state)
         here = by_host.pop(self.host, [])
-        out: list[Instruction] = [SampleHere(tuple(_procs([local, *here])))]
+        plain_pid = _sampled_pid(local) if local.role == "process" else None
+        out: list[Instruction] = [SampleHere(tuple(_procs([local, *here])), plain_pid)]
         for host, states in by_host.items():
             states.sort(key=lambda s: (s.rank if s.rank is not None else 1 << 30, s.label))
             chosen = states[0]
@@ -56,5 +57,10 @@ class SamplingPlanner:
         return out
 
 
+def _sampled_pid(producer: Producer) -> int | None:
+    """The process a producer's figures follow: the one ``Run.set_pid`` named, else its own."""
+    return producer.sample_pid if producer.sample_pid is not None else producer.pid
+
+
 def _procs(producers: Iterable[Producer]) -> list[Proc]:
-    return [Proc(p.label, p.pid, p.cuda) for p in producers if p.pid is not None]
+    return [Proc(p.label, pid, p.cuda) for p in producers if (pid := _sampled_pid(p)) is not None]

@@ -54,6 +54,7 @@ class Producer:
     host: str | None
     cuda: str | None = None  # its CUDA_VISIBLE_DEVICES, for the node's resource sampler
     pid_namespace: str | None = None  # whose pids it shares (see ``liveness.pid_namespace``)
+    sample_pid: int | None = None  # the process its resource figures follow (``Run.set_pid``); None: its own
     presence: Presence = LIVE
     exit_status: str | None = None  # the final status it reported with its goodbye
     reason: str | None = None  # why it was lost
@@ -65,7 +66,10 @@ class Producer:
         return self.presence is LIVE
 
     def describe(self) -> dict[str, Any]:
-        return {"pid": self.pid, "host": self.host, "role": self.role, "state": self.presence.value}
+        described = {"pid": self.pid, "host": self.host, "role": self.role, "state": self.presence.value}
+        if self.sample_pid is not None:
+            described["sampled_pid"] = self.sample_pid
+        return described
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)

@@ -271,7 +271,7 @@ class Aggregator:
             if isinstance(instruction, Reply):
                 self._receiver.send(instruction)
             elif isinstance(instruction, SampleHere) and self._sampler is not None:
-                self._sampler.set_processes(instruction.processes)
+                self._sampler.set_processes(instruction.processes, plain_pid=instruction.plain_pid)
             elif isinstance(instruction, Notice):
                 os.write(2, (instruction.text + "\n").encode("utf-8", "backslashreplace"))
 

@@ -37,6 +37,7 @@ from ..store import STOPPING, SeriesChunk, StoreBatch
 from ..store.blobs import BlobStore
 from ..transport.protocol import (
     RECORD_TYPES,
+    AlertAttachRecord,
     AlertRecord,
     AlertStateRecord,
     ArtifactChunkRecord,
@@ -49,8 +50,10 @@ from ..transport.protocol import (
     MetadataRecord,
     RecordKind,
     ResourcesRecord,
+    SamplePidRecord,
     StatusRecord,
     TagsRecord,
+    TagsSetRecord,
     TensorRecord,
 )
 from ..validation import EVENT_LEVELS, FINAL_STATUSES, INT64_MAX, RUN_STATUSES
@@ -189,6 +192,9 @@ class AggregatorState:
             RecordKind.RESOURCES: self._on_resources,
             RecordKind.GRID: self._on_grid,
             RecordKind.TENSOR: self._on_tensor,
+            RecordKind.TAGS_SET: self._on_tags_set,
+            RecordKind.ALERT_ATTACH: self._on_alert_attach,
+            RecordKind.SAMPLE_PID: self._on_sample_pid,
         }
 
     # -- queries --------------------------------------------------------------------------
@@ -540,6 +546,28 @@ class AggregatorState:
     def _on_tags(self, producer: Producer, record: TagsRecord) -> None:
         _require(isinstance(record.tags, list) and all(isinstance(t, str) for t in record.tags), "tags")
         self._batch.tags.extend(record.tags)
+
+    def _on_tags_set(self, producer: Producer, record: TagsSetRecord) -> None:
+        _require(isinstance(record.tags, list) and all(isinstance(t, str) for t in record.tags), "tags")
+        self._batch.tags_set = list(dict.fromkeys(record.tags))
+        self._batch.tags = []  # tags added before the replacement in this batch are replaced too
+
+    def _on_alert_attach(self, producer: Producer, record: AlertAttachRecord) -> None:
+        _require(isinstance(record.names, list) and all(isinstance(n, str) for n in record.names), "alert names")
+        for name in record.names:
+            if self.alerts.attach(name):
+                self._batch.alerts[name] = self._alert_row(name)
+            elif name not in self.alerts.alerts:
+                self._event(
+                    f"add_alerts: no alert named {name!r} is defined on this run yet; it is attached when it is",
+                    "warning",
+                )
+
+    def _on_sample_pid(self, producer: Producer, record: SamplePidRecord) -> None:
+        _require(record.pid.__class__ is int and record.pid > 0, "a pid")
+        producer.sample_pid = record.pid
+        self._sampling_changed = True
+        self._merge_metadata({"simvue": {"processes": {producer.label: producer.describe()}}})
 
     def _on_status(self, producer: Producer, record: StatusRecord) -> None:
         _require(record.status in RUN_STATUSES, "a status")

@@ -85,13 +85,20 @@ class NodeSampling:
         self.set_processes(self._processes)
         return self
 
-    def set_processes(self, processes: Iterable[Proc]) -> None:
-        """The run's processes on this node (sent to the sampler process when changed)."""
+    def set_processes(self, processes: Iterable[Proc], *, plain_pid: int | None = None) -> None:
+        """The run's processes on this node (sent to the sampler process when changed).
+        ``plain_pid``, when given, replaces the process whose figures get the plain names
+        (``Run.set_pid`` in a single process's run)."""
         processes = tuple(processes)
         with self._lock:
             self._processes = processes
+            if plain_pid is not None:
+                self._plain_pid = plain_pid
             if self._process is not None:
-                self._send({"processes": [p.wire() for p in processes]})
+                command: dict[str, Any] = {"processes": [p.wire() for p in processes]}
+                if plain_pid is not None:
+                    command["plain_pid"] = plain_pid
+                self._send(command)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Take the last sample and stop; waits at most ``timeout_s`` for it."""

@@ -5,7 +5,8 @@ the node (see ``simvue.resources``).  Inside a thread of a busy rank every one o
 sampler's many small ``/proc`` reads would wait for the rank's GIL (about 5 ms each: seconds
 per sample); here the sampling never touches the rank's interpreter at all.
 
-stdin: msgpack maps from the parent, ``{"processes": [[label, pid, cuda], ...]}`` or
+stdin: msgpack maps from the parent, ``{"processes": [[label, pid, cuda], ...]}`` (with
+``"plain_pid": pid`` when the process with the plain names changes, ``Run.set_pid``) or
 ``{"stop": true}``.  stdout: msgpack records (METADATA once with the node's facts, then one
 RESOURCES per sample, and METADATA when the processes on the GPUs change), which the parent
 forwards into the run.  The first sample is taken at once, the last one on ``stop``, on
@@ -107,6 +108,9 @@ class Agent:
             return
         if command.get("stop"):
             self.stopping = True
+        plain_pid = command.get("plain_pid")
+        if plain_pid.__class__ is int and plain_pid > 0:
+            self.sampler.plain_pid = plain_pid
         processes = command.get("processes")
         if isinstance(processes, list):
             self.set_processes(tuple(Proc.from_wire(item) for item in processes))

@@ -256,6 +256,8 @@ class StoreBatch:
     events: list[tuple[float, str, str]] = dataclasses.field(default_factory=list)
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     tags: list[str] = dataclasses.field(default_factory=list)
+    # Set: the run's tags are replaced by these (``Run.set_tags``), then ``tags`` are added.
+    tags_set: list[str] | None = None
     folders: list[tuple[str, dict | None, list | None, str | None]] = dataclasses.field(default_factory=list)
     alerts: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # name -> definition, status, fired_at
     # Artifact rows {name, category, size, checksum, mime_type, original_path, metadata, created};
@@ -273,7 +275,7 @@ class StoreBatch:
     def is_empty(self) -> bool:
         return not (
             self.metrics or self.events or self.metadata or self.tags or self.folders or self.alerts or self.artifacts
-            or self.tensors or self.grids or self.grid_metrics
+            or self.tensors or self.grids or self.grid_metrics or self.tags_set is not None
         ) and self.status is None and self.heartbeat is None and self.ended is None
 
     @property
@@ -286,7 +288,8 @@ class StoreBatch:
         alert, an artifact, the metadata and tags, the status): what is lost if it is."""
         return (
             self.point_count + len(self.events) + len(self.folders) + len(self.alerts) + len(self.artifacts)
-            + len(self.tensors) + len(self.grids) + len(self.grid_metrics) + bool(self.metadata or self.tags) + (self.status is not None or self.ended is not None)
+            + len(self.tensors) + len(self.grids) + len(self.grid_metrics)
+            + bool(self.metadata or self.tags or self.tags_set is not None) + (self.status is not None or self.ended is not None)
         )
 
     def extend(self, later: StoreBatch) -> None:
@@ -302,6 +305,8 @@ class StoreBatch:
         if later.metadata:
             # A copy: nested dicts may be shared with the batch they came from.
             self.metadata = merge_dicts(copy.deepcopy(self.metadata), later.metadata)
+        if later.tags_set is not None:
+            self.tags_set, self.tags = later.tags_set, []
         self.tags = list(dict.fromkeys(self.tags + later.tags))  # the store keeps each tag once
         self.folders.extend(later.folders)
         for name, alert in later.alerts.items():
@@ -333,8 +338,8 @@ class StoreBatch:
         would; the status, heartbeat and end come last."""
         out = [StoreBatch(metrics={name: chunk}) for name, chunk in self.metrics.items() if chunk]
         out += [StoreBatch(events=[event]) for event in self.events]
-        if self.metadata or self.tags:
-            out.append(StoreBatch(metadata=self.metadata, tags=self.tags))
+        if self.metadata or self.tags or self.tags_set is not None:
+            out.append(StoreBatch(metadata=self.metadata, tags=self.tags, tags_set=self.tags_set))
         out += [StoreBatch(folders=[folder]) for folder in self.folders]
         out += [StoreBatch(alerts={name: alert}) for name, alert in self.alerts.items()]
         out += [StoreBatch(artifacts=[artifact]) for artifact in self.artifacts]
@@ -362,7 +367,7 @@ class StoreBatch:
         ):
             if count:
                 words.append(f"{count} {noun}{'s' if count > 1 else ''}")
-        if self.metadata or self.tags:
+        if self.metadata or self.tags or self.tags_set is not None:
             words.append("metadata")
         if self.status is not None or self.ended is not None:
             words.append("status")
@@ -384,6 +389,7 @@ def pack_batch(run_id: str, batch: StoreBatch) -> bytes:
         "events": [list(event) for event in batch.events],
         "metadata": batch.metadata,
         "tags": batch.tags,
+        "tags_set": batch.tags_set,
         "folders": [list(folder) for folder in batch.folders],
         "alerts": batch.alerts,
         "artifacts": batch.artifacts,
@@ -416,6 +422,7 @@ def read_spilled_batches(path: str | Path) -> Iterator[tuple[str, StoreBatch]]:
                 events=[tuple(event) for event in item["events"]],
                 metadata=item["metadata"],
                 tags=item["tags"],
+                tags_set=item.get("tags_set"),
                 folders=[tuple(folder) for folder in item["folders"]],
                 alerts=item["alerts"],
                 artifacts=item["artifacts"],
@@ -603,10 +610,11 @@ class Store:
                     "INSERT INTO events (run_id, timestamp, message, level) VALUES (?,?,?,?)",
                     [(run_id, ts, message, level) for ts, message, level in batch.events],
                 )
-            if batch.metadata or batch.tags:
+            if batch.metadata or batch.tags or batch.tags_set is not None:
                 metadata, tags = db.execute("SELECT metadata, tags FROM runs WHERE id=?", (run_id,)).fetchone()
                 merged = merge_dicts(json.loads(metadata), batch.metadata)
-                all_tags = list(dict.fromkeys(json.loads(tags) + batch.tags))
+                kept = json.loads(tags) if batch.tags_set is None else batch.tags_set
+                all_tags = list(dict.fromkeys(kept + batch.tags))
                 db.execute(
                     "UPDATE runs SET metadata=?, tags=? WHERE id=?", (json.dumps(merged), json.dumps(all_tags), run_id)
                 )

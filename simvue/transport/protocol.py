@@ -77,6 +77,11 @@ GRID       12   [12, metric: str, grid: str, axes: [[tick, ...], ...], labels: [
                 the sender's metric ``metric`` is on grid ``grid``, defined by its
                 axes' ticks and labels; sent by each process before the first TENSOR
                 of that metric, and again when the process assigns it to another grid
+TAGS_SET   13   [13, [tag, ...]]             replaces the run's tags (``Run.set_tags``)
+ALERT_ATTACH 14 [14, [alert name, ...]]      attaches alerts defined with
+                                             ``attach_to_run=False`` (``Run.add_alerts``)
+SAMPLE_PID 15   [15, pid: int]               the sender's resource figures follow this pid
+                                             on its node from now on (``Run.set_pid``)
 ==============  ==================================================================
 
 Artifacts.  The aggregator's own process copies content straight into the store's blobs and
@@ -132,6 +137,9 @@ class RecordKind(enum.IntEnum):
     RESOURCES = 10
     TENSOR = 11
     GRID = 12
+    TAGS_SET = 13
+    ALERT_ATTACH = 14
+    SAMPLE_PID = 15
 
 
 class MetricsRecord(NamedTuple):
@@ -222,6 +230,19 @@ class GridRecord(NamedTuple):
     grid: str  # the grid's name
     axes: list[list[float]]  # each axis's ticks
     labels: list[str]  # one per axis
+class TagsSetRecord(NamedTuple):
+    kind: RecordKind
+    tags: list[str]  # the run's tags from now on
+
+
+class AlertAttachRecord(NamedTuple):
+    kind: RecordKind
+    names: list[str]  # alerts of the run to evaluate and attach from now on
+
+
+class SamplePidRecord(NamedTuple):
+    kind: RecordKind
+    pid: int  # the process (on the sender's node) its resource figures follow
 
 
 RECORD_TYPES: dict[RecordKind, Any] = {  # each a NamedTuple class, with ``_make``
@@ -238,6 +259,9 @@ RECORD_TYPES: dict[RecordKind, Any] = {  # each a NamedTuple class, with ``_make
     RecordKind.RESOURCES: ResourcesRecord,
     RecordKind.TENSOR: TensorRecord,
     RecordKind.GRID: GridRecord,
+    RecordKind.TAGS_SET: TagsSetRecord,
+    RecordKind.ALERT_ATTACH: AlertAttachRecord,
+    RecordKind.SAMPLE_PID: SamplePidRecord,
 }
 
 ARTIFACT_CHUNK_BYTES = 1 << 20
