@@ -1,6 +1,6 @@
 """Array metrics on grids, in one process and in the aggregator's state: what is accepted,
 what is refused and why, what is stored, and how arrays of several senders are namespaced
-or reduced element by element.  (Several real processes: tests/scenarios/test_grids.py.)"""
+or reduced element by element.  (Several real processes: tests/scenarios/test_grid_jobs.py.)"""
 
 from __future__ import annotations
 
