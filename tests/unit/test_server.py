@@ -923,6 +923,9 @@ def test_tensor_metrics_are_stored_on_their_grid_and_read_back(server):
     wrong_shape = [{**values[0], "array": [[1.0, 2.0]]}]
     answer = api.post(f"{url}/runs/{run['id']}/metrics/", json=wrong_shape)
     assert answer.status_code == 422 and answer.json()["detail"][0]["loc"] == ["body", 0, "array"]
+    # the grid's first axis along the array's last (a row runs along x), as the upstream client's default grid
+    along_rows = [{**values[0], "step": 7, "array": [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]}]
+    assert api.post(f"{url}/runs/{run['id']}/metrics/", json=along_rows).status_code == 200
     nan = api.post(f"{url}/runs/{run['id']}/metrics/", data=msgpack.packb(
         [{**values[0], "array": [[math.nan, 1.0], [2.0, 3.0], [4.0, 5.0]]}]), headers=MSGPACK)
     assert nan.status_code == 422
