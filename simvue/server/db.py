@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..store import Store, new_id
+from ..store.blobs import BlobStore
 from ..store.sqlite import BUSY_TIMEOUT_S, DATABASE_FILE, transaction
 from .auth import TOKEN_SUBJECT
 
@@ -201,12 +202,60 @@ def is_starred(db: sqlite3.Connection, kind: str, object_id: str) -> bool:
     return db.execute("SELECT 1 FROM server_starred WHERE kind=? AND object_id=?", (kind, object_id)).fetchone() is not None
 
 
-def delete_runs(db: sqlite3.Connection, run_ids: list[str]) -> None:
-    """Remove runs and everything that belongs to them; call inside a transaction."""
+def delete_runs(db: sqlite3.Connection, run_ids: list[str]) -> set[str]:
+    """Remove runs and everything that belongs to them, with the artifacts no other run
+    links to; call inside a transaction.  Returns the checksums of the artifacts removed:
+    their content goes with ``drop_unused_blobs`` once the transaction is committed."""
+    checksums: set[str] = set()
     for run_id in run_ids:
+        linked = [row[0] for row in db.execute("SELECT artifact_id FROM server_run_artifacts WHERE run_id=?", (run_id,))]
+        checksums.update(row[0] for row in db.execute("SELECT checksum FROM artifacts WHERE run_id=?", (run_id,)))
         db.execute("DELETE FROM metric_chunks WHERE metric_id IN (SELECT id FROM metrics WHERE run_id=?)", (run_id,))
         for table, column in RUN_TABLES:
             db.execute(f"DELETE FROM {table} WHERE {column}=?", (run_id,))
+        orphans = [a for a in linked if not db.execute(
+            "SELECT 1 FROM server_run_artifacts WHERE artifact_id=? LIMIT 1", (a,)).fetchone()]
+        checksums |= delete_artifacts(db, orphans)
+    return checksums
+
+
+def delete_artifacts(db: sqlite3.Connection, artifact_ids: list[str]) -> set[str]:
+    """Remove artifact records and their links to runs; call inside a transaction.  Returns
+    their checksums (see ``drop_unused_blobs``)."""
+    checksums: set[str] = set()
+    for artifact_id in artifact_ids:
+        row = db.execute("SELECT checksum FROM server_artifacts WHERE id=?", (artifact_id,)).fetchone()
+        if row is not None:
+            checksums.add(row[0])
+        db.execute("DELETE FROM server_run_artifacts WHERE artifact_id=?", (artifact_id,))
+        db.execute("DELETE FROM server_artifacts WHERE id=?", (artifact_id,))
+    return checksums
+
+
+def drop_unused_blobs(handle: Handle, blobs: BlobStore, checksums: set[str]) -> int:
+    """Delete the content of each of ``checksums`` that no artifact refers to any more;
+    returns how many went.  The check and the deletion happen inside a write transaction,
+    so no artifact can come to refer to a blob between them (an artifact is recorded before
+    its content is looked for).  A crash between a deletion and this leaves the content
+    unreferenced on disk: space, nothing a reader sees."""
+    if not checksums:
+        return 0
+    dropped = 0
+    with handle.transaction() as db:
+        for checksum in sorted(checksums):
+            if _referenced(db, checksum):
+                continue
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                blobs.path(checksum).unlink()
+                dropped += 1
+    return dropped
+
+
+def _referenced(db: sqlite3.Connection, checksum: str) -> bool:
+    return any(
+        db.execute(f"SELECT 1 FROM {table} WHERE checksum=? LIMIT 1", (checksum,)).fetchone()
+        for table in ("server_artifacts", "artifacts")
+    )
 
 
 class Handle:

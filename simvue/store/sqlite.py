@@ -479,8 +479,12 @@ class Store:
         self.path = self.directory / DATABASE_FILE
         # SQLite would create the database 0644; it gives the -wal and -shm files it creates
         # the database's own mode, so a database created 0600 here keeps all three private.
-        with contextlib.suppress(OSError):  # sqlite3.connect reports what is wrong
-            os.close(open_private(self.path, os.O_RDONLY))
+        # Only ever to create it (O_EXCL): closing any descriptor of the database file drops
+        # every POSIX lock this process holds on it, so the SQLite connections already open
+        # here would look gone to other processes, and the last of those to close would
+        # delete the write-ahead log under them, with every commit in it.
+        with contextlib.suppress(OSError):  # it exists; or sqlite3.connect reports what is wrong
+            os.close(open_private(self.path, os.O_RDONLY | os.O_EXCL))
         self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         for name in (DATABASE_FILE, f"{DATABASE_FILE}-wal", f"{DATABASE_FILE}-shm"):

@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -24,7 +25,9 @@ import requests
 pytest.importorskip("fastapi", reason='the server extra is not installed: pip install "simvue[server]"')
 import jwt  # noqa: E402 - part of the server extra
 
+from simvue.server.db import RUN_TABLES
 from simvue.server.local import ServerProcess
+from simvue.store.sqlite import DATABASE_FILE
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -898,6 +901,82 @@ def test_folders_form_a_tree_and_delete_with_what_they_hold(tmp_path):
         assert server.unreadable() == {}
     with ServerProcess(tmp_path / "server") as restarted:  # the store's folders went too: not adopted back
         assert not [f for f in restarted.get("/folders")["data"] if f["path"].startswith("/tree")]
+
+
+def _upload(server: ServerProcess, run_id: str, name: str, content: bytes) -> str:
+    """An artifact of ``run_id`` with ``content`` on the server (uploaded unless stored); its id."""
+    checksum = hashlib.sha256(content).hexdigest()
+    created = server.api.post(f"{server.url}/api/artifacts", json={
+        "name": name, "size": len(content), "checksum": checksum, "run": run_id, "category": "output"}).json()
+    if created["url"]:
+        assert requests.put(created["url"], data=content).status_code == 200
+    return created["id"]
+
+
+def _rows(data: Path, run_ids: list[str]) -> dict[str, int]:
+    """How many rows of each table belong to ``run_ids`` (read from the database itself)."""
+    db = sqlite3.connect(data / DATABASE_FILE)
+    try:
+        ids = json.dumps(run_ids)
+        counts = {table: db.execute(f"SELECT COUNT(*) FROM {table} WHERE {column} IN (SELECT value FROM json_each(?))",
+                                    (ids,)).fetchone()[0] for table, column in RUN_TABLES}
+        counts["metric_chunks"] = db.execute(
+            "SELECT COUNT(*) FROM metric_chunks WHERE metric_id NOT IN (SELECT id FROM metrics)").fetchone()[0]
+        counts["server_artifacts (unlinked)"] = db.execute(
+            "SELECT COUNT(*) FROM server_artifacts WHERE id NOT IN (SELECT artifact_id FROM server_run_artifacts)"
+        ).fetchone()[0]
+        return {table: count for table, count in counts.items() if count}
+    finally:
+        db.close()
+
+
+def test_deleting_a_folder_tree_removes_everything_of_its_runs_and_content_nothing_else_has(tmp_path):
+    data = tmp_path / "server"
+    with ServerProcess(data) as server:
+        api, url = server.api, f"{server.url}/api"
+        inside = [create_run(server, folder="/doomed"), create_run(server, folder="/doomed/deeper")]
+        outside = create_run(server, folder="/kept")
+        alert = api.post(f"{url}/alerts", json={"name": "watch", "source": "user", "alert": {}}).json()["id"]
+        grid = api.post(f"{url}/grids", json={"name": "g", "grid": [[0, 1]], "labels": ["x"]}).json()["id"]
+        for run in (*inside, outside):
+            assert post_metrics(server, run["id"], points(20)).status_code == 200
+            assert post_events(server, run["id"], [{"message": "m", "timestamp": iso(1e9)}]).status_code == 200
+            assert api.put(f"{url}/runs/{run['id']}", json={"alerts": [alert]}).status_code == 200
+            values = [{"metric": "f", "grid": grid, "step": 0, "time": 0.0, "timestamp": iso(1e9), "array": [1, 2]}]
+            assert api.post(f"{url}/runs/{run['id']}/metrics/", json=values).status_code == 200
+        only_inside = _upload(server, inside[0]["id"], "a.bin", b"only inside" * 100)
+        _upload(server, inside[1]["id"], "b.bin", b"shared content" * 100)
+        shared_copy = _upload(server, outside["id"], "c.bin", b"shared content" * 100)  # same content, its own record
+        linked_both = _upload(server, inside[1]["id"], "d.bin", b"linked to both" * 100)
+        assert api.put(f"{url}/runs/{outside['id']}/artifacts/{linked_both}", json={"category": "input"}).ok
+        blobs = data / "artifacts"
+        digest = {name: hashlib.sha256(content * 100).hexdigest()
+                  for name, content in (("only", b"only inside"), ("shared", b"shared content"), ("both", b"linked to both"))}
+        assert all((blobs / d).exists() for d in digest.values())
+
+        folder = next(f["id"] for f in api.get(f"{url}/folders").json()["data"] if f["path"] == "/doomed")
+        answer = api.delete(f"{url}/folders/{folder}", params={"recursive": "true", "runs": "true"})
+        assert answer.status_code == 200 and sorted(answer.json()["runs"]) == sorted(r["id"] for r in inside)
+
+        assert _rows(data, [r["id"] for r in inside]) == {}  # metrics, events, alerts, grids, artifacts: gone
+        assert not (blobs / digest["only"]).exists()  # nothing else had this content
+        assert (blobs / digest["shared"]).exists() and (blobs / digest["both"]).exists()
+        assert api.get(f"{url}/artifacts/{only_inside}").status_code == 404
+        kept = api.get(f"{url}/artifacts/{linked_both}").json()
+        assert kept["runs"] == {outside["id"]: "input"}
+        assert api.get(f"{url}/artifacts/{shared_copy}/content").content == b"shared content" * 100
+        assert len(server.metrics(outside["id"])["loss"]["values"]) == 20  # the run outside is whole
+        assert api.get(f"{url}/runs/{outside['id']}/metrics/f/values").json()["array"] == [1, 2]
+        assert server.unreadable() == {}
+
+        # deleting an artifact: its content goes once no other artifact has it
+        assert api.delete(f"{url}/artifacts/{linked_both}").json() == {"id": linked_both}
+        assert not (blobs / digest["both"]).exists()
+        assert api.delete(f"{url}/artifacts/{linked_both}").status_code == 404
+        assert api.delete(f"{url}/runs/{outside['id']}").json() == {}
+        assert api.get(f"{url}/runs/{outside['id']}").status_code == 404
+        assert not (blobs / digest["shared"]).exists()
+        assert _rows(data, [outside["id"]]) == {}
 
 
 def test_tensor_metrics_are_stored_on_their_grid_and_read_back(server):

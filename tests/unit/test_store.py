@@ -14,6 +14,8 @@ import json
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from conftest import run_script
 from simvue.aggregator.writer import RunWriter
 from simvue.losses import LossCounter
 from simvue.store import SeriesChunk, Store, StoreBatch
+from simvue.store.sqlite import DATABASE_FILE
 
 LONE_SURROGATE = "bad \ud800"  # UTF-8 cannot encode it: SQLite refuses the row
 
@@ -364,4 +367,24 @@ def test_an_existing_store_is_tightened_when_opened(store_dir):
         path = Path(store_dir / name)
         if path.exists():
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, name
+    store.close()
+
+
+def test_a_second_store_in_a_process_keeps_the_first_one_s_commits_visible_to_other_processes(tmp_path):
+    """Opening a Store must not open and close the database file itself: that drops the POSIX
+    locks of every SQLite connection of the process, and the next reader in another process
+    to close then deletes the write-ahead log under them (seen as a server's deletions, and a
+    running job's commits, vanishing for every other process)."""
+    store = Store(tmp_path)
+    run_id = store.create_run(name="r", folder="/", description=None, metadata={}, tags=[], status="running",
+                              system={}, heartbeat_timeout_s=None)
+    assert store.write(run_id, StoreBatch(events=[(1.0, "first", "info")]))
+    second = Store(tmp_path)  # the uploader's, a server's next handle, ...
+    read = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); print(c.execute('SELECT COUNT(*) FROM events').fetchone()[0]); c.close()"
+    database = str(tmp_path / DATABASE_FILE)
+    assert subprocess.run([sys.executable, "-c", read, database], capture_output=True, text=True).stdout.strip() == "1"
+    assert store.write(run_id, StoreBatch(events=[(2.0, "second", "info")]))
+    assert (tmp_path / f"{DATABASE_FILE}-wal").exists()
+    assert subprocess.run([sys.executable, "-c", read, database], capture_output=True, text=True).stdout.strip() == "2"
+    second.close()
     store.close()

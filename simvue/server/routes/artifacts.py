@@ -21,7 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, NonNegativeInt, Stri
 from ...store import new_id
 from ..auth import blob_key, blob_key_matches
 from ..blobs import CHECKSUM, ChecksumMismatch, receive
-from ..db import Handle
+from ..db import Handle, delete_artifacts, drop_unused_blobs
 from . import DataHandle, Page, bad_request, checked_router, iso, json_list, not_found, require_run, with_handle
 
 router = checked_router()  # under /api, with the token check
@@ -157,6 +157,16 @@ def update_artifact(artifact_id: str, body: ArtifactUpdate, request: Request, ha
     if body.uploaded and not request.app.state.blobs.has(record["checksum"]):
         raise bad_request(f"artifact {artifact_id!r} has no content yet: upload it to its url first")
     return _response(request, handle, record)
+
+
+@router.delete("/artifacts/{artifact_id}")
+def delete_artifact(artifact_id: str, request: Request, handle: DataHandle):
+    """Delete the artifact, its links to runs, and its content once no other artifact has it."""
+    _artifact(handle, artifact_id)
+    with handle.transaction() as db:
+        checksums = delete_artifacts(db, [artifact_id])
+    drop_unused_blobs(handle, request.app.state.blobs, checksums)
+    return {"id": artifact_id}
 
 
 def _content_response(request: Request, record: dict) -> FileResponse:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import time
 
-from fastapi import HTTPException
+from fastapi import HTTPException, Request
 from pydantic import BaseModel, ConfigDict, NonNegativeInt
 
 from ..._util import merge_dicts
 from ...store import new_id
-from ..db import Handle, delete_runs, set_starred
+from ..db import Handle, delete_runs, drop_unused_blobs, set_starred
 from ..query import QueryError, dotted, order, parse_filters, parse_sorting, select
 from . import (
     DataHandle,
@@ -205,7 +205,8 @@ def update_folder(folder_id: str, body: FolderUpdate, handle: DataHandle):
 
 @router.delete("/folders/{folder_id}")
 def delete_folder(
-    folder_id: str, handle: DataHandle, recursive: bool = False, runs: bool = False, runs_only: bool = False
+    folder_id: str, request: Request, handle: DataHandle, recursive: bool = False, runs: bool = False,
+    runs_only: bool = False,
 ):
     """Delete a folder.  ``runs_only`` deletes the folder's runs (with ``runs``) and keeps the
     folder; otherwise the folder goes, with its subfolders if ``recursive`` and the runs in
@@ -234,9 +235,10 @@ def delete_folder(
             raise HTTPException(
                 status_code=409, detail=f"{path!r} holds {len(run_ids)} runs: delete them too with runs=true"
             )
-        delete_runs(db, run_ids)
+        checksums = delete_runs(db, run_ids)
         for doomed_id, doomed_path in doomed_folders:
             db.execute("DELETE FROM server_folders WHERE id=?", (doomed_id,))
             set_starred(db, "folder", doomed_id, False)
             db.execute("DELETE FROM folders WHERE path=?", (doomed_path,))
+    drop_unused_blobs(handle, request.app.state.blobs, checksums)
     return {"folders": [fid for fid, _ in doomed_folders], "runs": run_ids}

@@ -17,14 +17,14 @@ import threading
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import Header, HTTPException
+from fastapi import Header, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from ... import validation
 from ...names import random_name
 from ...store import StoreBatch, new_id
 from ..auth import TOKEN_SUBJECT
-from ..db import Handle, delete_runs, is_starred, set_starred
+from ..db import Handle, delete_runs, drop_unused_blobs, is_starred, set_starred
 from ..query import QueryError, dotted, order, parse_filters, parse_sorting, select
 from . import (
     DataHandle,
@@ -444,8 +444,9 @@ def star_run(run_id: str, body: Starred, handle: DataHandle):
 
 
 @router.delete("/runs/{run_id}")
-def delete_run(run_id: str, handle: DataHandle):
+def delete_run(run_id: str, request: Request, handle: DataHandle):
     require_run(handle, run_id)
     with handle.transaction() as db:
-        delete_runs(db, [run_id])
+        checksums = delete_runs(db, [run_id])
+    drop_unused_blobs(handle, request.app.state.blobs, checksums)
     return {}  # the upstream client reads an empty answer as done
