@@ -26,6 +26,7 @@ REDUCE_OPTIONS = (*REDUCERS, "namespace")
 STORE_ENV = "SIMVUE_STORE"
 DEFAULT_STORE_DIR = ".simvue"
 ABORT_ACTIONS = ("terminate", "run", "ignore")
+UPLOAD_FORMATS = ("auto", "upstream")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,9 @@ class Settings:
     run_heartbeat_timeout_s: float = 30.0
     max_buffered_records: int = 100_000
     upload_interval_s: float = 1.0
+    # "auto": metrics go to a server as packed columns when it offers that (``simvue server``),
+    # in the Simvue server's own format otherwise; "upstream": always the Simvue format.
+    upload_format: str = "auto"
     server_heartbeat_interval_s: float = 60.0
     abort_poll_interval_s: float = 10.0
     retry_max_interval_s: float = 30.0
@@ -152,6 +156,10 @@ def _check(key: str, value: Any) -> Any:
             return "terminate" if value else "ignore"
         if value not in ABORT_ACTIONS:
             raise SimvueValueError(f"abort_on_alert must be one of {', '.join(ABORT_ACTIONS)}, not {value!r}")
+        return value
+    if key == "upload_format":
+        if value not in UPLOAD_FORMATS:
+            raise SimvueValueError(f"upload_format must be one of {', '.join(UPLOAD_FORMATS)}, not {value!r}")
         return value
     if key == "storage_id":
         if value is not None and not isinstance(value, str):

@@ -44,6 +44,7 @@ from .api.connection import Backoff, Connection, ServerRejected, ServerUnavailab
 from .config import DEFAULT_STORE_DIR, Settings
 from .errors import SimvueWarning
 from .store import Store, still_stopping
+from .store.sqlite import pack_column
 from .validation import FINAL_STATUSES, format_timestamp, optional_timestamp
 
 # How long ``Run.init`` waits for the server's first answers, all of them together (the
@@ -59,6 +60,7 @@ STARTING_SERVER_WAIT_S = 3.0
 STARTING_SERVER_POLL_S = 0.1
 MAX_POINTS_PER_REQUEST = 100_000
 MAX_EVENTS_PER_REQUEST = 16_000
+MAX_COLUMN_POINTS_PER_REQUEST = 500_000  # 16 MB of columns
 MAX_ARRAY_VALUES_PER_REQUEST = 1_000_000  # numbers in array values (about 9 MB packed)
 CHUNKS_PER_READ = 16
 MIN_SERVER_HEARTBEAT_TIMEOUT_S = 180.0
@@ -68,10 +70,11 @@ log = logging.getLogger(__name__)
 class Replicator:
     """Copies one run from a local store to a server, resumably.  One thread at a time."""
 
-    def __init__(self, store: Store, connection: Connection, run_id: str) -> None:
+    def __init__(self, store: Store, connection: Connection, run_id: str, *, upload_format: str = "auto") -> None:
         self.store = store
         self.connection = connection
         self.run_id = run_id
+        self.upload_format = upload_format
         self.server = connection.config.url or ""
         self.state = store.upload(run_id, self.server) or {
             "remote_id": None,
@@ -148,46 +151,90 @@ class Replicator:
         return answer["id"]
 
     def send_metrics(self) -> int:
-        """Send the next batch of metric points; returns how many were sent (0: caught up)."""
+        """Send the next batch of metric points; returns how many were sent (0: caught up).
+
+        The Simvue format has one entry per ``log_metrics`` call: the metrics one call logged
+        are stored as chunks of one commit with the same steps, times and timestamps (a
+        group, see ``_next_points``), so each group's rows become entries as they are."""
+        if self.connection.columnar and self.upload_format == "auto":
+            return self.send_columns()
+        groups, cursor = self._next_points(MAX_POINTS_PER_REQUEST)
+        entries = []
+        timestamp = self._timestamp
+        for steps, times, stamps, values in groups:
+            names = list(values)
+            for step, t, ts, row in zip(steps, times, stamps, zip(*values.values())):
+                entries.append({"time": t, "timestamp": timestamp(ts), "step": step, "values": dict(zip(names, row))})
+        return self._send_points(groups, cursor, "/metrics", {"run": self.remote_id, "metrics": entries})
+
+    def send_columns(self) -> int:
+        """``send_metrics`` to a server that takes the store's columns (``POST
+        /api/runs/{id}/columns``): each metric's steps, times, timestamps and values as packed
+        little-endian arrays, from the same cursor, so that either format resumes where the
+        other stopped."""
+        groups, cursor = self._next_points(MAX_COLUMN_POINTS_PER_REQUEST)
+        columns: dict[str, list[bytearray]] = {}
+        for steps, times, stamps, values in groups:
+            shared = (pack_column(steps), pack_column(times), pack_column(stamps))
+            for name, column in values.items():
+                parts = columns.get(name)
+                if parts is None:
+                    parts = columns[name] = [bytearray(), bytearray(), bytearray(), bytearray()]
+                for part, packed in zip(parts, (*shared, pack_column(column))):
+                    part += packed
+        body = {"metrics": {name: [bytes(part) for part in parts] for name, parts in columns.items()}}
+        return self._send_points(groups, cursor, f"/runs/{self.remote_id}/columns", body)
+
+    def _send_points(self, groups: list[tuple], cursor: tuple[int, int, int], path: str, body: dict) -> int:
+        """Post ``body`` (the points of ``groups``) once, then move the cursor past them."""
         chunk_id, offset = self.state["chunk_id"], self.state["chunk_offset"]
-        entries: list[tuple[tuple, dict]] = []
-        open_entries: dict[tuple, int] = {}  # (step, time, timestamp) -> index in entries
-        last_index: dict[str, int] = {}  # where each metric's latest point went
-        budget = MAX_POINTS_PER_REQUEST
-        cursor = (chunk_id, offset)
-        for cid, name, steps, times, stamps, values in self._chunks_from(chunk_id):
-            start = offset if cid == chunk_id else 0
-            stop = min(len(values), start + budget)
-            after = last_index.get(name, -1)
-            for key, value in zip(
-                zip(steps[start:stop], times[start:stop], stamps[start:stop]), values[start:stop]
-            ):
-                # Share the entry of another metric logged by the same call, unless that
-                # would put this point before the metric's previous one.
-                index = open_entries.get(key, -1)
-                if index <= after or name in entries[index][1]:
-                    index = open_entries[key] = len(entries)
-                    entries.append((key, {}))
-                entries[index][1][name] = value
-                after = index
-            last_index[name] = after
-            budget -= stop - start
-            cursor = (cid, stop) if stop < len(values) else (cid + 1, 0)
-            if budget <= 0:
-                break
-        sent = MAX_POINTS_PER_REQUEST - budget
+        sent = sum(len(steps) * len(values) for steps, _, _, values in groups)
         if sent:
-            body = {
-                "run": self.remote_id,
-                "metrics": [
-                    {"time": t, "timestamp": self._timestamp(ts), "step": step, "values": values}
-                    for (step, t, ts), values in entries
-                ],
-            }
-            self._post("/metrics", body, f"{self.run_id}/metrics/{chunk_id}.{offset}")
-        if cursor != (chunk_id, offset):  # also past empty chunks
-            self._save(chunk_id=cursor[0], chunk_offset=cursor[1])
+            self._post(path, body, f"{self.run_id}/metrics/{chunk_id}.{offset}")
+        if cursor[:2] != (chunk_id, offset):  # also past empty chunks
+            self._save(chunk_id=cursor[0], chunk_offset=cursor[1], sent={**self.state["sent"], "chunk_group": cursor[2]})
         return sent
+
+    def _next_points(self, budget: int) -> tuple[list[tuple], tuple[int, int, int]]:
+        """The next points to send, about ``budget`` of them (at least one row), as groups
+        ``(steps, times, timestamps, {metric: values})``, and the cursor after them.
+
+        A group is a run of consecutive chunks with the same steps, times and timestamps
+        and different metrics: what one commit holds of the calls that logged them together.
+        The cursor is ``(chunk id, offset, group size)``: the next point is at ``offset`` in
+        each of the ``group size`` chunks from ``chunk id`` on (with an offset of 0, the group
+        is found again when reading).  A cursor saved before groups existed has no size: its
+        offset is in one chunk."""
+        chunk_id, offset = self.state["chunk_id"], self.state["chunk_offset"]
+        size = self.state["sent"].get("chunk_group", 1) if offset else 0
+        chunks = self._chunks_from(chunk_id)
+        following = next(chunks, None)
+        groups: list[tuple] = []
+        cursor = (chunk_id, offset, size)
+        while following is not None and budget > 0:
+            members = [following]
+            following = next(chunks, None)
+            while following is not None and (
+                len(members) < size if size else _same_rows(following, members)
+            ):
+                members.append(following)
+                following = next(chunks, None)
+            _, _, steps, times, stamps, _ = members[0]
+            take = min(len(steps) - offset, max(1, budget // len(members)))
+            stop = offset + take
+            groups.append((steps[offset:stop], times[offset:stop], stamps[offset:stop],
+                           {member[1]: member[5][offset:stop] for member in members}))
+            budget -= take * len(members)
+            if stop < len(steps):
+                cursor = (members[0][0], stop, len(members))
+                break
+            cursor, offset, size = (members[-1][0] + 1, 0, 0), 0, 0
+        return groups, cursor
+
+    def points_left(self) -> int:
+        offset = self.state["chunk_offset"]
+        size = self.state["sent"].get("chunk_group", 1) if offset else 0
+        return self.store.metric_points_from(self.run_id, self.state["chunk_id"]) - offset * size
 
     def _chunks_from(self, chunk_id: int) -> Iterator[tuple]:
         """The run's metric chunks from ``chunk_id`` on, read a few at a time (a request
@@ -423,9 +470,6 @@ class Replicator:
             sent["alerts"] = known
             self._save(sent=sent)
 
-    def points_left(self) -> int:
-        return self.store.metric_points_from(self.run_id, self.state["chunk_id"]) - self.state["chunk_offset"]
-
     def heartbeat(self) -> None:
         self.connection.request("PUT", f"/runs/{self.remote_id}/heartbeat")
 
@@ -449,6 +493,16 @@ class Replicator:
                 self._second_prefixes.clear()
             prefix = self._second_prefixes[whole] = format_timestamp(whole)[:-6]  # "...T12:34:56."
         return f"{prefix}{micro:06d}"
+
+
+def _same_rows(chunk: tuple, group: list[tuple]) -> bool:
+    """Whether ``chunk`` (``(id, metric, steps, times, timestamps, values)``) belongs to the
+    group of chunks ``group``: the same steps, times and timestamps, another metric."""
+    first = group[0]
+    return (
+        chunk[2] == first[2] and chunk[3] == first[3] and chunk[4] == first[4]
+        and all(member[1] != chunk[1] for member in group)
+    )
 
 
 def _alert_body(alert: dict[str, Any]) -> dict[str, Any]:
@@ -545,7 +599,7 @@ class Uploader:
         self.abort = abort
         self.connection = Connection(config)
         self.store = Store(directory)
-        self.replicator = Replicator(self.store, self.connection, run_id)
+        self.replicator = Replicator(self.store, self.connection, run_id, upload_format=settings.upload_format)
         self._wake = threading.Event()
         self._closing = threading.Event()
         self.warned_unreachable = False  # the one stderr line about an unreachable server was written

@@ -35,6 +35,8 @@ from .config import ServerConfig
 REQUEST_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 5.0
 SUPPORTED_MAJOR_VERSION = 1
+# The version of the columnar metrics format this client sends (see ``upload.Replicator``).
+COLUMNS_VERSION = 1
 T = TypeVar("T")
 
 
@@ -74,6 +76,9 @@ class Connection:
         # Whether the server keeps the times a client gives for a run's creation and an alert's
         # firing (``simvue server`` says so when asked its version); others get their own.
         self.keeps_client_times = False
+        # Whether the server takes a run's metrics as the store's packed columns
+        # (``POST /api/runs/{id}/columns``, ``simvue server``); others get the Simvue format.
+        self.columnar = False
         self._session.headers.update(
             {
                 "Authorization": f"Bearer {config.token}",
@@ -148,6 +153,7 @@ class Connection:
         if not isinstance(answer, dict):
             answer = {}
         self.keeps_client_times = answer.get("keeps_client_times") is True
+        self.columnar = answer.get("columns") == COLUMNS_VERSION
         version = str(answer.get("version", ""))
         major = version.split(".", 1)[0]
         if not major.isdigit() or int(major) != SUPPORTED_MAJOR_VERSION:

@@ -45,7 +45,7 @@ def push_runs(store: Store, args: argparse.Namespace, out: TextIO) -> int:
             if run["status"] == "running":
                 out.write(f"{run['name']}: still running; its job sends it (push it once it has ended)\n")
                 continue
-            replicator = Replicator(store, connection, run["id"])
+            replicator = Replicator(store, connection, run["id"], upload_format=from_environment().upload_format)
             if replicator.complete:
                 out.write(f"{run['name']}: already sent as {replicator.remote_id}\n")
                 continue

@@ -51,6 +51,24 @@ LOGGING_SCRIPT = textwrap.dedent(
 )
 
 
+# The two ways metrics travel (docs/online.md#upload-formats): to ``simvue server`` as packed
+# columns by default, in the Simvue server's own format with upload_format="upstream".  Each
+# test that counts metric requests runs with both: (setting, route, prefix a fault rule needs).
+FORMATS = {
+    "columns": ("auto", "POST /api/runs/{run_id}/columns", "POST /api/runs/"),
+    "upstream": ("upstream", "POST /api/metrics", "POST /api/metrics"),
+}
+
+
+@pytest.fixture(params=sorted(FORMATS))
+def upload_format(request, monkeypatch):
+    """``(route, fault prefix)`` of the format this test runs with; the setting is in the
+    environment of every process the test starts."""
+    setting, route, prefix = FORMATS[request.param]
+    monkeypatch.setenv("SIMVUE_UPLOAD_FORMAT", setting)
+    return route, prefix
+
+
 @pytest.fixture
 def server(tmp_path):
     process = ServerProcess(tmp_path / "server-data")
@@ -167,16 +185,17 @@ def test_server_down_mid_run_loses_nothing_and_keeps_order(server):
     assert_complete(server, "online-outage", 2500)
 
 
-def test_injected_500s_and_429s_are_retried(tmp_path):
+def test_injected_500s_and_429s_are_retried(tmp_path, upload_format):
+    route, prefix = upload_format
     server = ServerProcess(
-        tmp_path / "server-data", "POST /api/metrics=500x3", "POST /api/events=429x2", "PUT /api/runs=503x2"
+        tmp_path / "server-data", f"{prefix}=500x3", "POST /api/events=429x2", "PUT /api/runs=503x2"
     )
     try:
         result = run_script(LOGGING_SCRIPT, "online-faults", "1500", "0.001", env=client_env(server))
         assert result.returncode == 0, result.stderr
         assert_complete(server, "online-faults", 1500)
         requests_seen = server.stats()["requests"]
-        assert requests_seen.get("POST /api/metrics", 0) >= 4
+        assert requests_seen.get(route, 0) >= 4
     finally:
         server.stop()
 
@@ -209,7 +228,8 @@ def test_bad_token_is_a_clear_error_and_the_run_can_be_pushed_later(server):
     assert_complete(server, "bad-token-kept", 500)
 
 
-def test_close_with_server_down_tells_how_to_push_and_push_is_idempotent(server):
+def test_close_with_server_down_tells_how_to_push_and_push_is_idempotent(server, upload_format):
+    route, _ = upload_format
     env = client_env(server, SIMVUE_CLOSE_TIMEOUT_S="2")
     server.stop()
     result = run_script(LOGGING_SCRIPT, "online-later", "800", "0", env=env)
@@ -224,11 +244,12 @@ def test_close_with_server_down_tells_how_to_push_and_push_is_idempotent(server)
     for again in (push(server), push(server, "online-later")):
         assert again.returncode == 0, again.stderr
         assert "already sent" in again.stdout or "online-later" not in again.stdout
-    assert server.stats()["requests"].get("POST /api/metrics") == counts.get("POST /api/metrics")
+    assert counts.get(route) and server.stats()["requests"].get(route) == counts.get(route)
     assert len(server.metrics(run["id"])["x"]["values"]) == 800
 
 
-def test_interrupted_push_resumes_without_duplicates(server):
+def test_interrupted_push_resumes_without_duplicates(server, upload_format):
+    route, _ = upload_format
     steps = 400_000
     offline = run_script(
         LOGGING_SCRIPT.replace("with Run() as run", "with Run(mode='offline') as run"),
@@ -240,11 +261,11 @@ def test_interrupted_push_resumes_without_duplicates(server):
         env={**os.environ, **server.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 120
-    while server.stats()["requests"].get("POST /api/metrics", 0) < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    while server.stats()["requests"].get(route, 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.002)
     process.send_signal(signal.SIGKILL)
     process.wait(30)
-    posted_before = server.stats()["requests"]["POST /api/metrics"]
+    posted_before = server.stats()["requests"][route]
     finished = push(server, "big-push", timeout=300)
     assert finished.returncode == 0, finished.stderr
     run = server.wait_for_status("big-push")
@@ -252,10 +273,10 @@ def test_interrupted_push_resumes_without_duplicates(server):
     metrics = server.metrics(run["id"])
     assert metrics["x"]["values"] == [float(step) for step in range(steps)]
     assert metrics["x"]["steps"] == list(range(steps))
-    # Two metrics per step, 100,000 points per request: 8 requests in all, none repeated
-    # more than the one in flight when the first push was killed.
-    total = server.stats()["requests"]["POST /api/metrics"]
-    assert posted_before >= 1 and total <= 8 + 1
+    # Two metrics per step, 100,000 (upstream) or 500,000 (columns) points per request: 8 or
+    # 2 requests in all, none repeated more than the one in flight when the push was killed.
+    total = server.stats()["requests"][route]
+    assert posted_before >= 1 and total <= (8 if route == "POST /api/metrics" else 2) + 1
 
 
 ABORT_SCRIPT = textwrap.dedent(
@@ -407,8 +428,9 @@ def test_cli_reads_runs_from_the_configured_server(server):
     assert remote["options"] == local["options"]  # sent with the run, read back the same
 
 
-def test_a_rejected_batch_stops_the_upload_but_keeps_everything_for_push(tmp_path):
-    server = ServerProcess(tmp_path / "server-data", "POST /api/metrics=422x2")
+def test_a_rejected_batch_stops_the_upload_but_keeps_everything_for_push(tmp_path, upload_format):
+    route, prefix = upload_format
+    server = ServerProcess(tmp_path / "server-data", f"{prefix}=422x2")
     try:
         strict = run_script(
             "from simvue import Run\nrun = Run()\nrun.config(suppress_errors=False)\nrun.init(name='strict')\n"
@@ -420,7 +442,8 @@ def test_a_rejected_batch_stops_the_upload_but_keeps_everything_for_push(tmp_pat
         assert "422" in strict.stdout
         result = run_script(LOGGING_SCRIPT, "online-rejected", "600", "0", env=client_env(server))
         assert result.returncode == 0, result.stderr
-        assert "rejected POST /metrics with 422" in result.stderr, result.stderr
+        expected = "/metrics" if route == "POST /api/metrics" else r"/runs/\w+/columns"
+        assert re.search(f"rejected POST {expected} with 422", result.stderr), result.stderr
         assert "Send it with: simvue push" in result.stderr
         local = read_run(Path(os.environ["SIMVUE_STORE"]), "online-rejected")
         assert local["status"] == "completed" and len(local["metrics"]["x"]) == 600

@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from array import array
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -76,7 +77,8 @@ def points(n: int, start: float = 1_790_000_000.0, **extra: float) -> list[dict]
 
 
 def test_version_handshake(server):
-    assert server.api.get(f"{server.url}/api/version").json() == {"version": "1.3.0", "keeps_client_times": True}
+    assert server.api.get(f"{server.url}/api/version").json() == {
+        "version": "1.3.0", "keeps_client_times": True, "columns": 1}
     assert server.api.get(f"{server.url}/api/nosim/version").json() == {"version": "1.0.0"}
 
 
@@ -901,6 +903,77 @@ def test_folders_form_a_tree_and_delete_with_what_they_hold(tmp_path):
         assert server.unreadable() == {}
     with ServerProcess(tmp_path / "server") as restarted:  # the store's folders went too: not adopted back
         assert not [f for f in restarted.get("/folders")["data"] if f["path"].startswith("/tree")]
+
+
+def _columns(steps, times, stamps, values) -> list[bytes]:
+    return [array("q", steps).tobytes(), array("d", times).tobytes(), array("d", stamps).tobytes(),
+            array("d", values).tobytes()]
+
+
+def test_the_usual_metrics_body_is_read_as_the_model_reads_it(server):
+    """POST /api/metrics reads the usual body without a model object per point: what it
+    stores must be what the model (which reads every other body) stores."""
+    entries = [
+        {"step": 0, "time": 0, "timestamp": "2026-01-02T03:04:05", "values": {"a": 1, "b": True}},
+        {"step": 1, "time": 0.5, "timestamp": "2026-01-02T03:04:05.5Z", "values": {"a": 1.5}},
+        {"step": 2, "time": 1.0, "timestamp": "2026-01-02T03:04:06.000123", "values": {"a": math.nan, "b": 2.0}},
+        {"step": 3, "time": 2.0, "timestamp": "2026-01-02 03:04:07.25", "values": {"a": -1e300}, "extra": [1]},
+    ]
+    usual, other = create_run(server), create_run(server)
+    assert post_metrics(server, usual["id"], entries).status_code == 200
+    # an offset the fast reading does not take: this body goes through the model
+    odd = [{**entries[0], "timestamp": "2026-01-02T03:04:05+00:00"}, *entries[1:]]
+    assert post_metrics(server, other["id"], odd).status_code == 200
+    assert server.metrics(usual["id"]) == server.metrics(other["id"])
+    assert server.metrics(usual["id"])["a"]["timestamps"][1] == "2026-01-02T03:04:05.500000"
+    for bad in ({"step": -1}, {"step": 2**64 - 1}, {"time": math.nan}, {"time": "1"}, {"values": {"a": "x"}},
+                {"values": {"bad\x00": 1.0}}, {"timestamp": "2026-13-02T03:04:05"},
+                {"values": {"a": 2**64 - 1}}, {"timestamp": 5}):
+        answer = post_metrics(server, usual["id"], [{**entries[1], **bad}])
+        assert answer.status_code == 422, (bad, answer.text)
+    assert len(server.metrics(usual["id"])["a"]["values"]) == 4
+
+
+def test_metrics_arrive_as_packed_columns_checked_whole(server):
+    run = create_run(server)
+    api, url = server.api, f"{server.url}/api/runs/{run['id']}/columns"
+    assert server.api.get(f"{server.url}/api/version").json()["columns"] == 1
+    body = {"metrics": {"loss": _columns([0, 1, 2], [0.0, 0.5, 1.0], [1e9, 1e9 + 1, 1e9 + 2], [3.0, math.nan, 1.0]),
+                        "rank1/x": _columns([5], [2.0], [1e9 + 3], [math.inf])}}
+    stored = api.post(url, data=msgpack.packb(body), headers={**MSGPACK, "Idempotency-Key": "k1"})
+    assert stored.json() == {"run": run["id"], "stored": 4, "replayed": False}
+    again = api.post(url, data=msgpack.packb(body), headers={**MSGPACK, "Idempotency-Key": "k1"})
+    assert again.json()["replayed"] is True
+    metrics = server.metrics(run["id"])
+    assert metrics["loss"]["steps"] == [0, 1, 2] and metrics["loss"]["values"] == [3.0, None, 1.0]
+    assert metrics["rank1/x"]["values"] == [None] and metrics["loss"]["timestamps"][2] == iso(1e9 + 2)
+
+    good = _columns([0], [0.0], [1e9], [1.0])
+    hostile = [
+        ("not msgpack", b"\xc1\xc1", 400),
+        ("a list", msgpack.packb([1, 2]), 422),
+        ("no metrics", msgpack.packb({"points": {}}), 422),
+        ("bad name", msgpack.packb({"metrics": {"bad\x00name": good}}), 422),
+        ("name too long", msgpack.packb({"metrics": {"n" * 300: good}}), 422),
+        ("three columns", msgpack.packb({"metrics": {"x": good[:3]}}), 422),
+        ("text columns", msgpack.packb({"metrics": {"x": ["a", "b", "c", "d"]}}), 422),
+        ("lengths differ", msgpack.packb({"metrics": {"x": [*good[:3], good[3] * 2]}}), 422),
+        ("not 8-byte values", msgpack.packb({"metrics": {"x": [b"1234567"] * 4}}), 422),
+        ("empty columns", msgpack.packb({"metrics": {"x": [b""] * 4}}), 422),
+        ("negative step", msgpack.packb({"metrics": {"x": _columns([-1], [0.0], [1e9], [1.0])}}), 422),
+        ("NaN time", msgpack.packb({"metrics": {"x": _columns([0], [math.nan], [1e9], [1.0])}}), 422),
+        ("infinite timestamp", msgpack.packb({"metrics": {"x": _columns([0], [0.0], [math.inf], [1.0])}}), 422),
+        ("five columns", msgpack.packb({"metrics": {"x": [*good, good[0]]}}), 400),  # the decoder refuses it
+        ("a map too big", msgpack.packb({"metrics": dict.fromkeys(map(str, range(10)), good)})[:-3], 400),
+    ]
+    for label, data, status in hostile:
+        answer = api.post(url, data=data, headers=MSGPACK)
+        assert answer.status_code == status, (label, answer.text)
+    assert api.post(url, json={"metrics": {}}).status_code == 415  # JSON cannot carry the columns
+    assert api.post(f"{server.url}/api/runs/{'A' * 22}/columns", data=msgpack.packb(body), headers=MSGPACK
+                    ).status_code == 404
+    assert server.metrics(run["id"])["loss"]["steps"] == [0, 1, 2]  # nothing refused was stored
+    assert server.unreadable(run["id"]) == {}
 
 
 def _upload(server: ServerProcess, run_id: str, name: str, content: bytes) -> str:

@@ -49,7 +49,9 @@ RAW_BODY_MODELS: dict[str, type[BaseModel]] = {
     "POST /api/metrics": metrics.MetricsPost,
     "POST /api/events": events.EventsPost,
 }
-RAW_CONTENT_ROUTES = {"PUT /upload/{artifact_id}"}  # artifact bytes: any bytes will do
+# Artifact bytes (any bytes will do), and packed metric columns (their own hostile bodies are in
+# test_server.py::test_metrics_arrive_as_packed_columns_checked_whole).
+RAW_CONTENT_ROUTES = {"PUT /upload/{artifact_id}", "POST /api/runs/{run_id}/columns"}
 NO_BODY_ROUTES = {"PUT /api/runs/{run_id}/heartbeat"}
 
 # A valid body per model, so that a hostile value in one field is not refused for another.

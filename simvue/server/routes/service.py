@@ -17,7 +17,8 @@ NOSIM_VERSION = "1.0.0"
 async def version():
     # keeps_client_times: a run's "created" and an alert's "fired_at" given by a client are kept,
     # so that simvue's uploader sends them (other servers get their own times).
-    return {"version": API_VERSION, "keeps_client_times": True}
+    # "columns": the version of POST /api/runs/{id}/columns this server takes (routes/metrics.py)
+    return {"version": API_VERSION, "keeps_client_times": True, "columns": 1}
 
 
 @router.get("/nosim/version")
