@@ -479,6 +479,68 @@ def test_batches_cut_anywhere_keep_every_series_in_order(server, monkeypatch):
     assert server.stats()["requests"]["POST /api/metrics"] >= 400 // 25
 
 
+def _replicate(server: ServerProcess, run_name: str, fmt: str, state: dict | None = None) -> None:
+    """Send the local run ``run_name`` as ``push`` would, in format ``fmt``, from ``state``."""
+    from simvue import upload
+    from simvue.api.config import ServerConfig
+    from simvue.api.connection import Connection
+
+    store = Store(Path(os.environ["SIMVUE_STORE"]))
+    connection = Connection(ServerConfig(url=server.url, token=server.token, mode="online"))
+    try:
+        connection.check_version()
+        replicator = upload.Replicator(store, connection, store.run(run_name)["id"],
+                                       upload_format="auto" if fmt == "columns" else "upstream")
+        if state:
+            replicator.create(60.0)
+            replicator._save(**state)
+        assert replicator.sync(60.0, job_over=True)
+    finally:
+        connection.close()
+        store.close()
+
+
+@pytest.mark.parametrize("fmt", ["columns", "upstream"])
+def test_a_metric_logged_twice_with_the_same_stamps_is_sent_twice(server, fmt):
+    """Chunks with the same steps, times and timestamps go as one group, unless they hold the
+    same metric (a call repeated with explicit stamps, in two commits): both points arrive."""
+    code = textwrap.dedent(
+        """
+        from simvue import Run
+        with Run(mode="offline") as run:
+            run.init(name="repeated")
+            for _ in range(2):
+                run.log_metrics({"a": 1.0, "b": 2.0}, step=7, time=1.0, timestamp="2026-01-01T00:00:00Z")
+                run.flush()
+        """
+    )
+    assert run_script(code).returncode == 0
+    _replicate(server, "repeated", fmt)
+    metrics = server.metrics(server.wait_for_status("repeated")["id"])
+    assert metrics["a"]["steps"] == metrics["b"]["steps"] == [7, 7]
+
+
+@pytest.mark.parametrize("fmt", ["columns", "upstream"])
+def test_a_cursor_saved_inside_one_chunk_resumes_there(server, fmt):
+    """An upload state saved before chunks were sent in groups (an offset into one chunk, no
+    group size) resumes in that chunk alone: the rest of it, then everything after."""
+    result = run_script(
+        LOGGING_SCRIPT.replace("with Run() as run", "with Run(mode='offline') as run"),
+        "legacy-cursor", "300", "0", env=client_env(server),
+    )
+    assert result.returncode == 0, result.stderr
+    store = Store(Path(os.environ["SIMVUE_STORE"]))
+    run_id = store.run("legacy-cursor")["id"]
+    first_chunk = store.metric_chunks_from(run_id, 0, 1)[0]
+    store.close()
+    first_id, first_metric, count = first_chunk[0], first_chunk[1], len(first_chunk[5])
+    _replicate(server, "legacy-cursor", fmt, state={"chunk_id": first_id, "chunk_offset": 100})
+    metrics = server.metrics(server.wait_for_status("legacy-cursor")["id"])
+    other = "x" if first_metric == "loss" else "loss"
+    assert len(metrics[first_metric]["steps"]) == 300 - 100 and metrics[first_metric]["steps"][0] == 100
+    assert metrics[other]["steps"] == list(range(300)) and count >= 100
+
+
 def test_alerts_and_their_states_reach_the_server(server):
     code = textwrap.dedent(
         """
