@@ -27,14 +27,27 @@ import sys
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import msgpack
 
 from .facts import initialised_library
-from .sampler import NodeSampler, Proc, node_name
+from .procs import Proc, node_name
+
+if TYPE_CHECKING:
+    from .sampler import NodeSampler
 
 __all__ = ["NodeSampler", "NodeSampling", "Proc", "SamplingRole", "node_name"]
+
+
+def __getattr__(name: str) -> Any:
+    # ``NodeSampler`` needs psutil: imported when asked for (the sampler process, tests),
+    # never by a run's own process, which only starts that process.
+    if name == "NodeSampler":
+        from .sampler import NodeSampler
+
+        return NodeSampler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
