@@ -14,9 +14,10 @@ sampling one (``simvue.resources.agent``), so that it costs the rank's interpret
 but one pipe read per sample.  A sample comes back as one RESOURCES record
 (``[10, host, time, timestamp, {name: value}]``) and goes through the same buffer as the
 process's metrics; the aggregator numbers each host's samples 0, 1, 2, ...  The first sample
-is taken at once, then one every ``interval_s``, and a last one when sampling stops (the
-run's end, or the sampling process's close), so short runs have data too.  Series names and
-units: docs/resources.md.
+is taken as soon as the sampler process has started, then one every ``interval_s``, and a
+last one when sampling stops (the run's end, or the sampling process's close), so short runs
+have data too (the aggregator's own sampler starts 0.1 s after the run: see
+``aggregator.service.SAMPLER_START_DELAY_S``).  Series names and units: docs/resources.md.
 """
 
 from __future__ import annotations
