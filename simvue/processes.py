@@ -29,14 +29,15 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
-
-import psutil
+from typing import TYPE_CHECKING, Any
 
 from . import topology
 from ._run_parts import RunParts
 from .errors import SimvueError, SimvueRunError, SimvueTypeError, SimvueValueError, SimvueWarning
 from .transport.protocol import RecordKind, SamplePidRecord
+
+if TYPE_CHECKING:
+    import psutil  # imported where used: a run that starts no process never needs it
 
 # After SIGTERM, how long a process tree has to end before what is left gets SIGKILL.
 KILL_GRACE_S = 3.0
@@ -53,6 +54,8 @@ FALLBACK_SHELL = "/bin/sh"
 def get_current_shell() -> str | None:
     """The user's shell: ``$SHELL``, else the parent process's executable when it is a shell,
     else ``/bin/sh`` where it exists.  ``add_process`` runs it when no executable is given."""
+    import psutil
+
     shell = os.environ.get("SHELL")
     if shell:
         return shell
@@ -369,6 +372,8 @@ class ProcessesMixin(RunParts):
         """From now on, this process's resource figures (``resources/...``, see
         docs/resources.md) are those of process ``pid`` (on this node) and its descendants
         instead of this process's.  ``processes`` lists it too.  ``pid`` must be running."""
+        import psutil
+
         try:
             if pid.__class__ is not int or pid <= 0:
                 raise SimvueTypeError(f"set_pid needs a process id (a positive int), not {pid!r}")
@@ -531,6 +536,8 @@ def _in_worker() -> bool:
 
 
 def _add_tree(found: dict[int, psutil.Process], pid: int) -> None:
+    import psutil
+
     with contextlib.suppress(psutil.Error):
         root = psutil.Process(pid)
         found.setdefault(root.pid, root)
@@ -540,6 +547,8 @@ def _add_tree(found: dict[int, psutil.Process], pid: int) -> None:
 
 def _signal_tree(child: ChildProcess, signum: int) -> list[psutil.Process]:
     """Send ``signum`` to a running child and its descendants; those it was sent to."""
+    import psutil
+
     if child.popen.returncode is not None:
         return []
     child.killed = True
@@ -558,6 +567,8 @@ def _stop(child: ChildProcess) -> None:
     """SIGTERM the child's tree, SIGKILL what is left after ``KILL_GRACE_S``, and wait as
     long again for it to end.  The child itself is reaped by its watcher thread (a second
     ``waitpid`` here would take its exit status away from ``Popen``)."""
+    import psutil
+
     tree = _signal_tree(child, signal.SIGTERM)
     if not tree:
         return
@@ -581,6 +592,8 @@ def _wait_ended(child: ChildProcess, tree: list[psutil.Process], timeout_s: floa
 
 
 def _running(process: psutil.Process) -> bool:
+    import psutil
+
     try:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:

@@ -31,7 +31,7 @@ import warnings
 import weakref
 from collections import deque
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import lifecycle
 from ._util import drain, merge_dicts, safe_filename
@@ -54,8 +54,10 @@ from .transport.sender import Sender
 from .transport.spill import SpillFile
 from .transport.transfer import CLOSE_TIMEOUT_S as ARTIFACTS_CLOSE_TIMEOUT_S
 from .transport.transfer import ArtifactJob, ArtifactQueue, StreamToSender
-from .upload import Uploader, start_upload
 from .validation import format_timestamp
+
+if TYPE_CHECKING:
+    from .upload import Uploader  # imported when a server is configured: it needs requests
 
 log = logging.getLogger(__name__)
 
@@ -473,6 +475,8 @@ def _aggregate(
         abort = AbortSignal()
         uploader = None
         if server is not None and server.online:
+            from .upload import start_upload
+
             try:
                 uploader = start_upload(store.directory, server, run["id"], run["name"], settings, abort)
             except Exception:

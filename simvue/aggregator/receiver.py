@@ -9,6 +9,8 @@ and closes it.
 from __future__ import annotations
 
 import dataclasses
+import os
+import threading
 
 import zmq
 
@@ -33,13 +35,18 @@ class Binding:
 
 
 class Receiver:
-    """One ROUTER socket and the run's key."""
+    """One ROUTER socket and the run's key, and a pipe that ends a ``poll`` early when
+    another thread calls ``wake`` (a close or a flush waits for the loop, not for a timeout)."""
 
     def __init__(self, key: bytes, binding: Binding) -> None:
         self._key = key
         self._binding = binding
         self._context: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
+        self._poller: zmq.Poller | None = None
+        self._wake_lock = threading.Lock()  # wake() never writes to a pipe close() has closed
+        self._wake_r: int | None = None
+        self._wake_w: int | None = None
 
     def open(self) -> str:
         """Bind; returns the address senders connect to.  Raises if it cannot bind."""
@@ -56,17 +63,45 @@ class Receiver:
                 security.serve(sock, self._key)  # other nodes can reach it: encrypt too
             if self._binding.address:
                 sock.bind(self._binding.address)
-                return self._binding.advertise or self._binding.address
-            port = sock.bind_to_random_port(f"tcp://{self._binding.host}")
-            return f"tcp://{self._binding.advertise_host}:{port}"
+                endpoint = self._binding.advertise or self._binding.address
+            else:
+                port = sock.bind_to_random_port(f"tcp://{self._binding.host}")
+                endpoint = f"tcp://{self._binding.advertise_host}:{port}"
+            wake_r, wake_w = os.pipe()
+            os.set_blocking(wake_r, False)
+            os.set_blocking(wake_w, False)
+            with self._wake_lock:
+                self._wake_r, self._wake_w = wake_r, wake_w
+            self._poller = zmq.Poller()
+            self._poller.register(sock, zmq.POLLIN)
+            self._poller.register(wake_r, zmq.POLLIN)
+            return endpoint
         except BaseException:
             self.close()
             raise
 
     def poll(self, timeout_ms: int) -> bool:
-        """Wait at most ``timeout_ms`` for a message; whether one is waiting."""
-        assert self._sock is not None
-        return bool(self._sock.poll(timeout_ms, zmq.POLLIN))
+        """Wait at most ``timeout_ms`` for a message, or until ``wake()``; whether a
+        message is waiting."""
+        assert self._sock is not None and self._poller is not None
+        ready = dict(self._poller.poll(timeout_ms))
+        if self._wake_r is not None and self._wake_r in ready:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        return self._sock in ready
+
+    def wake(self) -> None:
+        """End the current (or the next) ``poll`` now; callable from any thread, never blocks."""
+        with self._wake_lock:
+            if self._wake_w is None:
+                return
+            try:
+                os.write(self._wake_w, b"w")
+            except BlockingIOError:
+                pass  # the pipe is full: a wake-up is already waiting
 
     def receive(self) -> tuple[bytes, Message] | None:
         """The next waiting message and its sender's id, or None if none is waiting.
@@ -94,6 +129,12 @@ class Receiver:
     def close(self) -> None:
         """Close, giving the last replies (the final acknowledgements) ``CLOSE_LINGER_MS``
         to leave."""
+        with self._wake_lock:
+            for fd in (self._wake_r, self._wake_w):
+                if fd is not None:
+                    os.close(fd)
+            self._wake_r = self._wake_w = None
+        self._poller = None
         if self._sock is not None:
             self._sock.close(CLOSE_LINGER_MS)
             self._sock = None

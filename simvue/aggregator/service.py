@@ -42,6 +42,10 @@ from .writer import Follower, RunWriter
 MAX_MESSAGES_PER_LOOP = 2000
 MAX_POINTS_PER_COMMIT = 200_000
 TICK_INTERVAL_S = 0.1
+# This node's sampler process starts this long after the run, from the aggregator's thread:
+# not on ``init``'s path, and not at all for a run that ends sooner (starting it, about 0.2 s
+# of a core, would cost more than the run itself; ``close`` would wait for its first sample).
+SAMPLER_START_DELAY_S = 0.1
 log = logging.getLogger(__name__)
 
 
@@ -118,12 +122,11 @@ class Aggregator:
     # -- called from the run's own threads ----------------------------------------------
 
     def start(self, timeout_s: float = 10.0) -> AggregatorAddress:
-        """Start the thread and return the address senders connect to."""
+        """Start the thread and return the address senders connect to.  This node's
+        resource sampler starts later, on the thread (``SAMPLER_START_DELAY_S``)."""
         self._thread.start()
         if not self._bound.wait(timeout_s) or self.address is None:
             raise RuntimeError(f"aggregator could not bind a socket: {self._bind_error!r}")
-        if self._sampler is not None:
-            self._sampler.start()
         return self.address
 
     def flush(self, timeout_s: float) -> bool:
@@ -134,6 +137,7 @@ class Aggregator:
         with self._lock:
             start_round = self._flush_round
             self._flush_requested = True
+            self._receiver.wake()
             while self._flush_round <= start_round:
                 left = deadline - self._clock.monotonic()
                 if left <= 0 or self._finished.is_set():
@@ -161,17 +165,14 @@ class Aggregator:
         if not self._close_requested.is_set():
             self._close_status = status
             self._close_requested.set()
+        self._receiver.wake()  # the loop acts on it now, not after its poll times out
         if stop_waiting_after_s is not None and not self._finished.wait(stop_waiting_after_s):
             self._stop_waiting.set()  # the job is being stopped: end the run with who has left
+            self._receiver.wake()
         if wait_for_ranks:
             return self._finished.wait(timeout_s) and self._writer.complete
-        deadline = None if timeout_s is None else self._clock.monotonic() + timeout_s
-        while not self._finished.is_set():
-            if self._local_done.wait(0.05):
-                return self._writer.complete
-            if deadline is not None and self._clock.monotonic() >= deadline:
-                return False
-        return self._writer.complete
+        # Set when only other ranks are left, and when the run has finished (see _run).
+        return self._local_done.wait(timeout_s) and self._writer.complete
 
     @property
     def finished(self) -> bool:
@@ -206,6 +207,7 @@ class Aggregator:
         finally:
             self._receiver.close()
             self._finished.set()
+            self._local_done.set()
             with self._lock:
                 self._lock.notify_all()
 
@@ -216,11 +218,16 @@ class Aggregator:
         next_commit = now + settings.commit_interval_s
         next_tick = now
         next_probe = now + liveness.PROBE_INTERVAL_S
+        sampler_start_at = None if self._sampler is None else now + SAMPLER_START_DELAY_S
         while True:
             if self._receiver.poll(poll_ms):
                 self._read_messages(next_commit)
             state.local_records(drain(self.local_buffer))
             now = clock.monotonic()
+            if sampler_start_at is not None and now >= sampler_start_at and not state.can_finish():
+                assert self._sampler is not None
+                self._sampler.start()
+                sampler_start_at = None
             if now >= next_probe:
                 for sender in liveness.ended(state.senders_to_probe()):
                     state.process_gone(sender.sender_id)

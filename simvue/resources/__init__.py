@@ -14,9 +14,10 @@ sampling one (``simvue.resources.agent``), so that it costs the rank's interpret
 but one pipe read per sample.  A sample comes back as one RESOURCES record
 (``[10, host, time, timestamp, {name: value}]``) and goes through the same buffer as the
 process's metrics; the aggregator numbers each host's samples 0, 1, 2, ...  The first sample
-is taken at once, then one every ``interval_s``, and a last one when sampling stops (the
-run's end, or the sampling process's close), so short runs have data too.  Series names and
-units: docs/resources.md.
+is taken as soon as the sampler process has started, then one every ``interval_s``, and a
+last one when sampling stops (the run's end, or the sampling process's close), so short runs
+have data too (the aggregator's own sampler starts 0.1 s after the run: see
+``aggregator.service.SAMPLER_START_DELAY_S``).  Series names and units: docs/resources.md.
 """
 
 from __future__ import annotations
@@ -27,14 +28,27 @@ import sys
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import msgpack
 
 from .facts import initialised_library
-from .sampler import NodeSampler, Proc, node_name
+from .procs import Proc, node_name
+
+if TYPE_CHECKING:
+    from .sampler import NodeSampler
 
 __all__ = ["NodeSampler", "NodeSampling", "Proc", "SamplingRole", "node_name"]
+
+
+def __getattr__(name: str) -> Any:
+    # ``NodeSampler`` needs psutil: imported when asked for (the sampler process, tests),
+    # never by a run's own process, which only starts that process.
+    if name == "NodeSampler":
+        from .sampler import NodeSampler
+
+        return NodeSampler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .sampler import PREFIX
+from .procs import PREFIX
 
 _PLAIN_CPU = f"{PREFIX}/cpu.usage.percentage"
 _NODE = f"{PREFIX}/node/"

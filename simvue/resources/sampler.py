@@ -23,8 +23,10 @@ from typing import Any
 
 import psutil
 
-from .._util import safe_filename
 from .gpu import MB, Gpus
+from .procs import PREFIX, Proc, node_name
+
+__all__ = ["MIN_FIRST_ELAPSED_S", "MIN_RATE_SPAN_S", "PREFIX", "TREE_REFRESH_S", "NodeSampler", "Proc", "node_name"]
 
 TREE_REFRESH_S = 10.0
 MIN_FIRST_ELAPSED_S = 1.0  # a process first seen younger than this is averaged over this long
@@ -32,31 +34,6 @@ MIN_FIRST_ELAPSED_S = 1.0  # a process first seen younger than this is averaged 
 # the previous one (a process's last, taken as it says goodbye) would otherwise magnify a
 # moment's work (its exit) into a figure for the whole interval.
 MIN_RATE_SPAN_S = 1.0
-PREFIX = "resources"
-
-
-@dataclasses.dataclass(frozen=True)
-class Proc:
-    """A process of the run: its label (``rank3``, ``worker0``, ``main``), pid and
-    ``CUDA_VISIBLE_DEVICES`` (None when unset)."""
-
-    label: str
-    pid: int
-    cuda: str | None = None
-
-    def wire(self) -> list:
-        """As it travels in SAMPLE messages and to the sampler process."""
-        return [self.label, self.pid, self.cuda]
-
-    @classmethod
-    def from_wire(cls, item: list) -> Proc:
-        label, pid, cuda = item
-        return cls(str(label), int(pid), cuda)
-
-
-def node_name(host: str) -> str:
-    """``host`` as it appears in series names."""
-    return safe_filename(host)
 
 
 @dataclasses.dataclass

@@ -25,7 +25,6 @@ import dataclasses
 import errno
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -129,6 +128,8 @@ def publish_file(path: Path, address: AggregatorAddress) -> None:
     ``RendezvousRefused`` if the directory is not private to this user."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     check_private_directory(path.parent)
+    import tempfile  # only a rank 0 that publishes needs it, not every run's start
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
     try:
         os.fchmod(fd, 0o600)

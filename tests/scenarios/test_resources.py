@@ -155,6 +155,57 @@ def test_a_long_interval_still_gives_a_first_and_a_last_sample(store_dir, monkey
     assert len(_series(read_run(store_dir, "short"), "resources/memory.usage")) == 2
 
 
+def test_the_sampler_starts_after_init_returns_and_a_longer_run_still_has_its_series(store_dir):
+    """``init`` does not start the sampler process: the aggregator's thread starts it
+    ``SAMPLER_START_DELAY_S`` later (lengthened here, so that the check cannot race it).  A
+    run lasting a few intervals then has its samples from then on, and a last one at close."""
+    result = run_script(textwrap.dedent("""
+        import time
+        import psutil
+        from simvue import Run
+        from simvue.aggregator import service
+        service.SAMPLER_START_DELAY_S = 1.0
+        def samplers():
+            return [p for p in psutil.Process().children() if "simvue.resources.agent" in " ".join(p.cmdline())]
+        run = Run()
+        run.config(resources_metrics_interval=1)
+        run.init(name="later")
+        print(len(samplers()))
+        time.sleep(3.5)
+        print(len(samplers()))
+        run.close()
+        print(len(samplers()))
+    """))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "1", "0"]
+    run = read_run(store_dir, "later")
+    times = [p[1] for p in _series(run, "resources/memory.usage")]
+    # Started at about 1 s: samples then, one a second after it, and one at close (~3.5 s).
+    assert len(times) >= 3, times
+    assert 0.9 < times[0] < 2.5, times
+    assert times[-1] > 3.0, times
+    assert HOST in run["metadata"]["simvue"]["hosts"]
+
+
+def test_a_run_that_ends_before_its_sampler_starts_has_no_series_and_loses_nothing(store_dir, monkeypatch):
+    """A run closed within ``SAMPLER_START_DELAY_S`` of ``init`` starts no sampler process
+    (nor waits for one at close), and everything it logged is stored."""
+    from simvue.aggregator import service
+
+    monkeypatch.setattr(service, "SAMPLER_START_DELAY_S", 60.0)  # surely longer than this run
+    run = Run()
+    run.config(resources_metrics_interval=1, suppress_errors=False)
+    run.init(name="brief")
+    for step in range(100):
+        run.log_metrics({"x": float(step)})
+    assert run.close() is True
+    exported = read_run(store_dir, "brief")
+    assert exported["status"] == "completed"
+    assert [p[2] for p in exported["metrics"]["x"]] == [float(s) for s in range(100)]
+    assert [name for name in exported["metrics"] if name.startswith("resources/")] == []
+    assert "hosts" not in exported["metadata"].get("simvue", {})
+
+
 def test_sampling_off_means_no_series_and_no_sampler_process(store_dir):
     result = run_script(textwrap.dedent("""
         import psutil

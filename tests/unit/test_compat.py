@@ -148,11 +148,13 @@ def test_seed_003_runcard_verbs_record_metrics_parameters_and_tags(store_dir):
     # The seed's card registration and ``log_artifact_from_file`` are OpsML-only / tested below.
     result = run_script(_script("""
         import json
+        import time
         from simvue import Run
 
         with Run() as run:
             run.config(suppress_errors=False, log_hardware=True, hardware_interval=10)
             run.init(name='opsml-project')
+            time.sleep(0.5)  # longer than the sampler's start delay: a run that short has no samples
             assert run.log_metric("test_metric", 10) is True
             assert run.log_metrics({"test_metric2": 20}) is True
             assert run.log_metric("test_metric", 11, step=7) is True
@@ -168,7 +170,7 @@ def test_seed_003_runcard_verbs_record_metrics_parameters_and_tags(store_dir):
     assert json.loads(result.stdout) == {"interval": 10.0}
     exported = read_run(store_dir, "opsml-project")
     # Hardware logging on: the process is sampled, under the plain names (this run is shorter
-    # than the sampler's start, so its first sample is also its last).
+    # than the interval: its first sample and its last).
     assert len(exported["metrics"]["resources/cpu.usage.percentage"]) >= 1
     assert exported["status"] == "completed"
     # log_metric uses the same per-process automatic step as log_metrics.

@@ -247,6 +247,38 @@ def test_flush_commits_without_closing(store_dir):
     run.close()
 
 
+def test_everything_logged_right_before_close_is_stored(store_dir):
+    """``close()`` wakes the aggregator at once rather than waiting for its next commit or
+    poll: what was logged an instant before it is in the store when it returns."""
+    for attempt in range(3):
+        run = Run()
+        run.config(suppress_errors=False)
+        run.init(name=f"last-moment-{attempt}")
+        for step in range(20_000):
+            run.log_metrics({"x": float(step)})
+        run.log_event("the last event")
+        run.update_metadata({"last": attempt})
+        assert run.close() is True
+        exported = read_run(store_dir, f"last-moment-{attempt}")
+        assert exported["status"] == "completed"
+        assert [p[2] for p in exported["metrics"]["x"]] == [float(s) for s in range(20_000)]
+        assert [e["message"] for e in exported["events"]] == ["the last event"]
+        assert exported["metadata"]["last"] == attempt
+
+
+def test_a_flush_right_after_logging_commits_it(store_dir):
+    """``flush()`` wakes the aggregator too: each flush makes what was logged just before
+    it readable from the store, run after run of flushes."""
+    run = Run()
+    run.config(suppress_errors=False)
+    run.init(name="flushes")
+    for round_ in range(5):
+        run.log_metrics({"x": float(round_)})
+        assert run.flush() is True
+        assert [p[2] for p in read_run(store_dir, "flushes")["metrics"]["x"]] == [float(r) for r in range(round_ + 1)]
+    assert run.close() is True
+
+
 def test_public_names():
     assert {"Run", "SimvueError", "__version__"} <= set(simvue.__all__)
 

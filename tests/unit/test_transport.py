@@ -333,3 +333,38 @@ def test_a_sender_told_the_run_is_over_neither_waits_nor_loses_what_it_logs_late
     assert [r[1] for r in spilled if r[0] == RecordKind.METRICS] == [1, 2, 3, 4, 5]
     assert [r for r in spilled if r[0] == RecordKind.ARTIFACT_CHUNK] == [list(chunk)]
     assert [p[0] for p in read_run(store_dir, "outlived")["metrics"]["worker0/v"]] == [0]
+
+
+def test_a_wake_ends_the_receivers_poll_at_once_and_messages_still_arrive():
+    """A close or a flush on another thread wakes the aggregator's loop (``Receiver.wake``)
+    instead of waiting for its poll to time out; the wake-up itself is never taken for a
+    message, and one that arrives is still reported."""
+    import threading
+
+    from simvue.aggregator.receiver import Binding, Receiver
+
+    key = b"k" * 32
+    receiver = Receiver(key, Binding())
+    receiver.wake()  # before open: nothing to wake, and no error
+    endpoint = receiver.open()
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    try:
+        threading.Timer(0.05, receiver.wake).start()
+        started = time.monotonic()
+        assert receiver.poll(60_000) is False  # woken: no message waiting
+        assert time.monotonic() - started < 30
+        for _ in range(1000):  # many wakes before one poll: one pipe read drains them all
+            receiver.wake()
+        assert receiver.poll(60_000) is False
+        dealer.connect(endpoint)
+        dealer.send_multipart(protocol.encode(key, MessageKind.HEARTBEAT, 1, None))
+        assert receiver.poll(60_000) is True
+        received = receiver.receive()
+        assert received is not None and received[1][0] is MessageKind.HEARTBEAT
+        assert receiver.receive() is None
+    finally:
+        dealer.close(0)
+        context.term()
+        receiver.close()
+    receiver.wake()  # after close: nothing to wake, and no error
