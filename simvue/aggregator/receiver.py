@@ -20,6 +20,37 @@ from .instructions import Reply
 
 RCV_HWM_MESSAGES = 10_000
 CLOSE_LINGER_MS = 1000
+# Files the aggregating process holds besides its senders' connections: the store, the spill
+# and rendezvous files, the sampler's pipes, the user's own.
+FILES_BESIDE_CONNECTIONS = 64
+
+
+def make_room_for_connections(senders: int) -> str | None:
+    """Let this process open a connection per sender: the ROUTER socket holds one file per
+    connected sender, and a soft limit of 1,024 open files (a common default) is reached by
+    a job of about a thousand ranks.  Raises the soft limit to the hard one when the job needs
+    more than the soft limit; returns what to tell the user if even that is too few."""
+    try:
+        import resource
+    except ImportError:  # no such limit here
+        return None
+    needed = senders + FILES_BESIDE_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or needed <= soft:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    except (ValueError, OSError):
+        pass
+    if hard == resource.RLIM_INFINITY or needed <= soft:
+        return None
+    return (
+        f"simvue: this job's {senders} processes need about {needed} open files in the aggregating process, but it"
+        f" may open only {soft} (ulimit -n; the hard limit is {hard}): the processes that cannot connect keep their"
+        " records in .simvue/spill. Raise the hard limit (ulimit -Hn, or the batch system's setting) to"
+        f" at least {needed}."
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,7 @@ from ..transport.protocol import BadFrame
 from ..transport.rendezvous import AggregatorAddress
 from . import liveness
 from .instructions import Instruction, Notice, Reply, SampleHere
-from .receiver import Binding, Receiver
+from .receiver import Binding, Receiver, make_room_for_connections
 from .state import AggregatorState, Clock, SystemClock
 from .writer import Follower, RunWriter
 
@@ -94,6 +94,9 @@ class Aggregator:
             clock=self._clock,
             status=run.get("status", "running"),
         )
+        short_of_files = make_room_for_connections(expected_ranks)
+        if short_of_files:
+            os.write(2, (short_of_files + "\n").encode())
         self._receiver = Receiver(key, binding or Binding())
         self._sampler: NodeSampling | None = None
         if settings.resources_interval_s > 0:

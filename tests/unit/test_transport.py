@@ -3,6 +3,9 @@ acknowledged close, and spilling when no aggregator answers.  Real ZeroMQ socket
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import time
 import uuid
 
@@ -368,3 +371,28 @@ def test_a_wake_ends_the_receivers_poll_at_once_and_messages_still_arrive():
         context.term()
         receiver.close()
     receiver.wake()  # after close: nothing to wake, and no error
+
+
+def test_the_aggregator_makes_room_for_a_connection_per_rank_or_says_what_to_raise():
+    """A ROUTER socket holds a file per connected rank: with a soft limit of 1,024 open files a
+    job of about a thousand ranks could not connect.  The limit is raised to the hard one when
+    the job needs it, and a hard limit too low is named, with what to do."""
+    code = textwrap.dedent(
+        """
+        import resource, sys
+        from simvue.aggregator.receiver import make_room_for_connections
+        hard = int(sys.argv[1])
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+        small = make_room_for_connections(10)           # fits: left alone
+        after_small = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        big = make_room_for_connections(400)
+        print(repr(small), after_small, resource.getrlimit(resource.RLIMIT_NOFILE)[0], repr(big))
+        """
+    )
+    roomy = subprocess.run([sys.executable, "-c", code, "1024"], capture_output=True, text=True, check=True)
+    assert roomy.stdout.split() == ["None", "128", "1024", "None"]
+    short = subprocess.run([sys.executable, "-c", code, "256"], capture_output=True, text=True, check=True)
+    small, after_small, soft, message = short.stdout.split(" ", 3)
+    assert (small, after_small, soft) == ("None", "128", "256")
+    assert "400 processes need about 464 open files" in message and "only 256" in message
+    assert "ulimit -Hn" in message
