@@ -47,9 +47,8 @@ def make_room_for_connections(senders: int) -> str | None:
         return None
     return (
         f"simvue: this job's {senders} processes need about {needed} open files in the aggregating process, but it"
-        f" may open only {soft} (ulimit -n; the hard limit is {hard}): the processes that cannot connect keep their"
-        " records in .simvue/spill. Raise the hard limit (ulimit -Hn, or the batch system's setting) to"
-        f" at least {needed}."
+        f" may open only {soft} (ulimit -n; the hard limit is {hard}), so some may not be able to connect. Raise"
+        f" the hard limit (ulimit -Hn, or the batch system's setting) to at least {needed}."
     )
 
 
