@@ -11,7 +11,7 @@ import zmq
 from simvue import Run
 from simvue.abort import AbortSignal
 from simvue.losses import LossCounter
-from simvue.transport import protocol, spill
+from simvue.transport import columns, protocol, spill
 from simvue.transport.protocol import MessageKind, RecordKind
 from simvue.transport.sender import Sender
 from simvue.transport.spill import SpillFile
@@ -127,7 +127,9 @@ def test_without_an_aggregator_records_are_spilled_to_disk_and_counted(tmp_path)
     assert sender.close(None, {}) is False  # waits close_timeout_s (0.5 s) for the BYE's ACK, then spills
     assert time.monotonic() - started < 5.0
     assert losses.snapshot()["spilled"] == 100
-    steps = [record[1] for kind, _, body in spill.read(path) if kind == MessageKind.DATA for record in body]
+    # Sent once, so spilled as sent: in columns (``columns.records`` reads them back).
+    steps = [record[1] for kind, _, body in spill.read(path) if kind == MessageKind.DATA
+             for record in columns.records(body)]
     assert steps == list(range(100))
 
 
@@ -329,7 +331,7 @@ def test_a_sender_told_the_run_is_over_neither_waits_nor_loses_what_it_logs_late
     assert time.monotonic() - started < 5.0  # not the 30 s close timeout, nor put_bulk's 10 s
     assert losses.snapshot()["spilled"] == 6
     spilled = [record for kind, _, body in spill.read(store_dir / "spill" / "late.msgpack")
-               if kind == MessageKind.DATA for record in body]
+               if kind == MessageKind.DATA for record in columns.records(body)]
     assert [r[1] for r in spilled if r[0] == RecordKind.METRICS] == [1, 2, 3, 4, 5]
     assert [r for r in spilled if r[0] == RecordKind.ARTIFACT_CHUNK] == [list(chunk)]
     assert [p[0] for p in read_run(store_dir, "outlived")["metrics"]["worker0/v"]] == [0]
