@@ -559,18 +559,16 @@ class AggregatorState:
         # Checked whole before anything is added, so a malformed record leaves no trace.  A
         # namespaced metric takes one ``extend`` per column; a reduced one goes point by point
         # through the reducer, which sees every point, in order, as from METRICS records.
-        names, steps, times, timestamps, values = read_columns(record)
+        names, steps, step_min, step_max, times, timestamps, values = read_columns(record)
         series = producer.series
         for name, column in zip(names, values):
             target = series.get(name)
             if target is None:
                 target = self._series_for(producer, name)
-            if target.__class__ is tuple:  # the columns' bound ``append`` methods
-                add_step, add_time, add_timestamp, add_value = target
-                add_step.__self__.extend(steps)
-                add_time.__self__.extend(times)
-                add_timestamp.__self__.extend(timestamps)
-                add_value.__self__.extend(column)
+            if target.__class__ is tuple:
+                self._batch.metrics[producer.prefix + name].extend_columns(
+                    steps, times, timestamps, column, step_min, step_max
+                )
             else:
                 add = target.add
                 for point in zip(steps, times, timestamps, column):

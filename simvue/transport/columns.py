@@ -24,7 +24,7 @@ from array import array
 from collections.abc import Sequence
 from itertools import chain
 from operator import itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 from .protocol import MAX_COLUMN_ROWS, MetricColumnsRecord, RecordKind
 
@@ -161,11 +161,22 @@ def _group_columns(group: Sequence[Any], rows: list[dict]) -> MetricColumnsRecor
     )
 
 
-def read_columns(record: Sequence[Any]) -> tuple[list[str], array, array, array, list[array]]:
-    """``(names, steps, times, timestamps, values)`` of a METRIC_COLUMNS record, ``values``
-    one column per name; raises ``ValueError`` unless every part is well formed: ``count``
-    rows (1 to ``MAX_COLUMN_ROWS``) in every column, distinct str names as many as value
-    columns, steps from 0 to 2**63 - 1, finite times, timestamps and values."""
+class Columns(NamedTuple):
+    """A METRIC_COLUMNS record read back: its columns as arrays, and its step range."""
+
+    names: list[str]
+    steps: array
+    step_min: int
+    step_max: int
+    times: array
+    timestamps: array
+    values: list[array]  # one column per name
+
+
+def read_columns(record: Sequence[Any]) -> Columns:
+    """The ``Columns`` of a METRIC_COLUMNS record; raises ``ValueError`` unless every part is
+    well formed: ``rows`` rows (1 to ``MAX_COLUMN_ROWS``) in every column, distinct str names
+    as many as value columns, steps from 0 to 2**63 - 1, finite times, timestamps and values."""
     if len(record) != 7:
         raise ValueError("a metric columns record has 7 fields")
     _, count, names, steps, times, stamps, values = record
@@ -183,14 +194,15 @@ def read_columns(record: Sequence[Any]) -> tuple[list[str], array, array, array,
         if blob.__class__ is not bytes or len(blob) != size:
             raise ValueError("metric columns: a column's length is not 8 bytes per row")
     step_column = _unpack("q", steps)
-    if min(step_column) < 0:
+    step_min = min(step_column)
+    if step_min < 0:
         raise ValueError("metric columns: a negative step")
     floats = [_unpack("d", blob) for blob in (times, stamps, *values)]
     for column in floats:
         # inf or nan anywhere makes the sum inf or nan (and so would values near 1e308)
         if not math.isfinite(sum(column)):
             raise ValueError("metric columns: a time, timestamp or value that is not finite")
-    return names, step_column, floats[0], floats[1], floats[2:]
+    return Columns(names, step_column, step_min, max(step_column), floats[0], floats[1], floats[2:])
 
 
 def record_count(body: Sequence[Any]) -> int:
@@ -213,7 +225,7 @@ def records(body: Sequence[Any]) -> list[Any]:
     out: list[Any] = []
     for record in body:
         if isinstance(record, (list, tuple)) and record and record[0] == _COLUMNS:
-            names, steps, times, stamps, values = read_columns(record)
+            names, steps, _, _, times, stamps, values = read_columns(record)
             out.extend(
                 (_METRICS, step, t, ts, dict(zip(names, row)))
                 for step, t, ts, *row in zip(steps, times, stamps, *values)
