@@ -8,7 +8,10 @@ Every message is two frames::
     frame 0: mac      32 bytes, HMAC-SHA256(run key, payload)
     frame 1: payload  msgpack array [version, kind, seq, body]
 
-``version`` is ``PROTOCOL_VERSION``.  ``seq`` counts the messages one sender has sent (HELLO
+``version`` is ``PROTOCOL_VERSION`` (2; version 1 had no METRIC_COLUMNS record).  An
+authentic message of another version is dropped and counted as ``protocol_version``, and the
+aggregator names it once on stderr and in the run's events (``VersionMismatch``); spill files
+of version 1 are still read (``READABLE_VERSIONS``).  ``seq`` counts the messages one sender has sent (HELLO
 is 1, each DATA and BYE takes the next number; HEARTBEAT repeats the last number).  The
 aggregator processes each seq once: a repeated seq is a duplicate and is dropped, a skipped
 one is a gap and is counted.  The MAC is checked before anything is unpacked; messages that
@@ -24,7 +27,8 @@ HELLO      body: map {rank, size, local_rank, pid, host, role: "rank"|"worker"|"
            boot id/pid namespace|nil}.  First message of every sender.  ``created`` and
            ``pid_namespace`` let the aggregator see at once that a process whose pid it
            can see has ended (see ``simvue.aggregator.liveness``).
-DATA       body: array of records (below), in the order the process produced them.
+DATA       body: array of records (below), in the order the process produced them, each
+           stretch of METRICS records packed into METRIC_COLUMNS records (see Order).
 HEARTBEAT  body: nil.  Sent when a sender has had nothing else to send for one heartbeat
            interval; the aggregator answers with ACK.
 BYE        body: map {status: null|"completed"|"failed"|"terminated", dropped: {call: n},
@@ -82,7 +86,27 @@ ALERT_ATTACH 14 [14, [alert name, ...]]      attaches alerts defined with
                                              ``attach_to_run=False`` (``Run.add_alerts``)
 SAMPLE_PID 15   [15, pid: int]               the sender's resource figures follow this pid
                                              on its node from now on (``Run.set_pid``)
+METRIC_COLUMNS 16 [16, rows: int, names: [str, ...], steps: bytes, times: bytes,
+                   timestamps: bytes, values: [bytes, ...]]
+                ``rows`` METRICS records that log the same ``names``, as columns:
+                ``steps`` int64, ``times``, ``timestamps`` and each of ``values`` (one
+                per name, in the order of ``names``) float64, little-endian, 8 * rows
+                bytes each; 1 <= rows <= ``MAX_COLUMN_ROWS``, names distinct, steps >= 0,
+                every float finite.  A record that breaks any of this is dropped whole
+                and counted (``bad_record``); nothing of it is stored
 ==============  ==================================================================
+
+Order.  A process's records reach the aggregator's merge in the order it produced them:
+messages are processed in ``seq`` order, each once, and a DATA body in its array order, all
+of one message before the next commit is taken.  A sender (``simvue.transport.columns``)
+cuts each batch at every record that is not METRICS; each stretch of METRICS records between
+two such records becomes METRIC_COLUMNS records in that same place, one per set of names,
+the sets of one stretch sharing no name.  So every point logged before an EVENT, STATUS,
+ALERT_STATE, METADATA, ... record is merged before it, every point logged after it is merged
+after it, and each metric's points are merged in the order logged; only the interleaving of
+*different* metrics within one stretch is not kept, which no series can show.  A reduced
+metric's points from METRIC_COLUMNS go to the reducer one by one, as from METRICS records.
+The aggregating process's own records never travel; they stay METRICS records.
 
 Artifacts.  The aggregator's own process copies content straight into the store's blobs and
 sends ARTIFACT with ``transfer`` nil.  Every other process streams it: one ARTIFACT_CHUNK

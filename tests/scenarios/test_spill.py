@@ -12,6 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from conftest import read_run
+
 from simvue.cli import main as simvue_main
 from simvue.cli.spill import import_file
 from simvue.losses import LossCounter
@@ -19,8 +21,6 @@ from simvue.store import Store
 from simvue.transport import protocol, spill
 from simvue.transport.protocol import MessageKind, RecordKind
 from simvue.transport.spill import SpillFile
-
-from conftest import read_run
 
 CLOSE_TIMEOUT_S = 2.0
 

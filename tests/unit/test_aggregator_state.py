@@ -12,7 +12,7 @@ import pytest
 
 from simvue.abort import AbortSignal
 from simvue.aggregator.instructions import Reply, SampleHere
-from simvue.aggregator.senders import GONE_GRACE_S, LIVE, LOST
+from simvue.aggregator.senders import GONE_GRACE_S, LIVE
 from simvue.aggregator.state import RUN_HEARTBEAT_INTERVAL_S, AggregatorState
 from simvue.config import Settings
 from simvue.store.blobs import BlobStore

@@ -9,6 +9,7 @@ from collections import deque
 
 import msgpack
 import zmq
+from conftest import read_run
 
 from simvue import Run
 from simvue.abort import AbortSignal
@@ -17,8 +18,6 @@ from simvue.transport import columns, protocol, spill
 from simvue.transport.protocol import MessageKind, RecordKind
 from simvue.transport.sender import Sender
 from simvue.transport.spill import SpillFile
-
-from conftest import read_run
 
 
 def raw_dealer(address: str) -> zmq.Socket:
