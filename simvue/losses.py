@@ -14,6 +14,7 @@ from collections import Counter
 class LossReason(str, enum.Enum):
     SPILLED = "spilled"  # written to a local spill file instead of reaching the aggregator
     BAD_FRAME = "bad_frame"  # unauthenticated or undecodable message at the aggregator
+    PROTOCOL_VERSION = "protocol_version"  # an authentic message in another protocol version (another simvue)
     BAD_MESSAGE = "bad_message"  # an authentic message whose body has the wrong shape
     DUPLICATE = "duplicate"  # a message seen twice (dropped, nothing lost)
     GAP = "gap"  # messages a sender sent that never arrived

@@ -31,7 +31,7 @@ from ..config import Settings
 from ..losses import LossCounter
 from ..resources import NodeSampling, Proc
 from ..store import Store, StoreBatch
-from ..transport.protocol import BadFrame
+from ..transport.protocol import BadFrame, VersionMismatch
 from ..transport.rendezvous import AggregatorAddress
 from . import liveness
 from .instructions import Instruction, Notice, Reply, SampleHere
@@ -267,6 +267,9 @@ class Aggregator:
         for _ in range(MAX_MESSAGES_PER_LOOP):
             try:
                 received = self._receiver.receive()
+            except VersionMismatch as exc:
+                self._carry_out(self.state.bad_frame(exc.version))
+                continue
             except BadFrame:
                 self.state.bad_frame()
                 continue

@@ -10,7 +10,8 @@ many ranks joining, idling, going silent and leaving, are tested in milliseconds
 The stimuli, each called by the I/O shell (``service.Aggregator``) on its one thread:
 
 * ``receive(sender_id, message)``: a decoded message from a sender;
-* ``bad_frame()``: a frame that failed authentication or decoding;
+* ``bad_frame(version)``: a frame that failed authentication or decoding, or an authentic
+  one in another protocol ``version``;
 * ``local_records(records)``: what the aggregating process itself recorded;
 * ``process_gone(sender_id)``: a sender's process on this node has ended;
 * ``close_local(status)``: the aggregating process closed its part of the run;
@@ -35,7 +36,9 @@ from ..losses import LossCounter, LossReason
 from ..resources.emissions import EmissionEstimate
 from ..store import STOPPING, SeriesChunk, StoreBatch
 from ..store.blobs import BlobStore
+from ..transport.columns import read_columns, record_count
 from ..transport.protocol import (
+    PROTOCOL_VERSION,
     RECORD_TYPES,
     AlertAttachRecord,
     AlertRecord,
@@ -48,6 +51,7 @@ from ..transport.protocol import (
     Message,
     MessageKind,
     MetadataRecord,
+    MetricColumnsRecord,
     RecordKind,
     ResourcesRecord,
     SamplePidRecord,
@@ -195,7 +199,9 @@ class AggregatorState:
             RecordKind.TAGS_SET: self._on_tags_set,
             RecordKind.ALERT_ATTACH: self._on_alert_attach,
             RecordKind.SAMPLE_PID: self._on_sample_pid,
+            RecordKind.METRIC_COLUMNS: self._on_metric_columns,
         }
+        self._versions_warned: set[int] = set()
 
     # -- queries --------------------------------------------------------------------------
 
@@ -242,8 +248,24 @@ class AggregatorState:
             self.losses.record(LossReason.BAD_MESSAGE)
             return []
 
-    def bad_frame(self) -> None:
-        self.losses.record(LossReason.BAD_FRAME)
+    def bad_frame(self, version: int | None = None) -> list[Instruction]:
+        """A frame that failed authentication or decoding; or, with ``version``, an authentic
+        message in another protocol version, which is counted apart and named once per
+        version (a process of the job runs another simvue)."""
+        if version is None:
+            self.losses.record(LossReason.BAD_FRAME)
+            return []
+        self.losses.record(LossReason.PROTOCOL_VERSION)
+        if version in self._versions_warned:
+            return []
+        self._versions_warned.add(version)
+        text = (
+            f"a process sent messages in protocol version {version}; this aggregator speaks version"
+            f" {PROTOCOL_VERSION} (two versions of simvue in one job): they are dropped and counted"
+            " (simvue.losses.protocol_version); that process keeps what it logs in its spill file"
+        )
+        self._event(text, "error")
+        return [Notice(f"simvue: {text}")]
 
     def local_records(self, records: Sequence[Any]) -> None:
         """Records of the aggregating process itself, in the order it made them."""
@@ -435,7 +457,9 @@ class AggregatorState:
             return out
         state = self.table.by_id.get(sender_id)
         if state is None:
-            self.losses.record(LossReason.UNKNOWN_SENDER, len(body) if kind is MessageKind.DATA and isinstance(body, list) else 1)
+            self.losses.record(
+                LossReason.UNKNOWN_SENDER, record_count(body) if kind is MessageKind.DATA and isinstance(body, list) else 1
+            )
             return []
         if kind is MessageKind.DATA:
             if not isinstance(body, list):
@@ -506,7 +530,7 @@ class AggregatorState:
                     kind = RecordKind(record[0])
                     self._control[kind](producer, RECORD_TYPES[kind]._make(record))
             except Exception:  # noqa: BLE001 - one bad record must not stop the others
-                self.losses.record(LossReason.BAD_RECORD)
+                self.losses.record(LossReason.BAD_RECORD, record_count((record,)))
                 for chunk in self._batch.metrics.values():
                     chunk.repair()
 
@@ -530,6 +554,25 @@ class AggregatorState:
         if chunk is None:
             chunk = self._batch.metrics[full_name] = SeriesChunk()
         return chunk
+
+    def _on_metric_columns(self, producer: Producer, record: MetricColumnsRecord) -> None:
+        # Checked whole before anything is added, so a malformed record leaves no trace.  A
+        # namespaced metric takes one ``extend`` per column; a reduced one goes point by point
+        # through the reducer, which sees every point, in order, as from METRICS records.
+        names, steps, step_min, step_max, times, timestamps, values = read_columns(record)
+        series = producer.series
+        for name, column in zip(names, values):
+            target = series.get(name)
+            if target is None:
+                target = self._series_for(producer, name)
+            if target.__class__ is tuple:
+                self._batch.metrics[producer.prefix + name].extend_columns(
+                    steps, times, timestamps, column, step_min, step_max
+                )
+            else:
+                add = target.add
+                for point in zip(steps, times, timestamps, column):
+                    add(*point)
 
     def _emit_reduced(self, name: str, step: int, t: float, ts: float, value: float) -> None:
         self._chunk(name).append(step, t, ts, value)

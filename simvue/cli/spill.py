@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -35,6 +36,7 @@ from ..config import Settings
 from ..store import SPILL_DIRECTORY, STORE_SPILL_SUFFIX, RunNotFound, Store
 from ..store.sqlite import read_spilled_batches
 from ..transport import spill
+from ..transport.columns import record_count
 from ..transport.protocol import MessageKind
 
 
@@ -46,6 +48,7 @@ class Imported:
     records: int = 0  # added to the run now
     messages: int = 0  # spilled messages added now
     already: int = 0  # spilled messages the run already held
+    unreadable: int = 0  # entries written in a protocol version this simvue cannot read (a later one's)
 
 
 def add_spill_commands(commands: argparse._SubParsersAction) -> None:
@@ -117,7 +120,8 @@ def import_file(store: Store, path: Path, run_name: str | None = None) -> Import
     state.continue_resource_steps(_next_resource_steps(store, run["id"]))
     state.take_batch()  # its opening batch describes the process as live: not for a run that has ended
     result = Imported(path, run["name"], label)
-    for key, records in _messages(path, sender, held):
+    unreadable: Counter[Any] = Counter()
+    for key, records in _messages(path, sender, held, unreadable):
         if key is None:
             result.already += 1
             continue
@@ -126,17 +130,19 @@ def import_file(store: Store, path: Path, run_name: str | None = None) -> Import
         batch.heartbeat = None  # an import is not a sign of life of the run
         if store.write(run["id"], batch, once_key=key):
             result.messages += 1
-            result.records += len(records)
+            result.records += record_count(records)
         else:
             result.already += 1
+    result.unreadable = sum(unreadable.values())
     return result
 
 
-def _messages(path: Path, sender: str, held: int) -> Iterator[tuple[str | None, list]]:
+def _messages(path: Path, sender: str, held: int, unreadable: Counter[Any]) -> Iterator[tuple[str | None, list]]:
     """Each spilled DATA message's records with its once-key; key None: the run holds it
-    (its sequence number is at most ``held``, the last one the aggregator committed)."""
+    (its sequence number is at most ``held``, the last one the aggregator committed).
+    Entries of a protocol version this simvue cannot read are counted in ``unreadable``."""
     never_sent = 0
-    for kind, seq, body in spill.read(path):
+    for kind, seq, body in spill.read(path, unreadable):
         if kind != MessageKind.DATA or not isinstance(body, list):
             continue
         if seq == 0:
@@ -173,7 +179,7 @@ def _list(store: Store, args: argparse.Namespace, out: TextIO) -> int:
             continue
         try:
             head = header(path)
-            records = sum(len(body) for kind, _, body in spill.read(path) if kind == MessageKind.DATA)
+            records = sum(record_count(body) for kind, _, body in spill.read(path) if kind == MessageKind.DATA)
             out.write(f"{path.name}: run {head.get('run_name')!r}, {head.get('label')}, {records} records\n")
         except (OSError, ValueError) as exc:
             out.write(f"{path.name}: unreadable ({exc})\n")
@@ -195,6 +201,14 @@ def _import(store: Store, args: argparse.Namespace, out: TextIO) -> int:
             f"{path.name}: {result.records} records of {result.label} added to run {result.run!r}"
             f" ({result.messages} messages; {result.already} the run already held)\n"
         )
+        if result.unreadable:
+            print(
+                f"simvue: {path}: {result.unreadable} entries were written by a later version of simvue (another"
+                " message protocol) and were not imported; import the file with that version",
+                file=sys.stderr,
+            )
+            failed += 1
+            continue  # kept, even with --remove
         if args.remove:
             path.unlink()
     return 1 if failed else 0

@@ -211,16 +211,22 @@ class SeriesChunk:
     """New points of one metric, column-wise: the arrays the store writes as they are.
 
     The aggregator appends to the four columns through bound ``append`` methods
-    (``appenders()``), which creates no object per point.
+    (``appenders()``), which creates no object per point, or adds whole columns whose step
+    range it knows (``extend_columns``).  While every row came that way, ``step_range()``
+    needs no pass over the steps.
     """
 
-    __slots__ = ("steps", "times", "timestamps", "values")
+    __slots__ = ("_ranged_rows", "_step_max", "_step_min", "steps", "times", "timestamps", "values")
 
     def __init__(self) -> None:
         self.steps = array("q")
         self.times = array("d")
         self.timestamps = array("d")
         self.values = array("d")
+        # The step range of the first ``_ranged_rows`` rows; -1: unknown (rows came otherwise).
+        self._ranged_rows = 0
+        self._step_min = 0
+        self._step_max = 0
 
     def __len__(self) -> int:
         return len(self.values)
@@ -234,18 +240,47 @@ class SeriesChunk:
     def appenders(self) -> tuple:
         return (self.steps.append, self.times.append, self.timestamps.append, self.values.append)
 
+    def extend_columns(
+        self, steps: array, times: array, timestamps: array, values: array, step_min: int, step_max: int
+    ) -> None:
+        """Append whole columns of equal length, whose steps lie from ``step_min`` to ``step_max``."""
+        ranged = self._ranged_rows == len(self.steps)
+        self.steps.extend(steps)
+        self.times.extend(times)
+        self.timestamps.extend(timestamps)
+        self.values.extend(values)
+        if ranged:
+            self._add_range(step_min, step_max)
+
+    def _add_range(self, step_min: int, step_max: int) -> None:
+        if self._ranged_rows:
+            step_min, step_max = min(self._step_min, step_min), max(self._step_max, step_max)
+        self._step_min, self._step_max, self._ranged_rows = step_min, step_max, len(self.steps)
+
+    def step_range(self) -> tuple[int, int]:
+        """The smallest and largest step (of a chunk with points)."""
+        if self._ranged_rows == len(self.steps):
+            return self._step_min, self._step_max
+        return min(self.steps), max(self.steps)
+
     def extend(self, later: SeriesChunk) -> None:
         """Append the points of ``later`` after these."""
+        ranged = self._ranged_rows == len(self.steps) and later._ranged_rows == len(later.steps)
         self.steps.extend(later.steps)
         self.times.extend(later.times)
         self.timestamps.extend(later.timestamps)
         self.values.extend(later.values)
+        if not ranged:
+            self._ranged_rows = -1
+        elif later.steps:
+            self._add_range(later._step_min, later._step_max)
 
     def repair(self) -> None:
         """Cut the columns back to equal length after an append failed half-way."""
         length = min(len(self.steps), len(self.times), len(self.timestamps), len(self.values))
         for column in (self.steps, self.times, self.timestamps, self.values):
             del column[length:]
+        self._ranged_rows = -1
 
 
 @dataclasses.dataclass
@@ -592,12 +627,13 @@ class Store:
                 for name, chunk in batch.metrics.items():
                     if not chunk:
                         continue
+                    step_min, step_max = chunk.step_range()
                     rows.append(
                         (
                             self._metric_id(db, run_id, name),
                             len(chunk),
-                            min(chunk.steps),
-                            max(chunk.steps),
+                            step_min,
+                            step_max,
                             pack_column(chunk.steps),
                             pack_column(chunk.times),
                             pack_column(chunk.timestamps),

@@ -8,7 +8,10 @@ Every message is two frames::
     frame 0: mac      32 bytes, HMAC-SHA256(run key, payload)
     frame 1: payload  msgpack array [version, kind, seq, body]
 
-``version`` is ``PROTOCOL_VERSION``.  ``seq`` counts the messages one sender has sent (HELLO
+``version`` is ``PROTOCOL_VERSION`` (2; version 1 had no METRIC_COLUMNS record).  An
+authentic message of another version is dropped and counted as ``protocol_version``, and the
+aggregator names it once on stderr and in the run's events (``VersionMismatch``); spill files
+of version 1 are still read (``READABLE_VERSIONS``).  ``seq`` counts the messages one sender has sent (HELLO
 is 1, each DATA and BYE takes the next number; HEARTBEAT repeats the last number).  The
 aggregator processes each seq once: a repeated seq is a duplicate and is dropped, a skipped
 one is a gap and is counted.  The MAC is checked before anything is unpacked; messages that
@@ -24,7 +27,8 @@ HELLO      body: map {rank, size, local_rank, pid, host, role: "rank"|"worker"|"
            boot id/pid namespace|nil}.  First message of every sender.  ``created`` and
            ``pid_namespace`` let the aggregator see at once that a process whose pid it
            can see has ended (see ``simvue.aggregator.liveness``).
-DATA       body: array of records (below), in the order the process produced them.
+DATA       body: array of records (below), in the order the process produced them, each
+           stretch of METRICS records packed into METRIC_COLUMNS records (see Order).
 HEARTBEAT  body: nil.  Sent when a sender has had nothing else to send for one heartbeat
            interval; the aggregator answers with ACK.
 BYE        body: map {status: null|"completed"|"failed"|"terminated", dropped: {call: n},
@@ -82,7 +86,27 @@ ALERT_ATTACH 14 [14, [alert name, ...]]      attaches alerts defined with
                                              ``attach_to_run=False`` (``Run.add_alerts``)
 SAMPLE_PID 15   [15, pid: int]               the sender's resource figures follow this pid
                                              on its node from now on (``Run.set_pid``)
+METRIC_COLUMNS 16 [16, rows: int, names: [str, ...], steps: bytes, times: bytes,
+                   timestamps: bytes, values: [bytes, ...]]
+                ``rows`` METRICS records that log the same ``names``, as columns:
+                ``steps`` int64, ``times``, ``timestamps`` and each of ``values`` (one
+                per name, in the order of ``names``) float64, little-endian, 8 * rows
+                bytes each; 1 <= rows <= ``MAX_COLUMN_ROWS``, names distinct, steps >= 0,
+                every float finite.  A record that breaks any of this is dropped whole
+                and counted (``bad_record``); nothing of it is stored
 ==============  ==================================================================
+
+Order.  A process's records reach the aggregator's merge in the order it produced them:
+messages are processed in ``seq`` order, each once, and a DATA body in its array order, all
+of one message before the next commit is taken.  A sender (``simvue.transport.columns``)
+cuts each batch at every record that is not METRICS; each stretch of METRICS records between
+two such records becomes METRIC_COLUMNS records in that same place, one per set of names,
+the sets of one stretch sharing no name.  So every point logged before an EVENT, STATUS,
+ALERT_STATE, METADATA, ... record is merged before it, every point logged after it is merged
+after it, and each metric's points are merged in the order logged; only the interleaving of
+*different* metrics within one stretch is not kept, which no series can show.  A reduced
+metric's points from METRIC_COLUMNS go to the reducer one by one, as from METRICS records.
+The aggregating process's own records never travel; they stay METRICS records.
 
 Artifacts.  The aggregator's own process copies content straight into the store's blobs and
 sends ARTIFACT with ``transfer`` nil.  Every other process streams it: one ARTIFACT_CHUNK
@@ -105,7 +129,10 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+# Versions whose payloads ``spill.read`` still reads: version 1 is version 2 without
+# METRIC_COLUMNS, so every record of a version-1 spill file is a version-2 record.
+READABLE_VERSIONS = (1, 2)
 
 
 class MessageKind(enum.IntEnum):
@@ -140,11 +167,13 @@ class RecordKind(enum.IntEnum):
     TAGS_SET = 13
     ALERT_ATTACH = 14
     SAMPLE_PID = 15
+    METRIC_COLUMNS = 16
 
 
 class MetricsRecord(NamedTuple):
     """Values logged by one ``log_metrics`` call.  ``Run.log_metrics`` builds it as a plain
-    tuple of this layout (a ``NamedTuple`` costs 0.27 µs more per call)."""
+    tuple of this layout (a ``NamedTuple`` costs 0.27 µs more per call).  A sender packs
+    these into ``MetricColumnsRecord`` before sending (``simvue.transport.columns``)."""
 
     kind: RecordKind
     step: int
@@ -230,6 +259,8 @@ class GridRecord(NamedTuple):
     grid: str  # the grid's name
     axes: list[list[float]]  # each axis's ticks
     labels: list[str]  # one per axis
+
+
 class TagsSetRecord(NamedTuple):
     kind: RecordKind
     tags: list[str]  # the run's tags from now on
@@ -243,6 +274,19 @@ class AlertAttachRecord(NamedTuple):
 class SamplePidRecord(NamedTuple):
     kind: RecordKind
     pid: int  # the process (on the sender's node) its resource figures follow
+
+
+class MetricColumnsRecord(NamedTuple):
+    """``rows`` consecutive METRICS records that log the same ``names``, as columns of
+    ``rows`` little-endian numbers each (``simvue.transport.columns``)."""
+
+    kind: RecordKind
+    rows: int
+    names: list[str]
+    steps: bytes  # int64
+    times: bytes  # float64, seconds since the run started
+    timestamps: bytes  # float64, epoch seconds
+    values: list[bytes]  # float64, one column per name
 
 
 RECORD_TYPES: dict[RecordKind, Any] = {  # each a NamedTuple class, with ``_make``
@@ -262,6 +306,7 @@ RECORD_TYPES: dict[RecordKind, Any] = {  # each a NamedTuple class, with ``_make
     RecordKind.TAGS_SET: TagsSetRecord,
     RecordKind.ALERT_ATTACH: AlertAttachRecord,
     RecordKind.SAMPLE_PID: SamplePidRecord,
+    RecordKind.METRIC_COLUMNS: MetricColumnsRecord,
 }
 
 ARTIFACT_CHUNK_BYTES = 1 << 20
@@ -273,6 +318,8 @@ MAX_PAYLOAD_BYTES = 32 << 20
 MAX_FRAME_BYTES = 64 << 20
 
 MAC_BYTES = 32
+# The most rows one METRIC_COLUMNS record may hold (a sender's batch has at most 20,000).
+MAX_COLUMN_ROWS = 1 << 20
 
 
 class Message(NamedTuple):
@@ -283,6 +330,15 @@ class Message(NamedTuple):
 
 class BadFrame(Exception):
     """A message that failed authentication or decoding."""
+
+
+class VersionMismatch(BadFrame):
+    """An authentic message in another protocol version (``version``): a process of the run
+    runs another version of simvue."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"protocol version {version}, not {PROTOCOL_VERSION}")
+        self.version = version
 
 
 def encode(key: bytes, kind: MessageKind, seq: int, body: Any) -> list[bytes]:
@@ -309,6 +365,8 @@ def decode(key: bytes, frames: list[bytes]) -> Message:
         kind = MessageKind(kind)
     except Exception as exc:  # noqa: BLE001 - any decoding failure is a bad frame
         raise BadFrame(f"undecodable payload: {exc}") from None
+    if version != PROTOCOL_VERSION and version.__class__ is int:
+        raise VersionMismatch(version)
     if version != PROTOCOL_VERSION or seq.__class__ is not int:
         raise BadFrame(f"unsupported message version={version!r} seq={seq!r}")
     return Message(kind, seq, body)

@@ -2,7 +2,7 @@
 
 The caller's thread only appends records to ``Sender.buffer`` (a deque).  A daemon thread,
 ``simvue-sender``, wakes every ``flush_interval_s``, packs everything buffered into one DATA
-message and sends it without blocking.  Messages are kept until the aggregator acknowledges
+message (its metric points in columns, ``columns.to_columns``) and sends it without blocking.  Messages are kept until the aggregator acknowledges
 them; a tail that cannot be delivered is written to a spill file (the same payloads, one
 msgpack array each) and counted, so nothing vanishes silently.
 """
@@ -24,6 +24,7 @@ from .._util import drain
 from ..abort import AbortSignal
 from ..losses import LossCounter, LossReason
 from . import protocol, security
+from .columns import to_columns
 from .protocol import MessageKind
 from .spill import SpillFile, data_records
 
@@ -102,6 +103,7 @@ class Sender:
         self._abort = abort
         self._on_sample = on_sample
         self._warned_bad_record = False
+        self._warned_version = False
         self._bye_timeout_s = close_timeout_s
         self._thread = threading.Thread(target=self._run, name="simvue-sender", daemon=True)
         self._thread.start()
@@ -251,16 +253,20 @@ class Sender:
         self._outbox.append((self._sent_seq, frames))
 
     def _queue_records(self, records: list) -> None:
-        """Queue ``records`` as DATA messages of at most ``MAX_PAYLOAD_BYTES``.  A record that
-        cannot be packed (a value the Run API let through, or a bug) or is too large on its
-        own is dropped and counted; the others go on."""
+        """Queue ``records`` as DATA messages of at most ``MAX_PAYLOAD_BYTES``, their metric
+        points in columns.  A record that cannot be packed (a value the Run API let through,
+        or a bug) or is too large on its own is dropped and counted; the others go on."""
         try:
-            body = msgpack.packb(records)
+            body_records = to_columns(records)
+        except Exception:  # noqa: BLE001 - a record of an unexpected shape: send them as they are
+            body_records = records
+        try:
+            body = msgpack.packb(body_records)
         except Exception:  # noqa: BLE001 - find the bad records, keep the rest
-            records = [record for record in records if self._packable(record)]
-            if not records:
+            body_records = [record for record in body_records if self._packable(record)]
+            if not body_records:
                 return
-            body = msgpack.packb(records)
+            body = msgpack.packb(body_records)
         if len(body) > protocol.MAX_PAYLOAD_BYTES:
             if len(records) == 1:
                 self._drop(f"a record of {len(body):,} bytes, above the {protocol.MAX_PAYLOAD_BYTES:,}-byte limit")
@@ -315,6 +321,13 @@ class Sender:
             timeout_ms = 0
             try:
                 kind, _, body = protocol.decode(self._key, sock.recv_multipart(zmq.NOBLOCK))
+            except protocol.VersionMismatch as exc:
+                if not self._warned_version:
+                    self._warned_version = True
+                    os.write(2, f"simvue: the run's aggregator speaks message protocol version {exc.version}, this"
+                             f" process {protocol.PROTOCOL_VERSION} (two versions of simvue in one job): nothing"
+                             " this process logs reaches the run; it is kept in a spill file\n".encode())
+                continue
             except (protocol.BadFrame, zmq.Again):
                 continue
             if kind is MessageKind.ABORT:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import msgpack
 from .._util import open_private, private_directory
 from ..losses import LossCounter, LossReason
 from . import protocol
+from .columns import record_count
 from .protocol import MessageKind
 
 
@@ -60,15 +62,20 @@ def _payload(kind: MessageKind, seq: int, body: Any) -> bytes:
     return msgpack.packb((protocol.PROTOCOL_VERSION, kind, seq, body))
 
 
-def read(path: Path) -> Iterator[tuple[int, int, Any]]:
-    """``(kind, seq, body)`` of every entry of a spill file, the header first."""
+def read(path: Path, unreadable: Counter[Any] | None = None) -> Iterator[tuple[int, int, Any]]:
+    """``(kind, seq, body)`` of every entry of a spill file, the header first.  Files written
+    by an earlier protocol version (``protocol.READABLE_VERSIONS``) read the same; an entry of
+    any other version (a later simvue's) is skipped and counted in ``unreadable`` by version."""
     with open(path, "rb") as spill:
         for entry in msgpack.Unpacker(spill, strict_map_key=False):
-            if isinstance(entry, list) and len(entry) == 4 and entry[0] == protocol.PROTOCOL_VERSION:
+            if isinstance(entry, list) and len(entry) == 4 and entry[0] in protocol.READABLE_VERSIONS:
                 yield entry[1], entry[2], entry[3]
+            elif unreadable is not None:
+                unreadable[entry[0] if isinstance(entry, list) and entry else None] += 1
 
 
 def data_records(payload: bytes) -> int:
-    """How many records a DATA payload carries (0 for other kinds)."""
+    """How many records a DATA payload carries (0 for other kinds); a METRIC_COLUMNS record
+    counts as the records it holds."""
     _, kind, _, body = msgpack.unpackb(payload, strict_map_key=False)
-    return len(body) if kind == MessageKind.DATA else 0
+    return record_count(body) if kind == MessageKind.DATA else 0

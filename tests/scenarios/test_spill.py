@@ -12,6 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from conftest import read_run
+
 from simvue.cli import main as simvue_main
 from simvue.cli.spill import import_file
 from simvue.losses import LossCounter
@@ -19,8 +21,6 @@ from simvue.store import Store
 from simvue.transport import protocol, spill
 from simvue.transport.protocol import MessageKind, RecordKind
 from simvue.transport.spill import SpillFile
-
-from conftest import read_run
 
 CLOSE_TIMEOUT_S = 2.0
 
@@ -144,3 +144,70 @@ def test_an_import_skips_what_the_aggregator_had_committed(store_dir, tmp_path):
     store.close()
     entries = list(spill.read(file.path))
     assert entries[0] == (MessageKind.HELLO, 0, header)
+
+
+def _spill_file(store_dir, name):
+    store = Store(store_dir)
+    run_id = store.create_run(name=name, folder="/", description=None, metadata={}, tags=[], status="running",
+                              system={}, heartbeat_timeout_s=30.0)
+    store.close()
+    header = {"run_id": run_id, "run_name": name, "sender": "cd" * 16, "label": "rank1",
+              "hello": {"role": "rank", "rank": 1, "pid": 1, "host": "h"}}
+    return store_dir / "spill" / f"{name}-rank1-1.msgpack", header
+
+
+def test_a_spill_file_from_before_metric_columns_still_imports(store_dir, capsys):
+    """A spill file written by the previous protocol version (1: every metric point in a
+    METRICS record) imports as it did, beside one holding METRIC_COLUMNS records as a sender
+    spills them now; the CLI counts every point."""
+    import msgpack
+
+    from simvue.transport.columns import to_columns
+
+    path, header = _spill_file(store_dir, "old-spill")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = [(1, MessageKind.HELLO, 0, header)] + [
+        (1, MessageKind.DATA, seq, [[RecordKind.METRICS, seq, 0.0, 1e9, {"x": float(seq), "y": 1.0}],
+                                    [RecordKind.EVENT, 1e9, f"old {seq}", "info"]])
+        for seq in range(1, 4)
+    ]
+    path.write_bytes(b"".join(msgpack.packb(entry) for entry in entries))
+    new_path, new_header = _spill_file(store_dir, "new-spill")
+    file = SpillFile(new_path, LossCounter(), lambda: new_header)
+    records = [(RecordKind.METRICS, step, 0.0, 1e9, {"x": float(step), "y": 2.0}) for step in range(50)]
+    body = to_columns(records)
+    assert [record[0] for record in body] == [RecordKind.METRIC_COLUMNS]
+    file.write_payloads([protocol.encode(b"k" * 32, MessageKind.DATA, 2, body)[1]], 50)
+    assert simvue_main(["--store", str(store_dir), "spill", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "old-spill-rank1-1.msgpack: run 'old-spill', rank1, 6 records" in listed
+    assert "new-spill-rank1-1.msgpack: run 'new-spill', rank1, 50 records" in listed
+    assert simvue_main(["--store", str(store_dir), "spill", "import", "--remove"]) == 0
+    out = capsys.readouterr().out
+    assert "6 records of rank1 added to run 'old-spill'" in out and "50 records of rank1 added to run 'new-spill'" in out
+    old = read_run(store_dir, "old-spill")
+    assert [(p[0], p[2]) for p in old["metrics"]["rank1/x"]] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert [e["message"] for e in old["events"]] == ["[rank1] old 1", "[rank1] old 2", "[rank1] old 3"]
+    new = read_run(store_dir, "new-spill")
+    assert [p[0] for p in new["metrics"]["rank1/x"]] == list(range(50))
+    assert [p[2] for p in new["metrics"]["rank1/y"]] == [2.0] * 50
+    assert not path.exists() and not new_path.exists()
+
+
+def test_spill_entries_of_a_later_protocol_version_are_counted_and_their_file_kept(store_dir, capsys):
+    import msgpack
+
+    path, header = _spill_file(store_dir, "later-spill")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = [
+        (protocol.PROTOCOL_VERSION, MessageKind.HELLO, 0, header),
+        (protocol.PROTOCOL_VERSION, MessageKind.DATA, 1, [[RecordKind.METRICS, 0, 0.0, 1e9, {"x": 1.0}]]),
+        (protocol.PROTOCOL_VERSION + 1, MessageKind.DATA, 2, [[99, "something new"]]),
+    ]
+    path.write_bytes(b"".join(msgpack.packb(entry) for entry in entries))
+    assert simvue_main(["--store", str(store_dir), "spill", "import", "--remove"]) == 1
+    captured = capsys.readouterr()
+    assert "1 records of rank1 added" in captured.out
+    assert "1 entries were written by a later version of simvue" in captured.err
+    assert path.exists()  # kept for the simvue that can read it
+    assert [p[2] for p in read_run(store_dir, "later-spill")["metrics"]["rank1/x"]] == [1.0]

@@ -5,17 +5,18 @@ sleep.  A 10-hour, 64-rank run takes well under a second here."""
 from __future__ import annotations
 
 import math
+import sys
 from collections import Counter
 
 import pytest
 
 from simvue.abort import AbortSignal
 from simvue.aggregator.instructions import Reply, SampleHere
-from simvue.aggregator.senders import GONE_GRACE_S, LIVE, LOST
+from simvue.aggregator.senders import GONE_GRACE_S, LIVE
 from simvue.aggregator.state import RUN_HEARTBEAT_INTERVAL_S, AggregatorState
 from simvue.config import Settings
 from simvue.store.blobs import BlobStore
-from simvue.transport.protocol import Message, MessageKind, RecordKind
+from simvue.transport.protocol import MAX_COLUMN_ROWS, Message, MessageKind, RecordKind
 
 HOUR = 3600.0
 TIMEOUT_S = 120.0
@@ -445,3 +446,162 @@ def test_ranks_that_do_not_join_are_named_within_seconds_and_given_up_when_they_
     sim.bye(one)
     assert sim.state.can_finish() is False  # the local producer still runs
     assert sim.finish() == "failed"
+
+
+# -- metric points in columns (METRIC_COLUMNS) -------------------------------------------------
+
+
+def _columns_record(names, steps, times, stamps, values, rows=None):
+    """A METRIC_COLUMNS record as a sender packs one (``values``: one list per name)."""
+    from array import array
+
+    def packed(code, items):
+        column = array(code, items)
+        if sys.byteorder != "little":
+            column.byteswap()
+        return column.tobytes()
+
+    return [RecordKind.METRIC_COLUMNS, len(steps) if rows is None else rows, list(names), packed("q", steps),
+            packed("d", times), packed("d", stamps), [packed("d", column) for column in values]]
+
+
+GOOD = _columns_record(["a", "b"], [0, 1, 2], [0.0, 0.1, 0.2], [WALL0] * 3, [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+
+
+def _forged() -> dict[str, list]:
+    ok = dict(names=["bad"], steps=[0, 1], times=[0.0, 1.0], stamps=[WALL0, WALL0], values=[[1.0, 2.0]])
+    forged = {
+        "columns of different lengths": _columns_record(**{**ok, "times": [0.0]}, rows=2),
+        "a value column one row short": _columns_record(**{**ok, "values": [[1.0]]}, rows=2),
+        "more names than value columns": _columns_record(**{**ok, "names": ["bad", "bad2"]}),
+        "more value columns than names": _columns_record(**{**ok, "values": [[1.0, 2.0], [3.0, 4.0]]}),
+        "no names": _columns_record(**{**ok, "names": [], "values": []}),
+        "a name twice": _columns_record(**{**ok, "names": ["bad", "bad"], "values": [[1.0, 2.0], [3.0, 4.0]]}),
+        "a name that is not a str": _columns_record(**{**ok, "names": [7]}),
+        "names that are not a list": _columns_record(**{**ok, "names": "bad"}),
+        "a count larger than the columns": _columns_record(**ok, rows=3),
+        "a huge count": _columns_record(**ok, rows=2**40),
+        "a count of zero": _columns_record(**ok, rows=0),
+        "a count that is not an int": _columns_record(**ok, rows=2.0),
+        "a step below zero (int64 -1)": _columns_record(**{**ok, "steps": [0, -1]}),
+        "the smallest int64 step": _columns_record(**{**ok, "steps": [-(2**63), 0]}),
+        "a nan time": _columns_record(**{**ok, "times": [0.0, math.nan]}),
+        "an inf timestamp": _columns_record(**{**ok, "stamps": [math.inf, WALL0]}),
+        "a nan value": _columns_record(**{**ok, "values": [[math.nan, 1.0]]}),
+        "a value of -inf": _columns_record(**{**ok, "values": [[1.0, -math.inf]]}),
+        "too few fields": _columns_record(**ok)[:6],
+        "too many fields": [*_columns_record(**ok), b""],
+    }
+    record = _columns_record(**ok)
+    for index, part in ((3, "steps"), (4, "times"), (5, "timestamps")):
+        cut = list(record)
+        cut[index] = cut[index][:-1]  # 15 bytes: not a multiple of 8
+        forged[f"{part} not a multiple of 8 bytes"] = cut
+        as_text = list(record)
+        as_text[index] = "x" * 16
+        forged[f"{part} as a str"] = as_text
+    cut = list(record)
+    cut[6] = [cut[6][0][:-3]]
+    forged["a value column not a multiple of 8 bytes"] = cut
+    not_bytes = list(record)
+    not_bytes[6] = [[1.0, 2.0]]
+    forged["a value column that is a list"] = not_bytes
+    rows = MAX_COLUMN_ROWS + 1  # consistent, but more rows than a record may hold
+    forged["more rows than a record may hold"] = [RecordKind.METRIC_COLUMNS, rows, ["bad"], *[bytes(8 * rows)] * 3,
+                                                  [bytes(8 * rows)]]
+    return forged
+
+
+FORGED = _forged()
+
+
+@pytest.mark.parametrize("what", sorted(FORGED))
+def test_a_malformed_metric_columns_record_is_dropped_whole_and_the_batch_still_commits(tmp_path, store_dir, what):
+    """A forged METRIC_COLUMNS record is dropped and counted, whatever is wrong with it; the
+    records before and after it in the same message are kept, nothing of it reaches a series,
+    and the batch it was in still commits to a real store."""
+    from simvue.store import Store
+
+    sim = Sim(tmp_path, ranks=2)
+    sender = sim.hello(1)
+    after = _columns_record(["a"], [3, 4], [0.3, 0.4], [WALL0] * 2, [[7.0, 8.0]])
+    sim.send(sender, MessageKind.DATA, [GOOD, FORGED[what], after])
+    losses = sim.state.losses.snapshot()
+    assert list(losses) == ["bad_record"] and losses["bad_record"] >= 1
+    batch = sim.state.take_batch()
+    assert sorted(batch.metrics) == ["rank1/a", "rank1/b"]
+    assert list(batch.metrics["rank1/a"].steps) == [0, 1, 2, 3, 4]
+    assert list(batch.metrics["rank1/a"].values) == [1.0, 2.0, 3.0, 7.0, 8.0]
+    assert list(batch.metrics["rank1/b"].values) == [4.0, 5.0, 6.0]
+    store = Store(store_dir)
+    try:
+        run_id = store.create_run(name="forged", folder="/", description=None, metadata={}, tags=[], status="running",
+                                  system={}, heartbeat_timeout_s=30.0)
+        store.write(run_id, batch)
+        assert list(store.metric_series(run_id, "rank1/a")["values"]) == [1.0, 2.0, 3.0, 7.0, 8.0]
+        assert store.metric_names(run_id) == ["rank1/a", "rank1/b"]
+    finally:
+        store.close()
+
+
+def test_metric_columns_from_a_rank_are_merged_in_order_beside_its_plain_records(tmp_path):
+    sim = Sim(tmp_path, ranks=2)
+    sender = sim.hello(1)
+    sim.send(sender, MessageKind.DATA, [
+        [RecordKind.METRICS, 0, 0.0, WALL0, {"a": 0.5}],
+        _columns_record(["b", "a"], [1, 2], [0.1, 0.2], [WALL0 + 1, WALL0 + 2], [[10.0, 20.0], [1.0, 2.0]]),
+        [RecordKind.EVENT, WALL0, "between", "info"],
+        [RecordKind.METRICS, 3, 0.3, WALL0 + 3, {"a": 3.0}],
+    ])
+    batch = sim.state.take_batch()
+    a, b = batch.metrics["rank1/a"], batch.metrics["rank1/b"]
+    assert (list(a.steps), list(a.times), list(a.values)) == ([0, 1, 2, 3], [0.0, 0.1, 0.2, 0.3], [0.5, 1.0, 2.0, 3.0])
+    assert (list(b.steps), list(b.timestamps), list(b.values)) == ([1, 2], [WALL0 + 1, WALL0 + 2], [10.0, 20.0])
+    assert [message for _, message, _ in batch.events] == ["[rank1] between"]
+    assert sim.state.losses.snapshot() == {}
+
+
+def test_a_reduced_metric_sees_every_point_of_metric_columns(tmp_path):
+    """Reduction keeps its per-step accounting: each point of a columns record is one rank's
+    value at one step, a step is written once every live rank has it, and late values are
+    counted as before."""
+    sim = Sim(tmp_path, ranks=3, reduce={"loss": ["mean", "max", "namespace"]}, reduce_wait_s=10.0)
+    one, two = sim.hello(1), sim.hello(2)
+    sim.state.local_records([(RecordKind.METRICS, step, 0.0, WALL0, {"loss": 1.0}) for step in range(4)])
+    sim.send(one, MessageKind.DATA, [_columns_record(["loss"], [0, 1, 2, 3], [0.0] * 4, [WALL0] * 4,
+                                                     [[2.0, 2.0, 2.0, 2.0]])])
+    sim.commit()
+    assert sim.points["loss.mean"] == 0  # rank 2 has reported nothing
+    sim.send(two, MessageKind.DATA, [_columns_record(["loss", "other"], [0, 1, 2], [0.0] * 3, [WALL0] * 3,
+                                                     [[6.0, 6.0, 6.0], [0.0, 0.0, 0.0]])])
+    batch = sim.state.take_batch()
+    assert list(batch.metrics["loss.mean"].steps) == [0, 1, 2]
+    assert list(batch.metrics["loss.mean"].values) == [3.0, 3.0, 3.0]
+    assert list(batch.metrics["loss.max"].values) == [6.0, 6.0, 6.0]
+    assert list(batch.metrics["loss.count"].values) == [3.0, 3.0, 3.0]
+    assert list(batch.metrics["rank2/loss"].steps) == [0, 1, 2]  # "namespace": its own series too
+    assert list(batch.metrics["rank2/other"].steps) == [0, 1, 2]
+    sim.commit(batch)
+    sim.advance(11.0, tick_every_s=1.0)  # step 3 waited for rank 2 long enough
+    assert sim.points["loss.mean"] == 4
+    sim.send(two, MessageKind.DATA, [_columns_record(["loss"], [3, 4], [0.0] * 2, [WALL0] * 2, [[6.0, 6.0]])])
+    for sender in (one, two):
+        sim.bye(sender)
+    sim.finish()
+    assert sim.metadata["simvue"]["losses"] == {"late_step": 1}  # step 3 from rank 2; step 4 is new
+    assert sim.points["loss.mean"] == 5
+
+
+def test_a_message_in_another_protocol_version_is_counted_apart_and_named_once(tmp_path):
+    from simvue.aggregator.instructions import Notice
+    from simvue.transport.protocol import PROTOCOL_VERSION
+
+    sim = Sim(tmp_path, ranks=1)
+    notices = sim.state.bad_frame(PROTOCOL_VERSION - 1)
+    assert len(notices) == 1 and isinstance(notices[0], Notice)
+    assert f"protocol version {PROTOCOL_VERSION - 1}" in notices[0].text
+    assert sim.state.bad_frame(PROTOCOL_VERSION - 1) == []  # named once per version
+    assert sim.state.bad_frame() == []
+    assert sim.finish() == "completed"
+    assert sim.metadata["simvue"]["losses"] == {"protocol_version": 2, "bad_frame": 1}
+    assert sum("protocol version" in message for _, message, _ in sim.events) == 1

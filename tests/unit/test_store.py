@@ -388,3 +388,36 @@ def test_a_second_store_in_a_process_keeps_the_first_one_s_commits_visible_to_ot
     assert subprocess.run([sys.executable, "-c", read, database], capture_output=True, text=True).stdout.strip() == "2"
     second.close()
     store.close()
+
+
+def test_a_chunks_step_range_is_right_however_its_points_came():
+    """The commit takes a chunk's step range from what ``extend_columns`` was told when every
+    row came that way, and measures it otherwise: appends, merged batches, repairs."""
+    from array import array
+
+    def columns(steps):
+        return array("q", steps), array("d", [0.0] * len(steps)), array("d", [0.0] * len(steps)), array("d", [1.0] * len(steps))
+
+    ranged = SeriesChunk()
+    ranged.extend_columns(*columns([5, 3, 9]), 3, 9)
+    ranged.extend_columns(*columns([1, 2]), 1, 2)
+    assert ranged.step_range() == (1, 9)
+    mixed = SeriesChunk()
+    mixed.append(100, 0.0, 0.0, 1.0)
+    mixed.extend_columns(*columns([4, 6]), 4, 6)
+    assert mixed.step_range() == (4, 100)
+    appended_after = SeriesChunk()
+    appended_after.extend_columns(*columns([4, 6]), 4, 6)
+    appended_after.append(0, 0.0, 0.0, 1.0)
+    assert appended_after.step_range() == (0, 6)
+    merged = SeriesChunk()
+    merged.extend(ranged)
+    merged.extend(appended_after)
+    assert merged.step_range() == (0, 9)
+    both_ranged = SeriesChunk()
+    both_ranged.extend_columns(*columns([7]), 7, 7)
+    both_ranged.extend(ranged)
+    assert both_ranged.step_range() == (1, 9)
+    both_ranged.steps.append(50)  # a half-done append, cut back by repair
+    both_ranged.repair()
+    assert both_ranged.step_range() == (1, 9) and len(both_ranged) == 6

@@ -8,18 +8,19 @@ import sys
 import textwrap
 import time
 import uuid
+from collections import deque
 
+import msgpack
 import zmq
+from conftest import read_run
 
 from simvue import Run
 from simvue.abort import AbortSignal
 from simvue.losses import LossCounter
-from simvue.transport import protocol, spill
+from simvue.transport import columns, protocol, spill
 from simvue.transport.protocol import MessageKind, RecordKind
 from simvue.transport.sender import Sender
 from simvue.transport.spill import SpillFile
-
-from conftest import read_run
 
 
 def raw_dealer(address: str) -> zmq.Socket:
@@ -130,7 +131,9 @@ def test_without_an_aggregator_records_are_spilled_to_disk_and_counted(tmp_path)
     assert sender.close(None, {}) is False  # waits close_timeout_s (0.5 s) for the BYE's ACK, then spills
     assert time.monotonic() - started < 5.0
     assert losses.snapshot()["spilled"] == 100
-    steps = [record[1] for kind, _, body in spill.read(path) if kind == MessageKind.DATA for record in body]
+    # Sent once, so spilled as sent: in columns (``columns.records`` reads them back).
+    steps = [record[1] for kind, _, body in spill.read(path) if kind == MessageKind.DATA
+             for record in columns.records(body)]
     assert steps == list(range(100))
 
 
@@ -332,7 +335,7 @@ def test_a_sender_told_the_run_is_over_neither_waits_nor_loses_what_it_logs_late
     assert time.monotonic() - started < 5.0  # not the 30 s close timeout, nor put_bulk's 10 s
     assert losses.snapshot()["spilled"] == 6
     spilled = [record for kind, _, body in spill.read(store_dir / "spill" / "late.msgpack")
-               if kind == MessageKind.DATA for record in body]
+               if kind == MessageKind.DATA for record in columns.records(body)]
     assert [r[1] for r in spilled if r[0] == RecordKind.METRICS] == [1, 2, 3, 4, 5]
     assert [r for r in spilled if r[0] == RecordKind.ARTIFACT_CHUNK] == [list(chunk)]
     assert [p[0] for p in read_run(store_dir, "outlived")["metrics"]["worker0/v"]] == [0]
@@ -396,3 +399,159 @@ def test_the_aggregator_makes_room_for_a_connection_per_rank_or_says_what_to_rai
     assert (small, after_small, soft) == ("None", "128", "256")
     assert "400 processes need about 464 open files" in message and "only 256" in message
     assert "ulimit -Hn" in message
+
+
+# -- metric points in columns ------------------------------------------------------------------
+
+MIXED = [  # what a process might log: one set of names, sets that alternate, sets that overlap
+    *[(RecordKind.METRICS, step, step * 0.1, 1e9 + step, {"loss": step / 2, "acc": 1.0 - step / 100})
+      for step in range(40)],
+    (RecordKind.EVENT, 1e9 + 40, "halfway", "info"),
+    *[(RecordKind.METRICS, step, step * 0.1, 1e9 + step, {"loss": step / 2} if step % 2 else {"val": float(step)})
+      for step in range(40, 60)],
+    (RecordKind.STATUS, "running"),
+    *[(RecordKind.METRICS, step, step * 0.1, 1e9 + step, {"loss": 1.0, "acc": 2.0} if step % 3 else {"loss": 3.0})
+      for step in range(60, 70)],
+    (RecordKind.METRICS, 70, 7.0, 1e9 + 70, {"acc": 0.5, "loss": 0.25}),  # its names in another order
+    (RecordKind.METRICS, 71, 7.1, 1e9 + 71, {"loss": 0.125, "acc": 0.75}),
+    (RecordKind.TAGS, ["end"]),
+]
+
+
+def _as_floats(record):
+    """``record`` as it decodes (lists, plain ints), metric values as floats."""
+    if record[0] == RecordKind.METRICS:
+        record = (RecordKind.METRICS, record[1], record[2], record[3], {k: float(v) for k, v in record[4].items()})
+    return msgpack.unpackb(msgpack.packb(record))
+
+
+def test_a_senders_metric_points_travel_in_columns_and_read_back_in_the_order_logged(tmp_path):
+    """What a real sender puts on the wire: its METRICS records as METRIC_COLUMNS records
+    (about two thirds of the bytes), every other record where it was, and each metric's
+    points in the order they were logged."""
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    key = b"k" * 32
+    losses = LossCounter()
+    sender = Sender(f"tcp://127.0.0.1:{port}", key, {"role": "worker", "pid": 2, "host": "h"},
+                    flush_interval_s=0.05, heartbeat_interval_s=10.0, close_timeout_s=0.2,
+                    spill=SpillFile(tmp_path / "spill.msgpack", losses), losses=losses, abort=AbortSignal(),
+                    buffer=deque(MIXED))
+    try:
+        body = None
+        while body is None:
+            assert router.poll(5000), "nothing from the sender"
+            message = protocol.decode(key, router.recv_multipart()[1:])
+            if message.kind == MessageKind.DATA:
+                body = message.body
+    finally:
+        sender.close(None, {}, 0.2)
+        router.close()
+    kinds = [record[0] for record in body]
+    assert kinds.count(RecordKind.METRIC_COLUMNS) >= 4
+    assert [k for k in kinds if k not in (RecordKind.METRICS, RecordKind.METRIC_COLUMNS)] == [
+        RecordKind.EVENT, RecordKind.STATUS, RecordKind.TAGS]
+    read_back = [_as_floats(record) for record in columns.records(body)]
+    expected = [_as_floats(record) for record in MIXED]
+    assert sorted(read_back, key=repr) == sorted(expected, key=repr)  # nothing lost, nothing changed
+
+    def series(records):  # each metric's points, and where each other record stood among them
+        points, marks = {}, []
+        for record in records:
+            if record[0] == RecordKind.METRICS:
+                for name, value in record[4].items():
+                    points.setdefault(name, []).append((record[1], record[2], record[3], value))
+            else:
+                marks.append((record, {name: len(p) for name, p in points.items()}))
+        return points, marks
+
+    assert series(read_back) == series(expected)
+    plain = len(msgpack.packb([list(r) for r in MIXED]))
+    assert len(msgpack.packb(body)) < plain
+
+
+def test_a_mix_of_metric_names_from_a_sender_is_stored_in_logging_order(store_dir):
+    with Run() as run:
+        run.init(name="mixed")
+        address = run._address
+        sender, losses = make_sender(address.address, address.key, store_dir / "spill" / "mixed.msgpack")
+        for _ in range(3):  # several batches: the stretches of each are packed on their own
+            sender.buffer.extend(MIXED[:-1])
+            assert sender.flush(10.0) is True
+        assert sender.close(None, {}, 10.0) is True
+        assert losses.snapshot() == {}
+    exported = read_run(store_dir, "mixed")
+    for name in ("loss", "acc", "val"):
+        logged = [(r[1], float(r[4][name])) for r in MIXED if r[0] == RecordKind.METRICS and name in r[4]] * 3
+        assert [(p[0], p[2]) for p in exported["metrics"][f"worker0/{name}"]] == logged, name
+    assert [e["message"] for e in exported["events"]] == ["[worker0] halfway"] * 3
+    assert exported["metadata"]["simvue"].get("losses") is None
+
+
+def test_forged_metric_columns_over_the_socket_are_dropped_and_counted_and_the_rest_is_stored(store_dir):
+    """Correctly signed DATA whose columns lie (lengths that differ or are not multiples of
+    8, more names than columns, a huge count, a negative step, a nan time) cannot end the
+    aggregator or spoil the commit they fall in; the good records around them are stored."""
+    import struct
+
+    def cols(names, steps, times, values, rows=None):
+        pack = lambda code, items: struct.pack(f"<{len(items)}{code}", *items)  # noqa: E731
+        return [RecordKind.METRIC_COLUMNS, len(steps) if rows is None else rows, names, pack("q", steps),
+                pack("d", times), pack("d", [1e9] * len(steps)), [pack("d", v) for v in values]]
+
+    forged = [
+        cols(["x"], [5, 6], [0.0], [[1.0, 2.0]], rows=2),
+        [*cols(["x"], [5, 6], [0.0, 0.0], [[1.0, 2.0]])[:3], b"\0" * 15, *cols(["x"], [5, 6], [0.0, 0.0], [[1.0, 2.0]])[4:]],
+        cols(["x", "y"], [5, 6], [0.0, 0.0], [[1.0, 2.0]]),
+        cols(["x"], [5, 6], [0.0, 0.0], [[1.0, 2.0]], rows=2**62),
+        cols(["x"], [5, -6], [0.0, 0.0], [[1.0, 2.0]]),
+        cols(["x"], [5, 6], [0.0, float("nan")], [[1.0, 2.0]]),
+    ]
+    with Run() as run:
+        run.init(name="forged-columns")
+        key = run._address.key
+        sock = raw_dealer(run._address.address)
+        sock.send_multipart(protocol.encode(key, MessageKind.HELLO, 1, {"role": "worker", "pid": 1, "host": "h"}))
+        assert recv_ack(sock, key)["run"]["name"] == "forged-columns"
+        sock.send_multipart(protocol.encode(key, MessageKind.DATA, 2, [cols(["x"], [0, 1], [0.0, 0.1], [[0.5, 1.5]]),
+                                                                       *forged,
+                                                                       cols(["x"], [2, 3], [0.2, 0.3], [[2.5, 3.5]])]))
+        run.log_metrics({"after": 1.0})
+        sock.send_multipart(protocol.encode(key, MessageKind.BYE, 3, {"status": None, "dropped": {}}))
+        assert acked_up_to(sock, key, 3)["seq"] == 3
+        sock.close()
+    exported = read_run(store_dir, "forged-columns")
+    assert exported["status"] == "completed"
+    assert [(p[0], p[2]) for p in exported["metrics"]["worker0/x"]] == [(0, 0.5), (1, 1.5), (2, 2.5), (3, 3.5)]
+    assert "worker0/y" not in exported["metrics"]
+    assert exported["metrics"]["after"][0][2] == 1.0
+    losses = exported["metadata"]["simvue"]["losses"]
+    assert set(losses) == {"bad_record"} and losses["bad_record"] >= len(forged), losses
+
+
+def test_a_process_speaking_another_protocol_version_is_named_and_counted_not_fatal(store_dir, capfd):
+    """A correctly signed message from another simvue's protocol (here version 1, a release
+    before metric columns) is dropped, counted as ``protocol_version`` and named once on
+    stderr and in the run's events; the run goes on and ends completed."""
+    import hashlib
+    import hmac
+
+    with Run() as run:
+        run.init(name="versions")
+        key = run._address.key
+        sock = raw_dealer(run._address.address)
+        for seq, (kind, body) in enumerate([(MessageKind.HELLO, {"role": "worker", "pid": 1, "host": "h"}),
+                                            (MessageKind.DATA, [[RecordKind.METRICS, 0, 0.0, 0.0, {"x": 1.0}]])], 1):
+            payload = msgpack.packb([protocol.PROTOCOL_VERSION - 1, kind, seq, body])
+            sock.send_multipart([hmac.new(key, payload, hashlib.sha256).digest(), payload])
+        run.log_metrics({"mine": 1.0})
+        time.sleep(0.5)
+        sock.close()
+    exported = read_run(store_dir, "versions")
+    assert exported["status"] == "completed"
+    assert exported["metadata"]["simvue"]["losses"] == {"protocol_version": 2}
+    assert list(exported["metrics"]) == ["mine"]
+    named = [e["message"] for e in exported["events"] if "protocol version" in e["message"]]
+    assert len(named) == 1 and f"version {protocol.PROTOCOL_VERSION - 1}" in named[0]
+    assert capfd.readouterr().err.count(f"protocol version {protocol.PROTOCOL_VERSION - 1}") == 1
