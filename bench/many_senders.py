@@ -6,8 +6,8 @@ driven by simulated senders on simulated nodes, in this one process.
 
 Each simulated sender says HELLO (with its own host name, ``--nodes`` of them), then for
 ``--seconds`` of simulated time sends what a rank logging 1,000 points a second sends: one
-DATA message a second holding 250 ``log_metrics`` records of 4 values, or a HEARTBEAT when
-idle.  Messages are encoded, signed and decoded as on the wire (``protocol.encode`` on the
+DATA message a second holding 250 ``log_metrics`` calls of 4 values (packed into columns, as
+a sender's thread packs them), or a HEARTBEAT when idle.  Messages are encoded, signed and decoded as on the wire (``protocol.encode`` on the
 sender's side, not timed; ``protocol.decode`` and ``AggregatorState.receive`` timed), and the
 state is ticked and its batches taken as the aggregator's thread would.  The clock is
 simulated, so the numbers are CPU time per unit of work:
@@ -42,6 +42,7 @@ from simvue.aggregator.state import AggregatorState  # noqa: E402
 from simvue.config import Settings  # noqa: E402
 from simvue.store.blobs import BlobStore  # noqa: E402
 from simvue.transport import protocol  # noqa: E402
+from simvue.transport.columns import to_columns  # noqa: E402
 from simvue.transport.protocol import MessageKind, RecordKind  # noqa: E402
 
 KEY = b"k" * 32
@@ -85,13 +86,14 @@ def hello_all(state: AggregatorState, ids: list[bytes], nodes: int) -> None:
 
 
 def one_second(ids: list[bytes], clock: Clock, second: int, step: int) -> list[list[bytes]]:
-    """What every sender sends in simulated second ``second``: one DATA message each."""
+    """What every sender sends in simulated second ``second``: one DATA message each, its
+    records packed into columns as a sender's thread packs them."""
     return [
-        frames(MessageKind.DATA, 1 + second, [
-            [RecordKind.METRICS, step + i, clock.t, clock.time(),
-             {"loss": 1.0 / (k + 1), "energy": float(i), "dt": 1e-3, "residual": 1e-6}]
+        frames(MessageKind.DATA, 1 + second, to_columns([
+            (RecordKind.METRICS, step + i, clock.t, clock.time(),
+             {"loss": 1.0 / (k + 1), "energy": float(i), "dt": 1e-3, "residual": 1e-6})
             for i in range(CALLS_PER_SECOND)
-        ])
+        ]))
         for k in range(len(ids))
     ]
 
