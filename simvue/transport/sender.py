@@ -31,6 +31,10 @@ from .spill import SpillFile, data_records
 SEND_HWM_MESSAGES = 1000
 MAX_BATCH_RECORDS = 20_000
 MAX_UNACKED_MESSAGES = 4000
+# And at most this many bytes of them (a message of array metrics holds up to 32 MiB): past
+# either bound, the older half goes to the spill file, so a stalled aggregator costs a sender
+# bounded memory.
+MAX_UNACKED_BYTES = 256 << 20
 LINGER_MS = 0
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 2000
@@ -87,6 +91,7 @@ class Sender:
         self._acked_seq = 0
         self._sent_seq = 0
         self._unacked: deque[tuple[int, bytes]] = deque()
+        self._unacked_bytes = 0
         # Artifact chunks (see protocol.py): queued, then in flight until acknowledged; both
         # together stay under MAX_ARTIFACT_BYTES_IN_FLIGHT (``put_bulk`` waits for room).
         self._bulk: deque[tuple[tuple, int]] = deque()
@@ -221,8 +226,8 @@ class Sender:
                 if closing:
                     self._say_bye(sock)
                     return
-                if len(self._unacked) > MAX_UNACKED_MESSAGES:
-                    self._spill_unacked(len(self._unacked) // 2)
+                if len(self._unacked) > MAX_UNACKED_MESSAGES or self._unacked_bytes > MAX_UNACKED_BYTES:
+                    self._spill_unacked(max(1, len(self._unacked) // 2))
         except Exception as exc:  # noqa: BLE001 - a transport failure must not reach the user
             os.write(2, f"simvue: sender stopped after an error: {exc!r}\n".encode())
         finally:
@@ -250,6 +255,7 @@ class Sender:
         self._sent_seq += 1
         frames = protocol.encode_packed(self._key, kind, self._sent_seq, packed_body)
         self._unacked.append((self._sent_seq, frames[1]))
+        self._unacked_bytes += len(frames[1])
         self._outbox.append((self._sent_seq, frames))
 
     def _queue_records(self, records: list) -> None:
@@ -350,7 +356,7 @@ class Sender:
                 self.run_finished.set()
             seq = int(body.get("seq", 0))
             while self._unacked and self._unacked[0][0] <= seq:
-                self._unacked.popleft()
+                self._unacked_bytes -= len(self._unacked.popleft()[1])
             with self._acked:
                 self._acked_seq = max(self._acked_seq, seq)
                 while self._bulk_unacked and self._bulk_unacked[0][0] <= seq:
@@ -377,5 +383,6 @@ class Sender:
 
     def _spill_unacked(self, count: int) -> None:
         payloads = [self._unacked.popleft()[1] for _ in range(min(count, len(self._unacked)))]
+        self._unacked_bytes -= sum(len(payload) for payload in payloads)
         data = [p for p in payloads if data_records(p)]  # HELLO and BYE carry no records
         self.spill.write_payloads(data, sum(data_records(p) for p in data))

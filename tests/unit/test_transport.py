@@ -137,6 +137,35 @@ def test_without_an_aggregator_records_are_spilled_to_disk_and_counted(tmp_path)
     assert steps == list(range(100))
 
 
+def test_a_stalled_aggregator_costs_a_sender_bounded_memory_in_bytes_too(tmp_path, monkeypatch):
+    """Unacknowledged messages are bounded in bytes as well as in number: a message of array
+    metrics can hold 32 MiB, so 4,000 of them would not be bounded at all.  Past the bound
+    the older half is spilled, at once, and nothing is lost."""
+    from simvue.transport import sender as sender_module
+
+    monkeypatch.setattr(sender_module, "MAX_UNACKED_BYTES", 8 << 20)
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")  # connected to, never read: nothing is acknowledged
+    path = tmp_path / "spill.msgpack"
+    sender, losses = make_sender(f"tcp://127.0.0.1:{port}", b"k" * 32, path, flush_interval_s=0.01,
+                                 heartbeat_interval_s=0.1, close_timeout_s=0.5)
+    array = bytes(1 << 20)  # one 1 MiB array value (131,072 float64)
+    for step in range(40):
+        sender.buffer.append((RecordKind.TENSOR, step, 0.0, 0.0, "field", [131_072], array))
+        time.sleep(0.01)
+    deadline = time.monotonic() + 10
+    while losses.snapshot().get("spilled", 0) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert losses.snapshot().get("spilled", 0) > 0  # spilled while the sender runs, not only at close
+    assert sender._unacked_bytes <= (8 << 20) + (2 << 20)
+    sender.close(None, {})
+    router.close(0)
+    assert losses.snapshot()["spilled"] == 40
+    steps = [record[1] for kind, _, body in spill.read(path) if kind == MessageKind.DATA
+             for record in columns.records(body)]
+    assert steps == list(range(40))  # in order, every one
+
+
 def test_a_sender_that_never_falls_silent_still_gets_acknowledged(store_dir):
     with Run() as run:
         run.init(name="busy")
