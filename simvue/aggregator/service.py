@@ -42,9 +42,11 @@ from .writer import Follower, RunWriter
 MAX_MESSAGES_PER_LOOP = 2000
 MAX_POINTS_PER_COMMIT = 200_000
 TICK_INTERVAL_S = 0.1
-# This node's sampler process starts this long after the run, from the aggregator's thread:
-# not on ``init``'s path, and not at all for a run that ends sooner (starting it, about 0.2 s
-# of a core, would cost more than the run itself; ``close`` would wait for its first sample).
+# A one-process run's sampler process starts this long after the run, from the aggregator's
+# thread: not on ``init``'s path, and not at all for a run that ends sooner (starting it, about
+# 0.2 s of a core, would cost more than the run itself; ``close`` would wait for its first
+# sample).  A run of several processes starts it at once (an MPI job) or as soon as another
+# process joins (a pool): each of them gets its join and leave samples, however short it is.
 SAMPLER_START_DELAY_S = 0.1
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ class Aggregator:
         self.run_name: str = run["name"]
         self.started: float = run["started"]
         self.losses = losses or LossCounter()
+        self._expected_ranks = expected_ranks
         self.local_buffer: deque[tuple] = deque()
         self.blobs = store.blobs
         self._writer = RunWriter(store, self.run_id, self.losses, followers, run_name=self.run_name)
@@ -221,13 +224,15 @@ class Aggregator:
         next_commit = now + settings.commit_interval_s
         next_tick = now
         next_probe = now + liveness.PROBE_INTERVAL_S
-        sampler_start_at = None if self._sampler is None else now + SAMPLER_START_DELAY_S
+        sampler_start_at = None
+        if self._sampler is not None:
+            sampler_start_at = now + (0.0 if self._expected_ranks > 1 else SAMPLER_START_DELAY_S)
         while True:
             if self._receiver.poll(poll_ms):
                 self._read_messages(next_commit)
             state.local_records(drain(self.local_buffer))
             now = clock.monotonic()
-            if sampler_start_at is not None and now >= sampler_start_at and not state.can_finish():
+            if sampler_start_at is not None and (now >= sampler_start_at or state.table.by_id) and not state.can_finish():
                 assert self._sampler is not None
                 self._sampler.start()
                 sampler_start_at = None
