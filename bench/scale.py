@@ -43,7 +43,7 @@ JOB = textwrap.dedent(
     """
     import json, os, resource, sys, time
     from simvue import Run
-    steps, work, mode, name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    steps, work, mode, name, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     clock = time.perf_counter_ns
     calls = []
     with Run(mode=mode) as run:
@@ -60,7 +60,8 @@ JOB = textwrap.dedent(
             calls.append(clock() - before)
         loop = time.perf_counter() - started
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print("RESULT " + json.dumps({"rank": rank, "loop": loop, "calls": calls, "peak_kib": peak_kib}))
+    with open(os.path.join(out, f"{mode}-{rank}.json"), "w") as result:  # a file each: ranks' prints interleave
+        json.dump({"rank": rank, "loop": loop, "calls": calls, "peak_kib": peak_kib}, result)
     """
 )
 
@@ -69,7 +70,9 @@ def launch(ranks: int, steps: int, work: int, mode: str, name: str, store: Path,
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "HYDI_", "OMPI_"))}
     env.update({"SIMVUE_STORE": str(store), "SIMVUE_RESOURCES_INTERVAL_S": "0"})
     env.pop("SIMVUE_URL", None)
-    command = [sys.executable, "-c", JOB, str(steps), str(work), mode, name]
+    out = store.parent / f"results-{ranks}"
+    out.mkdir(exist_ok=True)
+    command = [sys.executable, "-c", JOB, str(steps), str(work), mode, name, str(out)]
     if ranks > 1:
         mpiexec = Path(sys.executable).parent / "mpiexec"
         command = ["timeout", "-k", "10", str(timeout), str(mpiexec), "-n", str(ranks), *command]
@@ -78,7 +81,7 @@ def launch(ranks: int, steps: int, work: int, mode: str, name: str, store: Path,
     wall = time.perf_counter() - started
     if job.returncode != 0:
         raise SystemExit(f"{ranks} ranks, {mode}: the job failed\n{job.stderr[-2000:]}")
-    results = [json.loads(line[7:]) for line in job.stdout.splitlines() if line.startswith("RESULT ")]
+    results = [json.loads(path.read_text()) for path in sorted(out.glob(f"{mode}-*.json"))]
     if len(results) != ranks:
         raise SystemExit(f"{ranks} ranks, {mode}: {len(results)} ranks reported")
     return wall, results
