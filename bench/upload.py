@@ -7,7 +7,8 @@ times it; then, for each format, sends a copy of that store to a fresh local ``s
 server`` (needs ``simvue[server]``) the way ``simvue push`` does, and prints points per
 second, requests per second and the bytes sent per point.  ``upstream`` is the Simvue
 server's own format (one dict per call); ``columns`` sends the store's packed columns as they
-are (what ``simvue server`` offers, see docs/online.md).  Every point is checked on the server
+are (what ``simvue server`` offers, see docs/online.md); ``+gzip`` compresses the bodies, as
+the uploader does for a server on another machine that takes gzip.  Every point is checked on the server
 afterwards.  All numbers come from one run of this script: compare ratios, not absolutes.
 """
 
@@ -59,8 +60,9 @@ def push(store_dir: Path, work: Path, fmt: str, expected: int) -> dict:
     with ServerProcess(work / f"server-{fmt}") as server:
         connection = Connection(ServerConfig(url=server.url + "/api", token=server.token, mode="online"))
         connection.check_version()
-        connection.columnar = connection.columnar and fmt == "columns"
-        if fmt == "columns" and not connection.columnar:
+        connection.columnar = connection.columnar and fmt.startswith("columns")
+        connection.compress = fmt.endswith("+gzip")  # gzip bodies even to this machine
+        if fmt.startswith("columns") and not connection.columnar:
             raise SystemExit("the server does not offer the columnar format")
         sent_bytes = 0
 
@@ -89,7 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--points", type=int, default=1_000_000)
     parser.add_argument("--metrics", type=int, default=10, help="metrics per log_metrics call")
-    parser.add_argument("--formats", default="upstream,columns")
+    parser.add_argument("--formats", default="upstream,columns,upstream+gzip,columns+gzip")
     args = parser.parse_args()
     points = args.points // args.metrics * args.metrics
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,6 +15,7 @@ server's ``Retry-After``.
 
 from __future__ import annotations
 
+import gzip
 import ipaddress
 import os
 import random
@@ -37,6 +38,7 @@ CONNECT_TIMEOUT_S = 5.0
 SUPPORTED_MAJOR_VERSION = 1
 # The version of the columnar metrics format this client sends (see ``upload.Replicator``).
 COLUMNS_VERSION = 1
+COMPRESS_MIN_BYTES = 64 << 10
 T = TypeVar("T")
 
 
@@ -79,6 +81,12 @@ class Connection:
         # Whether the server takes a run's metrics as the store's packed columns
         # (``POST /api/runs/{id}/columns``, ``simvue server``); others get the Simvue format.
         self.columnar = False
+        # Whether the server takes request bodies compressed with gzip (its /api/version says
+        # so), and whether to send them so: None compresses those of at least
+        # COMPRESS_MIN_BYTES to a server on another machine (on this one it costs more time
+        # than it saves).
+        self.gzip = False
+        self.compress: bool | None = None
         self._session.headers.update(
             {
                 "Authorization": f"Bearer {config.token}",
@@ -115,6 +123,11 @@ class Connection:
         if packed is not None:
             data = msgpack.packb(packed, use_bin_type=True)
             headers["Content-Type"] = "application/msgpack"
+            if len(data) >= COMPRESS_MIN_BYTES and self.gzip and (
+                self.compress if self.compress is not None else not is_local(self.base)
+            ):
+                data = gzip.compress(data, compresslevel=1)
+                headers["Content-Encoding"] = "gzip"
         timeout = self.timeout
         if deadline is not None:
             left = round(deadline - time.monotonic(), 2)  # rounded: it is quoted in timeout messages
@@ -154,6 +167,7 @@ class Connection:
             answer = {}
         self.keeps_client_times = answer.get("keeps_client_times") is True
         self.columnar = answer.get("columns") == COLUMNS_VERSION
+        self.gzip = "gzip" in (answer.get("content_encodings") or ())
         version = str(answer.get("version", ""))
         major = version.split(".", 1)[0]
         if not major.isdigit() or int(major) != SUPPORTED_MAJOR_VERSION:

@@ -1,9 +1,14 @@
-"""The middleware every request passes first: counting, injected faults and the body limit.
+"""The middleware every request passes first: counting, injected faults, the body limit and
+compressed bodies.
 
 It is plain ASGI rather than a FastAPI decorator so that it can answer 413 from the
 ``Content-Length`` header alone, and stop a body sent without one as soon as it passes the
 limit, instead of reading it all into memory first.  Artifact uploads (``/upload/...``) are
 exempt: they stream to disk and never sit in memory.
+
+A body sent with ``Content-Encoding: gzip`` is inflated here, and the limit holds for what it
+inflates to as well: a small body that would inflate past it (a "zip bomb") is a 413, found
+without inflating more than the limit.  Any other encoding is a 415.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 
@@ -23,6 +29,8 @@ from .faults import RETRY_AFTER_STATUSES, FaultSet
 
 CLIENT_HEADER = b"x-simvue-client"
 STREAMED_PREFIXES = ("/upload/",)
+# What ``Content-Encoding`` a request body may have (``/api/version`` lists them).
+CONTENT_ENCODINGS = ("gzip",)
 
 
 class RequestStats:
@@ -92,7 +100,56 @@ class RequestGuard:
                 await JSONResponse({"detail": self._too_large_detail()}, status_code=413)(scope, receive, send)
                 return
             receive = self._limited(receive)
+            encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+            if encoding not in (b"", b"identity"):
+                inflated = await self._inflated(encoding, receive)
+                if isinstance(inflated, JSONResponse):
+                    await inflated(scope, receive, send)
+                    return
+                scope = {**scope, "headers": [
+                    (name, value) for name, value in scope["headers"] if name not in (b"content-encoding", b"content-length")
+                ] + [(b"content-length", str(len(inflated)).encode())]}
+                receive = self._replay(inflated, receive)
         await self.app(scope, receive, send)
+
+    async def _inflated(self, encoding: bytes, receive: Receive) -> bytes | JSONResponse:
+        """The whole body, inflated; or the answer to give instead (415, 413, 400)."""
+        if encoding.decode("latin-1") not in CONTENT_ENCODINGS:
+            return JSONResponse({"detail": f"Content-Encoding {encoding.decode('latin-1')!r} is not accepted; send"
+                                           f" {' or '.join(CONTENT_ENCODINGS)}, or no encoding"}, status_code=415)
+        parts = []
+        try:
+            while True:
+                message = await receive()
+                parts.append(message.get("body", b""))
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    break
+        except HTTPException as exc:  # the compressed body alone passed the limit
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
+        try:
+            body = inflater.decompress(b"".join(parts), self.max_body_bytes + 1)
+        except zlib.error as exc:
+            return JSONResponse({"detail": f"the gzip body does not inflate: {exc}"}, status_code=400)
+        if len(body) > self.max_body_bytes:
+            return JSONResponse({"detail": self._too_large_detail() + " once inflated"}, status_code=413)
+        if not inflater.eof or inflater.unused_data:
+            return JSONResponse({"detail": "the gzip body is cut short, or has something after its end"}, status_code=400)
+        return body
+
+    @staticmethod
+    def _replay(body: bytes, receive: Receive) -> Receive:
+        """``receive`` that gives ``body`` as the request's whole body, then what follows."""
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
 
     def _too_large_detail(self) -> str:
         return f"request body is larger than the limit of {self.max_body_bytes / (1 << 20):g} MiB"

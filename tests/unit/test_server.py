@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import gzip
 import hashlib
 import json
 import math
@@ -78,7 +79,7 @@ def points(n: int, start: float = 1_790_000_000.0, **extra: float) -> list[dict]
 
 def test_version_handshake(server):
     assert server.api.get(f"{server.url}/api/version").json() == {
-        "version": "1.3.0", "keeps_client_times": True, "columns": 1}
+        "version": "1.3.0", "keeps_client_times": True, "columns": 1, "content_encodings": ["gzip"]}
     assert server.api.get(f"{server.url}/api/nosim/version").json() == {"version": "1.0.0"}
 
 
@@ -932,6 +933,40 @@ def test_the_usual_metrics_body_is_read_as_the_model_reads_it(server):
         answer = post_metrics(server, usual["id"], [{**entries[1], **bad}])
         assert answer.status_code == 422, (bad, answer.text)
     assert len(server.metrics(usual["id"])["a"]["values"]) == 4
+
+
+def test_gzip_bodies_are_inflated_within_the_body_limit(tmp_path):
+    """A body sent with Content-Encoding: gzip is read inflated; the limit holds for what it
+    inflates to (a small body that would inflate past it is a 413, without inflating it all);
+    a cut or corrupt one is a 400, and any other encoding a 415."""
+    with ServerProcess(tmp_path / "server", options=["--max-body-mb", "1"]) as server:
+        run = create_run(server)
+        url = f"{server.url}/api/metrics"
+        body = msgpack.packb({"run": run["id"], "metrics": points(2000)})
+        gz = {**MSGPACK, "Content-Encoding": "gzip"}
+        answer = server.api.post(url, data=gzip.compress(body), headers=gz)
+        assert answer.json()["stored"] == 2000, answer.text
+        events = json.dumps({"run": run["id"], "events": [{"message": "zipped", "timestamp": iso(1e9)}]}).encode()
+        assert server.api.post(f"{server.url}/api/events", data=gzip.compress(events),
+                               headers={"Content-Type": "application/json", "Content-Encoding": "GZIP"}).status_code == 200
+        bomb = gzip.compress(msgpack.packb({"run": run["id"], "pad": bytes(50 << 20)}))
+        assert len(bomb) < 100_000
+        started = time.monotonic()
+        too_big = server.api.post(url, data=bomb, headers=gz)
+        assert too_big.status_code == 413 and "once inflated" in too_big.json()["detail"]
+        assert time.monotonic() - started < 10
+        for label, data, status in (
+            ("cut short", gzip.compress(body)[:-20], 400),
+            ("not gzip", body, 400),
+            ("trailing bytes", gzip.compress(body) + b"xyz", 400),
+            ("empty", b"", 400),
+        ):
+            answer = server.api.post(url, data=data, headers=gz)
+            assert answer.status_code == status, (label, answer.text)
+        other = server.api.post(url, data=body, headers={**MSGPACK, "Content-Encoding": "br"})
+        assert other.status_code == 415 and "gzip" in other.json()["detail"]
+        assert len(server.metrics(run["id"])["loss"]["values"]) == 2000  # nothing refused was stored
+        assert [e["message"] for e in server.events(run["id"])] == ["zipped"]
 
 
 def test_metrics_arrive_as_packed_columns_checked_whole(server):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from ..guard import CONTENT_ENCODINGS
 from . import checked_router
 
 router = checked_router()
@@ -17,8 +18,10 @@ NOSIM_VERSION = "1.0.0"
 async def version():
     # keeps_client_times: a run's "created" and an alert's "fired_at" given by a client are kept,
     # so that simvue's uploader sends them (other servers get their own times).
-    # "columns": the version of POST /api/runs/{id}/columns this server takes (routes/metrics.py)
-    return {"version": API_VERSION, "keeps_client_times": True, "columns": 1}
+    # "columns": the version of POST /api/runs/{id}/columns this server takes (routes/metrics.py);
+    # "content_encodings": what a request body may be compressed with (guard.py)
+    return {"version": API_VERSION, "keeps_client_times": True, "columns": 1,
+            "content_encodings": list(CONTENT_ENCODINGS)}
 
 
 @router.get("/nosim/version")
