@@ -26,6 +26,7 @@ dropped and counted.
 from __future__ import annotations
 
 import time
+from array import array
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -106,6 +107,13 @@ class _Reduced:
         self.reducer.add(self.label, self.name, step, t, ts, value, self.clock.monotonic())
         if self.also is not None:
             self.also.append(step, t, ts, value)
+
+    def add_columns(
+        self, steps: array, times: array, timestamps: array, values: array, step_min: int, step_max: int
+    ) -> None:
+        self.reducer.add_points(self.label, self.name, steps, times, timestamps, values, self.clock.monotonic())
+        if self.also is not None:
+            self.also.extend_columns(steps, times, timestamps, values, step_min, step_max)
 
 
 class AggregatorState:
@@ -557,8 +565,8 @@ class AggregatorState:
 
     def _on_metric_columns(self, producer: Producer, record: MetricColumnsRecord) -> None:
         # Checked whole before anything is added, so a malformed record leaves no trace.  A
-        # namespaced metric takes one ``extend`` per column; a reduced one goes point by point
-        # through the reducer, which sees every point, in order, as from METRICS records.
+        # namespaced metric takes one ``extend`` per column; a reduced one goes through the
+        # reducer in one loop, which sees every point, in order, as from METRICS records.
         names, steps, step_min, step_max, times, timestamps, values = read_columns(record)
         series = producer.series
         for name, column in zip(names, values):
@@ -570,9 +578,7 @@ class AggregatorState:
                     steps, times, timestamps, column, step_min, step_max
                 )
             else:
-                add = target.add
-                for point in zip(steps, times, timestamps, column):
-                    add(*point)
+                target.add_columns(steps, times, timestamps, column, step_min, step_max)
 
     def _emit_reduced(self, name: str, step: int, t: float, ts: float, value: float) -> None:
         self._chunk(name).append(step, t, ts, value)

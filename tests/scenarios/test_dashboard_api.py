@@ -20,6 +20,7 @@ from simvue.server.local import ServerProcess  # noqa: E402
 STEPS = 2000
 SCRIPT = textwrap.dedent(
     f"""
+    import time
     from simvue import Run
     with Run() as run:
         run.config(resources_metrics_interval=1)
@@ -36,6 +37,7 @@ SCRIPT = textwrap.dedent(
                 run.log_event("halfway", log_level="warning")
                 run.log_alert("halfway reached", "critical")
         run.log_event("done")
+        time.sleep(0.5)  # a run of some length: every rank outlives the resource sampler's start
     """
 )
 
