@@ -139,7 +139,9 @@ def test_markers_place_warnings_on_the_step_and_time_axes(dash):
     on_steps = _get(server, f"/dashboard/runs/{run_id}/markers").json()
     halfway = [m for m in on_steps["markers"] if m["text"].endswith("halfway")]
     assert len(halfway) == 1 and halfway[0]["level"] == "warning" and halfway[0]["kind"] == "event"
-    assert 700 <= halfway[0]["x"] <= 1300, halfway  # where the ranks were when rank 0 logged it
+    # Where the ranks were when rank 0 logged it: about step 1000, but the ranks start and run
+    # at their own pace (far apart on a loaded machine), so anywhere well inside the run.
+    assert 100 <= halfway[0]["x"] <= STEPS - 100, halfway
     assert not any(m["text"].endswith("done") for m in on_steps["markers"])  # info is not asked for
     with_info = _get(server, f"/dashboard/runs/{run_id}/markers", x="time", levels="info,warning").json()
     done = [m for m in with_info["markers"] if m["text"].endswith("done")]
