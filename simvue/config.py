@@ -27,6 +27,10 @@ STORE_ENV = "SIMVUE_STORE"
 DEFAULT_STORE_DIR = ".simvue"
 ABORT_ACTIONS = ("terminate", "run", "ignore")
 UPLOAD_FORMATS = ("auto", "upstream")
+# Where the aggregator runs: "process", a process of its own (``simvue.aggregator.host``);
+# "thread", a thread of the process that creates the run; "auto": a process for rank 0 of a
+# multi-rank MPI job, a thread otherwise (docs/performance.md measures both).
+AGGREGATE_IN = ("auto", "process", "thread")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +52,7 @@ class Settings:
     # "auto": metrics go to a server as packed columns when it offers that (``simvue server``),
     # in the Simvue server's own format otherwise; "upstream": always the Simvue format.
     upload_format: str = "auto"
+    aggregate_in: str = "auto"  # see AGGREGATE_IN
     server_heartbeat_interval_s: float = 60.0
     abort_poll_interval_s: float = 10.0
     retry_max_interval_s: float = 30.0
@@ -160,6 +165,10 @@ def _check(key: str, value: Any) -> Any:
     if key == "upload_format":
         if value not in UPLOAD_FORMATS:
             raise SimvueValueError(f"upload_format must be one of {', '.join(UPLOAD_FORMATS)}, not {value!r}")
+        return value
+    if key == "aggregate_in":
+        if value not in AGGREGATE_IN:
+            raise SimvueValueError(f"aggregate_in must be one of {', '.join(AGGREGATE_IN)}, not {value!r}")
         return value
     if key == "storage_id":
         if value is not None and not isinstance(value, str):

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import lifecycle
 from ._util import drain, merge_dicts, safe_filename
 from .abort import AbortSignal
+from .aggregator.host import HostConfig, HostedAggregator, aggregates_apart
 from .aggregator.liveness import own_start_time, pid_namespace
 from .aggregator.receiver import Binding
 from .aggregator.service import Aggregator
@@ -103,7 +104,7 @@ class Membership:
         started: float,
         address: AggregatorAddress | None,
         abort: AbortSignal,
-        aggregator: Aggregator | None = None,
+        aggregator: Aggregator | HostedAggregator | None = None,
         uploader: Uploader | None = None,
         cleanup_path: Path | None = None,
     ) -> None:
@@ -375,8 +376,11 @@ def open_run(
     return join(address, settings, topology, role="rank")
 
 
-def join(address: AggregatorAddress, settings: Settings, topology: Topology, *, role: str) -> Membership:
-    """Connect this process to an existing run's aggregator (once per process and run)."""
+def join(
+    address: AggregatorAddress, settings: Settings, topology: Topology, *, role: str, owner: bool = False
+) -> Membership:
+    """Connect this process to an existing run's aggregator (once per process and run);
+    ``owner``: this process started the run, whose aggregator runs in a process of its own."""
     key = (address.address, address.run_id)
     known = _joined.get(key)
     if known is not None and not known.closed:
@@ -385,7 +389,7 @@ def join(address: AggregatorAddress, settings: Settings, topology: Topology, *, 
         role = "worker"
     losses = LossCounter()
     label = f"rank{topology.rank}" if role == "rank" else f"pid{os.getpid()}"
-    hello = _hello(topology, role, address.started)
+    hello = {**_hello(topology, role, address.started), **({"owner": True} if owner else {})}
 
     def spill_header() -> dict[str, Any]:
         """Who writes the spill file, for which run (read by ``simvue spill import``)."""
@@ -463,6 +467,55 @@ def _aggregate(
     explicit_address: str | None = None,
     key: bytes | None = None,
 ) -> Membership:
+    """Create (or resume) the run and start its aggregator: on a thread of this process, or
+    in a process of its own (``host``) that this one then joins as the run's owner."""
+    if aggregates_apart(settings, topology):
+        return _aggregate_apart(
+            HostConfig(
+                run_fields=run_fields, settings=settings, topology=topology, server=server,
+                expected_ranks=expected_ranks, namespace=namespace, explicit_address=explicit_address,
+                key=key, owner_pid=os.getpid(), owner_created=own_start_time(), debug=log.isEnabledFor(logging.DEBUG),
+            ),
+            role,
+        )
+    aggregator, uploader, address = start_aggregator(
+        run_fields, settings, topology, server, expected_ranks=expected_ranks, namespace=namespace, role=role,
+        explicit_address=explicit_address, key=key,
+    )
+    rendezvous.export(address)
+    return Membership(
+        LocalPipe(aggregator),
+        name=aggregator.run_name,
+        run_id=aggregator.run_id,
+        started=aggregator.started,
+        address=address,
+        abort=aggregator.state.abort,
+        aggregator=aggregator,
+        uploader=uploader,
+    )
+
+
+def _aggregate_apart(config: HostConfig, role: str) -> Membership:
+    """Start the aggregator's process, then join the run it made as its owner: this
+    process's records travel through a sender like any other rank's."""
+    hosted = HostedAggregator.launch(config, config.settings.rendezvous_timeout_s)
+    membership = join(hosted.address, config.settings, config.topology, role=role, owner=True)
+    membership.aggregator = hosted
+    return membership
+
+
+def start_aggregator(
+    run_fields: dict[str, Any],
+    settings: Settings,
+    topology: Topology,
+    server: ServerConfig | None,
+    *,
+    expected_ranks: int,
+    namespace: bool,
+    role: str,
+    explicit_address: str | None = None,
+    key: bytes | None = None,
+) -> tuple[Aggregator, Uploader | None, AggregatorAddress]:
     """Create (or resume) the run in the local store, start its aggregator and, when a
     server is configured, the uploader that follows the store."""
     store = Store(settings.store_path())
@@ -498,22 +551,12 @@ def _aggregate(
     except BaseException:
         store.close()
         raise
-    rendezvous.export(address)
     log.debug(
         "run %r (%s): this process (%s %s) aggregates it at %s, expecting %d rank(s); store %s%s",
         run["name"], run["id"], role, topology.rank, address.address, expected_ranks, store.directory,
         f"; uploading to {server.url}" if uploader is not None and server is not None else "",
     )
-    return Membership(
-        LocalPipe(aggregator),
-        name=aggregator.run_name,
-        run_id=aggregator.run_id,
-        started=aggregator.started,
-        address=address,
-        abort=abort,
-        aggregator=aggregator,
-        uploader=uploader,
-    )
+    return aggregator, uploader, address
 
 
 def _start_run(store: Store, fields: dict[str, Any]) -> dict[str, Any]:

@@ -31,15 +31,16 @@ class SamplingPlanner:
 
     def plan(self, local: Producer, live: Iterable[SenderState]) -> list[Instruction]:
         """What to tell the samplers, given the live senders.  The local producer stays in
-        its node's list to the end: its process is sampled until the run finishes."""
+        its node's list to the end: its process is sampled until the run finishes (unless it
+        is the aggregator's helper process, which is not the job's)."""
         if not self.enabled:
             return []
         by_host: dict[str, list[SenderState]] = {}
         for state in live:
             by_host.setdefault(state.host or "", []).append(state)
-        here = by_host.pop(self.host, [])
-        plain_pid = _sampled_pid(local) if local.role == "process" else None
-        out: list[Instruction] = [SampleHere(tuple(_procs([local, *here])), plain_pid)]
+        here: list[Producer] = [*([] if local.role == "host" else [local]), *by_host.pop(self.host, [])]
+        plain = next((p for p in here if p.role == "process"), None)  # a one-process run's own
+        out: list[Instruction] = [SampleHere(tuple(_procs(here)), _sampled_pid(plain) if plain else None)]
         for host, states in by_host.items():
             states.sort(key=lambda s: (s.rank if s.rank is not None else 1 << 30, s.label))
             chosen = states[0]

@@ -23,8 +23,10 @@ from typing import Any, Literal, cast
 
 from ..losses import LossCounter, LossReason
 
-Role = Literal["rank", "worker", "process"]
-ROLES: tuple[Role, ...] = ("rank", "worker", "process")
+# "host": the aggregator's own process when it runs apart from the job's processes
+# (``simvue.aggregator.host``); it logs nothing of its own and is not a rank.
+Role = Literal["rank", "worker", "process", "host"]
+ROLES: tuple[Role, ...] = ("rank", "worker", "process", "host")
 
 # A process on the aggregator's node that was seen gone is declared lost this long after,
 # so that what it sent just before it ended is still read from the socket first.
@@ -87,6 +89,9 @@ class SenderState(Producer):
     # the store, up to ``committed_seq`` in the store; only the latter is acknowledged.
     covered_seq: int = 0
     committed_seq: int = 0
+    # The process that started the run, when the aggregator runs in a process of its own:
+    # its goodbye (or its loss) is the run's close, as the local producer's is otherwise.
+    owner: bool = False
 
     def describe(self) -> dict[str, Any]:
         # ``sender`` and ``last_seq`` say which of its messages the store holds, so that
@@ -123,11 +128,13 @@ class SenderTable:
         self.never_joined: list[int] = []
         self.live_labels: set[str] = set()  # updated in place; the reducer reads it
         self._workers = 0
+        self._owner_id: bytes | None = None
         identity = self._identity(local)
         if local_label is not None:  # the label another aggregator gave it (importing a spill file)
             identity.update(label=local_label, prefix="" if local_label == "main" else f"{local_label}/")
         self.local = Producer(**identity)
-        self.live_labels.add(self.local.label)
+        if self.local.role != "host":
+            self.live_labels.add(self.local.label)
 
     def _identity(self, info: Mapping[str, Any]) -> dict[str, Any]:
         """Label, prefix, role and process facts of a producer from its HELLO fields."""
@@ -141,6 +148,8 @@ class SenderTable:
                 self.never_joined.remove(rank)
         elif role == "process":
             label, prefix, rank = "main", "", None
+        elif role == "host":
+            label, prefix, rank = "aggregator", "", None
         else:
             if rank.__class__ is int and 0 <= rank < self.expected_ranks:
                 # A worker on one of the job's ranks (mpi4py.futures starts workers on ranks
@@ -175,9 +184,12 @@ class SenderTable:
             sender_id=sender_id,
             last_seen=now,
             created=float(created) if created.__class__ in (int, float) and math.isfinite(created) else None,
+            owner=info.get("owner") is True and self.local.role == "host" and self.owner is None,
         )
         self.by_id[sender_id] = state
         self.live_labels.add(state.label)
+        if state.owner:
+            self._owner_id = sender_id
         return state
 
     def accept(self, state: SenderState, seq: int, now: float) -> bool:
@@ -236,9 +248,15 @@ class SenderTable:
         return [s for s in self.by_id.values() if s.presence is LIVE]
 
     def producers(self) -> Iterator[Producer]:
-        """The local producer, then every sender."""
-        yield self.local
+        """The local producer (unless it is a helper process, ``host``), then every sender."""
+        if self.local.role != "host":
+            yield self.local
         yield from self.by_id.values()
+
+    @property
+    def owner(self) -> SenderState | None:
+        """The sender whose goodbye closes the run (see ``SenderState.owner``)."""
+        return self.by_id.get(self._owner_id) if self._owner_id is not None else None
 
     def missing_ranks_count(self) -> int:
         if self.expected_ranks <= 1:
@@ -265,7 +283,7 @@ class SenderTable:
         """Producers the run must still wait for before it can end (a pool worker that has
         drained is not waited for: a pool keeps its workers until it is closed)."""
         return [
-            p for p in self.producers()
+            p for p in (self.local, *self.by_id.values())
             if p.presence is LIVE and not (isinstance(p, SenderState) and p.role == "worker" and p.drained)
         ]
 

@@ -109,7 +109,7 @@ class Aggregator:
                 settings.resources_interval_s,
                 self.local_buffer.append,
                 started=self.started,
-                processes=[Proc(local.label, os.getpid(), local.cuda)],
+                processes=[] if local.role == "host" else [Proc(local.label, os.getpid(), local.cuda)],
                 plain_pid=os.getpid() if local.role == "process" else None,
             )
         self._close_status: str | None = None
@@ -184,6 +184,10 @@ class Aggregator:
     def finished(self) -> bool:
         return self._finished.is_set()
 
+    def wait(self, timeout_s: float | None) -> bool:
+        """Wait up to ``timeout_s`` for the run to finish; whether it has."""
+        return self._finished.wait(timeout_s)
+
     @property
     def final_status(self) -> str | None:
         return self.state.final_status
@@ -253,13 +257,13 @@ class Aggregator:
                     with self._lock:
                         self._flush_round += 1
                         self._lock.notify_all()
-            if self._close_requested.is_set():
-                if not state.closing:
-                    for sender in liveness.ended(state.senders_to_probe()):  # seen gone: lost now
-                        state.process_gone(sender.sender_id)
-                    self._carry_out(state.close_local(self._close_status))
-                    state.local_records(drain(self.local_buffer))
-                    self._commit(state.take_batch())
+            if self._close_requested.is_set() and not state.closing:
+                for sender in liveness.ended(state.senders_to_probe()):  # seen gone: lost now
+                    state.process_gone(sender.sender_id)
+                self._carry_out(state.close_local(self._close_status))
+                state.local_records(drain(self.local_buffer))
+                self._commit(state.take_batch())
+            if state.closing:  # closed here, or by the run's owner (``host``)
                 if self._stop_waiting.is_set():
                     state.stop_waiting()
                 if state.can_finish():

@@ -181,8 +181,7 @@ class AggregatorState:
         )
         self._emission_step = 0
         self._batch = StoreBatch()
-        local_producer = self.table.local
-        self._batch.metadata = {"simvue": {"processes": {local_producer.label: local_producer.describe()}}}
+        self._batch.metadata = {"simvue": {"processes": {p.label: p.describe() for p in self.table.producers()}}}
         self._status = status  # the latest non-final status
         self._user_status: str | None = None  # a final status the user set
         self._closing_since: float | None = None
@@ -288,7 +287,8 @@ class AggregatorState:
             self.table.process_gone(state, self.clock.monotonic())
 
     def close_local(self, status: str | None) -> list[Instruction]:
-        """The aggregating process has closed its part, with ``status`` (None: no opinion).
+        """The aggregating process (or, when the aggregator has a process of its own, the
+        run's owner) has closed its part, with ``status`` (None: no opinion).
         Pool workers are asked to send what they hold (DRAIN): a pool keeps its workers
         until it is closed, so the run cannot wait for them to exit."""
         if self.closing:
@@ -328,9 +328,11 @@ class AggregatorState:
         """Time-driven work: lost senders, ranks that never joined, workers that did not
         drain, reduced steps that waited long enough, the abort, sampling plans."""
         now = self.clock.monotonic()
+        out: list[Instruction] = []
         for state in self.table.tick(now):
             self._report_lost(state)
-        out: list[Instruction] = []
+            if state.owner:
+                out.extend(self.close_local("failed"))  # the run's owner died: the run ends
         if not self._join_warned and now - self.table.started >= JOIN_WARNING_S and self.table.missing_ranks():
             self._join_warned = True
             out.append(Notice(self._join_notice(self.table.missing_ranks())))
@@ -387,7 +389,8 @@ class AggregatorState:
             for sender in self.table.by_id.values():
                 sender.covered_seq = sender.last_seq
         batch, self._batch = self._batch, StoreBatch()
-        for producer in self.table.producers():
+        self.table.local.series.clear()
+        for producer in self.table.by_id.values():
             producer.series.clear()
         return batch
 
@@ -498,6 +501,8 @@ class AggregatorState:
                     for reason, count in losses.items():
                         if reason in _LOSS_REASONS and count.__class__ is int and count > 0:
                             self.losses.record(LossReason(reason), count)
+                if state.owner:  # the run's owner has closed: so has the run
+                    out.extend(self.close_local(status))
             return [*out, self._ack(state)]
         raise ValueError(f"a sender does not send {kind.name}")
 

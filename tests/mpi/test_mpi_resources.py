@@ -20,9 +20,10 @@ pytestmark = pytest.mark.mpi
 
 
 def _sampler_processes() -> int:
-    """This process's children that are resource samplers."""
+    """This process's descendants that are resource samplers (rank 0's sampler is started by
+    the aggregator's process, a child of rank 0)."""
     count = 0
-    for child in psutil.Process().children():
+    for child in psutil.Process().children(recursive=True):
         try:
             if "simvue.resources.agent" in " ".join(child.cmdline()):
                 count += 1

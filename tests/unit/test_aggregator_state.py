@@ -37,14 +37,16 @@ class FakeClock:
 class Sim:
     """A run's aggregator state and what it wrote, driven by hand."""
 
-    def __init__(self, tmp_path, *, ranks: int = 64, **settings) -> None:
+    def __init__(self, tmp_path, *, ranks: int = 64, hosted: bool = False, **settings) -> None:
         self.clock = FakeClock()
         self.abort = AbortSignal()
         self.settings = Settings(sender_timeout_s=TIMEOUT_S, resources_interval_s=0.0).replace(**settings)
         self.state = AggregatorState(
             run={"name": "sim", "id": "run-id", "started": WALL0},
             settings=self.settings,
-            local={"role": "rank", "rank": 0, "pid": 1000, "host": "node0", "pid_namespace": "boot0/1"},
+            # hosted: the aggregator runs in a process of its own, and rank 0 is a sender
+            local={"role": "host" if hosted else "rank", "rank": 0, "pid": 1000, "host": "node0",
+                   "pid_namespace": "boot0/1"},
             expected_ranks=ranks,
             namespace_ranks=ranks > 1,
             blobs=BlobStore(tmp_path / "blobs"),
@@ -68,10 +70,10 @@ class Sim:
         self.replies.extend(out)
         return out
 
-    def hello(self, rank: int | None, host: str = "node0", role: str = "rank") -> bytes:
+    def hello(self, rank: int | None, host: str = "node0", role: str = "rank", **extra) -> bytes:
         sender = f"rank{rank}".encode() if rank is not None else f"w{len(self.seq)}".encode()
         self.send(sender, MessageKind.HELLO, {"role": role, "rank": rank, "pid": 2000 + len(self.seq), "host": host,
-                                              "created": 1.0, "pid_namespace": f"boot{host[-1]}/1"})
+                                              "created": 1.0, "pid_namespace": f"boot{host[-1]}/1", **extra})
         return sender
 
     def log(self, sender: bytes, step: int, values: dict) -> None:
@@ -605,3 +607,78 @@ def test_a_message_in_another_protocol_version_is_counted_apart_and_named_once(t
     assert sim.finish() == "completed"
     assert sim.metadata["simvue"]["losses"] == {"protocol_version": 2, "bad_frame": 1}
     assert sum("protocol version" in message for _, message, _ in sim.events) == 1
+
+
+# -- the aggregator in a process of its own (``simvue.aggregator.host``) ---------------------
+
+
+def test_a_hosted_run_of_four_ranks_over_hours_ends_when_its_owner_and_the_ranks_have_left(tmp_path):
+    """Rank 0 is a sender like the others, marked owner; the helper process logs nothing,
+    is no rank, is not waited for by the reducer and is not listed among the processes."""
+    sim = Sim(tmp_path, ranks=4, hosted=True, reduce={"loss": ["mean"]}, reduce_wait_s=600.0)
+    owner = sim.hello(0, owner=True)
+    others = [sim.hello(rank) for rank in (1, 2, 3)]
+    everyone = (owner, *others)
+    for hour in range(6):
+        for step in range(hour * 50, hour * 50 + 50):
+            for sender in everyone:
+                sim.log(sender, step, {"loss": 1.0, "energy": float(step)})
+        sim.advance(HOUR, alive=everyone)
+    # Reduced steps were written as soon as the four ranks had sent them, not after the wait.
+    assert sim.points["loss.mean"] == 300
+    assert sim.state.table.owner is not None and sim.state.table.owner.label == "rank0"
+    sim.bye(owner)
+    assert sim.state.closing and not sim.state.can_finish()  # the owner closed; ranks 1-3 still run
+    for sender in others:
+        sim.bye(sender)
+    assert sim.state.can_finish()
+    sim.commit(sim.state.finish())
+    assert sim.state.final_status == "completed" and sim.statuses[-1] == "completed"
+    assert sorted(sim.metadata["simvue"]["processes"]) == ["rank0", "rank1", "rank2", "rank3"]
+    assert all(sim.points[f"rank{k}/energy"] == 300 for k in range(4))
+    assert sim.lost_events() == []
+
+
+def test_a_hosted_run_whose_owner_dies_ends_failed_and_keeps_what_it_sent(tmp_path):
+    sim = Sim(tmp_path, ranks=2, hosted=True)
+    owner = sim.hello(0, owner=True)
+    other = sim.hello(1)
+    for step in range(100):
+        sim.log(owner, step, {"x": float(step)})
+        sim.log(other, step, {"x": float(step)})
+    sim.advance(60.0, alive=(owner, other))
+    sim.state.process_gone(owner)  # SIGKILLed: seen gone by pid on this node
+    sim.advance(GONE_GRACE_S + 1.0, tick_every_s=0.5)
+    assert sim.state.closing
+    assert sim.statuses == ["failed"]  # stored at once, before waiting for rank 1
+    sim.bye(other)
+    assert sim.state.can_finish()
+    sim.commit(sim.state.finish())
+    assert sim.state.final_status == "failed"
+    assert sim.points["rank0/x"] == 100 and sim.points["rank1/x"] == 100
+    assert "rank0" in sim.metadata["simvue"]["lost"]
+
+
+def test_only_the_first_owner_counts_and_only_with_a_hosted_aggregator(tmp_path):
+    hosted = Sim(tmp_path / "a", ranks=3, hosted=True)
+    first = hosted.hello(0, owner=True)
+    second = hosted.hello(1, owner=True)  # a forged or confused second owner
+    assert hosted.state.table.owner is hosted.state.table.by_id[first]
+    hosted.bye(second)
+    assert not hosted.state.closing
+    threaded = Sim(tmp_path / "b", ranks=3)
+    claimant = threaded.hello(1, owner=True)
+    threaded.bye(claimant)
+    assert threaded.state.table.owner is None and not threaded.state.closing
+
+
+def test_a_hosted_one_process_run_samples_the_owner_with_plain_names_and_not_the_helper(tmp_path):
+    sim = Sim(tmp_path, ranks=1, hosted=True, resources_interval_s=1.0)
+    owner = sim.hello(None, role="process", owner=True)
+    plans = [i for i in sim.state.tick() if isinstance(i, SampleHere)]
+    assert plans and [p.label for p in plans[-1].processes] == ["main"]
+    assert plans[-1].plain_pid == sim.state.table.by_id[owner].pid
+    sim.bye(owner)
+    sim.commit(sim.state.finish())
+    assert sim.state.final_status == "completed"
+    assert list(sim.metadata["simvue"]["processes"]) == ["main"]

@@ -1,0 +1,250 @@
+"""The aggregator in a process of its own, so that rank 0 pays only for its own records.
+
+In an MPI job every rank waits for the slowest, and a thread in rank 0 that merges, commits
+and uploads everyone's records takes rank 0's interpreter time.  So rank 0 (by default: see
+``aggregates_apart``) starts ``python -m simvue.aggregator.host`` by exec, hands it what
+``session.start_aggregator`` needs on its stdin, reads back the address (or the error that
+stopped the run from starting), and joins the run as its *owner*: a sender like every other
+rank, whose goodbye closes the run (``AggregatorState``, ``SenderState.owner``).
+
+The helper runs in a session of its own (a launcher's signal to the job's process group does
+not reach it) and ends when the run has finished.  If its owner dies without a goodbye
+(SIGKILL, OOM), the helper sees the pid gone, commits what it holds, marks the run failed and
+exits, as it does when the other ranks are lost; so nothing that reached it is lost.  At
+exit, rank 0 waits for the helper to finish (``HostedAggregator.close``), as it would wait for
+its own aggregator thread: a job's store is complete once ``mpiexec`` returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..transport.rendezvous import AggregatorAddress
+from . import liveness
+
+if TYPE_CHECKING:
+    from ..api.config import ServerConfig
+    from ..config import Settings
+    from ..topology import Topology
+
+# How long after its owner's process ended, without a goodbye or a loss noticed by the
+# aggregator itself, the helper ends the run (the owner never said hello).
+OWNER_GONE_AFTER_S = 3.0
+WATCH_INTERVAL_S = 0.2
+WAIT_POLL_S = 0.02
+
+
+def aggregates_apart(settings: Settings, topology: Topology) -> bool:
+    """Whether this process's run gets an aggregator process (``aggregate_in``).  "auto":
+    for rank 0 of a multi-rank MPI job, where the aggregator's work would slow every rank;
+    not for one process (or a pool's parent), where starting an interpreter (0.1-0.2 s)
+    would be most of a short script's cost."""
+    if settings.aggregate_in == "auto":
+        return topology.is_mpi and topology.size > 1 and topology.rank == 0
+    return settings.aggregate_in == "process"
+
+
+@dataclasses.dataclass
+class HostConfig:
+    """What the helper needs to create the run and aggregate it (pickled to its stdin)."""
+
+    run_fields: dict[str, Any]
+    settings: Settings
+    topology: Topology
+    server: ServerConfig | None
+    expected_ranks: int
+    namespace: bool
+    explicit_address: str | None
+    key: bytes | None
+    owner_pid: int
+    owner_created: float | None
+    debug: bool = False
+
+
+class HostedAggregator:
+    """The run's owner's handle on the aggregator's process."""
+
+    def __init__(self, process: subprocess.Popen, address: AggregatorAddress) -> None:
+        self.process = process
+        self.address = address
+        self.final_status: str | None = None
+
+    @classmethod
+    def launch(cls, config: HostConfig, timeout_s: float) -> HostedAggregator:
+        """Start the helper and wait (``timeout_s`` at most) for the run it created.
+        Raises what stopped it, as creating the run in this process would have."""
+        process = subprocess.Popen(
+            [sys.executable, "-m", "simvue.aggregator.host"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+            close_fds=True,
+        )
+        assert process.stdin is not None and process.stdout is not None
+        try:
+            process.stdin.write(pickle.dumps(config))
+            process.stdin.close()
+            reply = _read_reply(process, timeout_s)
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        finally:
+            process.stdout.close()
+        if "error" in reply:
+            process.wait(timeout_s)
+            raise reply["error"]
+        return cls(process, reply["address"])
+
+    @property
+    def finished(self) -> bool:
+        return self.process.poll() is not None
+
+    def close(
+        self,
+        status: str | None,
+        timeout_s: float | None = None,
+        *,
+        wait_for_ranks: bool = True,
+        stop_waiting_after_s: float | None = None,
+    ) -> bool:
+        """Wait for the run to finish: the helper ends when it has (``timeout_s`` at most;
+        None: as long as it takes, as for an aggregator thread).  With
+        ``stop_waiting_after_s`` (the job is being stopped), ask it after that long to end
+        the run with whoever has left."""
+        if stop_waiting_after_s is not None and not self._wait(stop_waiting_after_s):
+            self._signal(signal.SIGUSR1)
+        if not wait_for_ranks:
+            return True
+        return self._wait(timeout_s) and self.process.returncode in (0, None)  # None: ended, not reaped yet
+
+    def _wait(self, timeout_s: float | None) -> bool:
+        # Polled, not ``Popen.wait``: this runs at exit and again in a SIGTERM handler that may
+        # interrupt the first wait, and a nested ``Popen.wait`` would block on the lock the
+        # interrupted one holds.
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self._ended():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(WAIT_POLL_S)
+        return True
+
+    def _ended(self) -> bool:
+        if self.process.poll() is not None:
+            return True
+        # poll() cannot reap it while an interrupted wait holds Popen's lock; a zombie has ended.
+        import psutil  # not on init's path
+
+        try:
+            return psutil.Process(self.process.pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return True
+
+    def _signal(self, signum: int) -> None:
+        try:
+            self.process.send_signal(signum)
+        except OSError:
+            pass  # it has just ended
+
+
+def _read_reply(process: subprocess.Popen, timeout_s: float) -> dict[str, Any]:
+    """The helper's one message: ``{"address": ...}`` or ``{"error": exception}``."""
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    deadline = time.monotonic() + timeout_s
+    chunks: list[bytes] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"simvue: the aggregator's process did not start within {timeout_s:g} s")
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    if not chunks:
+        code = process.wait(timeout_s)
+        raise RuntimeError(f"simvue: the aggregator's process ended (exit status {code}) before the run started")
+    reply = pickle.loads(b"".join(chunks))
+    if not isinstance(reply, dict):
+        raise RuntimeError("simvue: the aggregator's process sent an unreadable reply")
+    return reply
+
+
+# -- in the helper ------------------------------------------------------------------------
+
+
+def main() -> int:
+    config: HostConfig = pickle.loads(sys.stdin.buffer.read())
+    # The reply goes through a descriptor of its own; whatever this process starts (the node's
+    # sampler) inherits /dev/null as its stdout, so the owner sees the end of the reply.
+    reply_fd = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    if config.debug:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("simvue[aggregator %(process)d]: %(message)s"))
+        logger = logging.getLogger("simvue")
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    from ..session import start_aggregator
+
+    try:
+        aggregator, _, address = start_aggregator(
+            config.run_fields, config.settings, config.topology, config.server,
+            expected_ranks=config.expected_ranks, namespace=config.namespace, role="host",
+            explicit_address=config.explicit_address, key=config.key,
+        )
+    except BaseException as exc:  # noqa: BLE001 - handed to the owner, which raises it
+        _reply(reply_fd, {"error": _picklable(exc)})
+        return 1
+    stop = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the job's: its ranks say goodbye
+    _reply(reply_fd, {"address": address})
+    owner_gone_since: float | None = None
+    while not aggregator.wait(WATCH_INTERVAL_S):
+        if stop.is_set():  # the job is being stopped: end the run with whoever has left
+            aggregator.close(None, 0, wait_for_ranks=False, stop_waiting_after_s=0)
+        if config.owner_created is None or aggregator.state.closing:
+            continue
+        if liveness.process_running(config.owner_pid, config.owner_created):
+            owner_gone_since = None
+        elif owner_gone_since is None:
+            owner_gone_since = time.monotonic()
+        elif time.monotonic() - owner_gone_since >= OWNER_GONE_AFTER_S:
+            aggregator.close("failed", 0, wait_for_ranks=False)  # it died before it said hello
+    return 0 if aggregator.final_status is not None else 1
+
+
+def _reply(fd: int, message: dict[str, Any]) -> None:
+    view = memoryview(pickle.dumps(message))
+    while view:
+        view = view[os.write(fd, view):]
+    os.close(fd)
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - an exception that cannot travel: its text does
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
