@@ -562,6 +562,7 @@ def _stream_worker(run, stop, started, logged, seed: int, rate: float) -> None:
 
 
 def phase_slowdown(args) -> dict:
+    os.environ["SIMVUE_AGGREGATE_IN"] = args.aggregate_in if args.aggregate_in != "both" else "thread"
     from simvue import Run
 
     ctx = multiprocessing.get_context("fork")
@@ -773,10 +774,12 @@ def orchestrate(args) -> int:
         raw["profile_local"] = run_phase("ingest-local", ["--records", str(local_records), "--profile"], 300)
         raw["profile_pool"] = run_phase("ingest-pool", ["--records", str(pool_records), "--workers",
                                                         str(POOL_WORKERS), "--profile"], 300)
-    if "slowdown" in want:
-        progress("rank-0 slowdown")
-        raw["slowdown"] = run_phase("slowdown", ["--slowdown-repeats", str(slow_repeats), "--spin-s", str(spin_s),
-                                                 "--settle-s", str(settle_s), "--slowdown", *slow_configs], 300)
+    modes = ["thread", "process"] if args.aggregate_in == "both" else [args.aggregate_in]
+    for mode in modes if "slowdown" in want else []:
+        progress(f"rank-0 slowdown, aggregator in a {mode}")
+        raw[f"slowdown_{mode}"] = run_phase(
+            "slowdown", ["--slowdown-repeats", str(slow_repeats), "--spin-s", str(spin_s), "--settle-s", str(settle_s),
+                         "--aggregate-in", mode, "--slowdown", *slow_configs], 300)
     total = time.perf_counter() - started
     progress(f"done in {total:.0f} s")
     if args.json:
@@ -935,12 +938,16 @@ def render(raw: dict, args, calls: int, rounds: int, mpi_rounds: int, total_s: f
                     add(prof["profile"])
                     add("```")
         add("")
-    if "slowdown" in raw:
+    for mode in ("thread", "process"):
+        if f"slowdown_{mode}" not in raw:
+            continue
         # -- 4: slowdown
-        sd = raw["slowdown"]
-        add("## 4. Slowdown of a CPU-bound loop in the aggregating process (pool parent)")
+        sd = raw[f"slowdown_{mode}"]
+        where = ("a thread of the parent" if mode == "thread" else
+                 "a process of its own, started by the parent, which sends its own records like a worker")
+        add(f"## 4. Slowdown of a CPU-bound loop in the run's owner (pool parent), aggregator in a {mode}")
         add("")
-        add(f"The parent (which runs the aggregator thread) times a pure-Python loop of {sd['spin_n']:,} iterations: "
+        add(f"The aggregator runs in {where} (aggregate_in={mode!r}). The parent times a pure-Python loop of {sd['spin_n']:,} iterations: "
             f"alone (other processes absent), beside k processes burning CPU without simvue (the same OS "
             f"contention), and beside k forked workers streaming 4-value records to its aggregator. "
             f"Loop times are medians of {sd['repeats']} repeats; each ratio is the median of per-repeat "
@@ -965,7 +972,7 @@ def render(raw: dict, args, calls: int, rounds: int, mpi_rounds: int, total_s: f
             f"aggregator thread's GIL share plus ZeroMQ I/O) from plain CPU contention; paced workers mostly sleep, "
             f"so their reference is 'alone' (a noisy machine's speed drifts: compare the ratios, not the seconds). Points/s is what the workers logged during the loop (the aggregator may "
             f"lag: see the backlog column). Streamed in this phase: {check(sd['stored'], sd['expected_points'])}.")
-    for key in ("latency", "slowdown"):
+    for key in ("latency", "slowdown_thread", "slowdown_process"):
         if key in raw and raw[key].get("stderr"):
             add("")
             add(f"stderr of {key}: `{raw[key]['stderr'][:500]}`")
@@ -996,6 +1003,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=POOL_WORKERS)
     parser.add_argument("--timeout", type=float, default=240.0)
     parser.add_argument("--slowdown-repeats", type=int, default=3)
+    parser.add_argument("--aggregate-in", choices=["thread", "process", "both"], default="both",
+                        help="where the aggregator runs in the slowdown phase (both: one table each)")
     parser.add_argument("--slowdown", nargs="+", default=["1:0", "3:25000", "3:2500"],
                         help="K:RATE, K streaming workers at RATE records/s each (0: flat out)")
     parser.add_argument("--spin-s", type=float, default=0.5)

@@ -10,10 +10,11 @@ fixed loop of ``--steps`` steps, each a fixed piece of pure-Python work followed
 memory.  The table gives, per N:
 
 * every rank's caller cost: the median and 99th percentile of ``log_metrics`` over all ranks;
-* rank 0's loop slowdown: its loop's time tracked over its time untracked (rank 0 holds the
+* rank 0's loop slowdown: its loop's time tracked over its time untracked (rank 0 starts the
   aggregator, so this is what aggregation takes from the job);
-* wall time of the tracked job, and rank 0's extra peak memory (tracked minus untracked: the
-  aggregator, the buffers, the store);
+* wall time of the tracked job, rank 0's extra peak memory (tracked minus untracked: its
+  buffers and sender, and the aggregator when it is a thread of rank 0) and the peak memory of
+  the aggregator's own process (``aggregate_in``: by default rank 0 of an MPI job starts one);
 * whether every point of every rank was stored.
 
 This machine has 2 cores: with more ranks than cores the ranks share them, so read the 16- and
@@ -60,8 +61,15 @@ JOB = textwrap.dedent(
             calls.append(clock() - before)
         loop = time.perf_counter() - started
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    helper_kib = 0
+    if rank == 0 and mode != "disabled":  # the aggregator's own process, if it has one: its peak
+        import psutil
+        for child in psutil.Process().children():
+            if "simvue.aggregator.host" in " ".join(child.cmdline()):
+                child.wait(300)
+                helper_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     with open(os.path.join(out, f"{mode}-{rank}.json"), "w") as result:  # a file each: ranks' prints interleave
-        json.dump({"rank": rank, "loop": loop, "calls": calls, "peak_kib": peak_kib}, result)
+        json.dump({"rank": rank, "loop": loop, "calls": calls, "peak_kib": peak_kib, "helper_kib": helper_kib}, result)
     """
 )
 
@@ -107,7 +115,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--work", type=int, default=2000, help="loop iterations of work per step")
     parser.add_argument("--timeout", type=int, default=600)
+    parser.add_argument("--aggregate-in", choices=["auto", "thread", "process"], default="auto",
+                        help="where the aggregator runs (auto: a process of its own under mpiexec)")
     args = parser.parse_args()
+    os.environ["SIMVUE_AGGREGATE_IN"] = args.aggregate_in
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for ranks in (int(n) for n in args.ranks.split(",")):
@@ -126,16 +137,18 @@ def main() -> None:
                 "slowdown": rank0["loop"] / plain0["loop"],
                 "wall_s": wall,
                 "extra_mib": (rank0["peak_kib"] - plain0["peak_kib"]) / 1024,
+                "helper_mib": rank0["helper_kib"] / 1024,
                 "stored": f"{stored_points(store, name):,} of {expected:,}",
             })
     print(f"{args.steps} steps per rank, 4 values per call, {args.work} iterations of work per step;"
           f" {os.cpu_count()} cores\n")
     print("| ranks | log_metrics median µs | p99 µs | rank 0 loop slowdown | wall s | rank 0 extra peak MiB |"
-          " points stored |")
-    print("|---:|---:|---:|---:|---:|---:|---|")
+          " aggregator process peak MiB | points stored |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
+        helper = f"{row['helper_mib']:.1f}" if row["helper_mib"] else "(a thread of rank 0)"
         print(f"| {row['ranks']} | {row['median_us']:.2f} | {row['p99_us']:.1f} | {row['slowdown']:.2f}x |"
-              f" {row['wall_s']:.1f} | {row['extra_mib']:.1f} | {row['stored']} |")
+              f" {row['wall_s']:.1f} | {row['extra_mib']:.1f} | {helper} | {row['stored']} |")
 
 
 if __name__ == "__main__":

@@ -264,14 +264,19 @@ LAUNCHER_LEAVES_THE_OTHERS = os.environ.get("SIMVUE_TEST_MPI") == "impi"
 
 
 @pytest.mark.skipif(LAUNCHER_LEAVES_THE_OTHERS, reason="this launcher does not kill the other ranks (next test)")
+@pytest.mark.parametrize("aggregate_in", ["process", "thread"])
 def test_when_the_launcher_kills_every_rank_the_committed_data_survives_and_the_run_reads_lost(
-    store_dir, tmp_path
+    store_dir, tmp_path, aggregate_in
 ):
+    """The launcher SIGKILLs every rank.  With the aggregator in a process of its own (the
+    default), that process is not among them: it ends the run ``failed`` with everything that
+    reached it.  With the aggregator a thread of rank 0, it dies too: what it had committed
+    survives, and the run reads ``lost`` once its heartbeat is old."""
     name, kill_at, interval, heartbeat_timeout = f"mpi-kill-{os.getpid()}", 100, 0.01, 2.0
     script = _write(tmp_path, "killed_job.py", KILLED_JOB)
     env = {
         "OUT_DIR": str(tmp_path), "KILL_AT": str(kill_at), "INTERVAL_S": str(interval), "RUN_NAME": name,
-        "SIMVUE_RUN_HEARTBEAT_TIMEOUT_S": str(heartbeat_timeout),
+        "SIMVUE_RUN_HEARTBEAT_TIMEOUT_S": str(heartbeat_timeout), "SIMVUE_AGGREGATE_IN": aggregate_in,
     }
     job = _launch(4, script, env, timeout=60)
     try:
@@ -281,6 +286,8 @@ def test_when_the_launcher_kills_every_rank_the_committed_data_survives_and_the_
     assert job.returncode not in (0, 124, 137), f"rc={job.returncode}\n{err}"  # 124/137: our outer timeout
     assert (tmp_path / "killed.txt").exists(), err
     killed_at = float((tmp_path / "killed.txt").read_text())
+    if aggregate_in == "process":
+        assert _wait_until_ended(store_dir, name, 30) == "failed"
 
     store = Store(store_dir)  # readable after its writer was SIGKILLed mid-run
     try:
@@ -310,6 +317,10 @@ def test_when_the_launcher_kills_every_rank_the_committed_data_survives_and_the_
     print("\n".join(["", *lines, f"loss window: {window:.3f} s (max over ranks); "
                      f"last heartbeat {killed_at - heartbeat:+.3f} s before the kill"]))
     assert window < 2.0, lines
+    if aggregate_in == "process":
+        run = read_run(store_dir, name)
+        assert set(run["metadata"]["simvue"]["lost"]) == {f"rank{k}" for k in range(4)}
+        return
 
     # The run was never ended: it reads as running until its heartbeat is older than
     # heartbeat_timeout_s, then as lost, and stays so.

@@ -166,7 +166,12 @@ def test_mpi_job_sends_every_rank_through_one_process(server, tmp_path):
     assert {f"[rank{rank}] rank {rank} finished" for rank in range(1, 4)} <= messages
     clients = server.stats()["clients"]
     assert len(clients) == 1, clients
-    assert clients[0].split(":")[1] == str(run["metadata"]["simvue"]["processes"]["rank0"]["pid"])
+    # ... the aggregator's own process, started by rank 0 (no rank talks to the server)
+    aggregator = run["metadata"]["simvue"]["aggregator"]
+    assert aggregator["in"] == "process"
+    assert clients[0].split(":")[1] == str(aggregator["pid"])
+    ranks = {str(p["pid"]) for p in run["metadata"]["simvue"]["processes"].values()}
+    assert str(aggregator["pid"]) not in ranks and len(ranks) == 4
 
 
 def test_server_down_mid_run_loses_nothing_and_keeps_order(server):

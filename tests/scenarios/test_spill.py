@@ -1,6 +1,6 @@
 """When the aggregator is gone, a rank's undelivered records are spilled, reported, and can be
 imported back into their run, once.  Ranks are real processes started with Slurm's variables;
-rank 0 (the aggregator) is SIGKILLed mid-run."""
+rank 0, with the aggregator as its thread (``aggregate_in="thread"``), is SIGKILLed mid-run."""
 
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ RANK1 = textwrap.dedent(
 def slurm(rank: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "SLURM_"))}
     env.update(SLURM_JOB_ID="5151", SLURM_STEP_ID="0", SLURM_PROCID=str(rank), SLURM_NTASKS="2",
-               SLURM_LOCALID=str(rank), SIMVUE_CLOSE_TIMEOUT_S=str(CLOSE_TIMEOUT_S), SIMVUE_RUN_HEARTBEAT_TIMEOUT_S="2")
+               SLURM_LOCALID=str(rank), SIMVUE_CLOSE_TIMEOUT_S=str(CLOSE_TIMEOUT_S), SIMVUE_RUN_HEARTBEAT_TIMEOUT_S="2",
+               SIMVUE_AGGREGATE_IN="thread")
     return env
 
 
