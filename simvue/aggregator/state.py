@@ -181,11 +181,11 @@ class AggregatorState:
         )
         self._emission_step = 0
         self._batch = StoreBatch()
-        local = self.table.local
         self._batch.metadata = {"simvue": {"processes": {p.label: p.describe() for p in self.table.producers()}}}
         if local_label is None:  # (not a spill file's import) where the aggregator runs: ``aggregate_in``
+            me = self.table.local
             self._batch.metadata["simvue"]["aggregator"] = {
-                "pid": local.pid, "host": local.host, "in": "process" if local.role == "host" else "thread",
+                "pid": me.pid, "host": me.host, "in": "process" if me.role == "host" else "thread",
             }
         self._status = status  # the latest non-final status
         self._user_status: str | None = None  # a final status the user set
