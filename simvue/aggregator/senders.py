@@ -87,11 +87,19 @@ class SenderState(Producer):
     # the store, up to ``committed_seq`` in the store; only the latter is acknowledged.
     covered_seq: int = 0
     committed_seq: int = 0
+    # A sender whose relay died says HELLO again directly and sends every message it has
+    # not had acknowledged: those up to ``resend_upto`` may have arrived already, and are
+    # counted as ``resent``, not as duplicates (nothing was lost or doubled).
+    resend_upto: int = 0
+    resent: int = 0
 
     def describe(self) -> dict[str, Any]:
         # ``sender`` and ``last_seq`` say which of its messages the store holds, so that
         # importing its spill file (``simvue spill import``) adds only the rest.
-        return {**super().describe(), "sender": self.sender_id.hex(), "last_seq": self.last_seq}
+        described = {**super().describe(), "sender": self.sender_id.hex(), "last_seq": self.last_seq}
+        if self.resent:
+            described["resent"] = self.resent
+        return described
 
 
 class SenderTable:
@@ -184,12 +192,21 @@ class SenderTable:
         """Whether message ``seq`` from ``state`` is new; counts duplicates and gaps."""
         state.last_seen = now
         if seq <= state.last_seq:
-            self.losses.record(LossReason.DUPLICATE)
+            if seq <= state.resend_upto:
+                state.resent += 1
+            else:
+                self.losses.record(LossReason.DUPLICATE)
             return False
         if seq > state.last_seq + 1:
             self.losses.record(LossReason.GAP, seq - state.last_seq - 1)
         state.last_seq = seq
         return True
+
+    def seen_alive(self, sender_id: bytes, now: float) -> None:
+        """A relay heard from ``sender_id`` recently (``NODE_HEARTBEAT``): as its heartbeat."""
+        state = self.by_id.get(sender_id)
+        if state is not None:
+            state.last_seen = max(state.last_seen, now)
 
     def bye(self, producer: Producer, status: str | None) -> None:
         """``producer`` has left the run, reporting ``status`` (None: no opinion)."""
