@@ -200,6 +200,7 @@ class SenderTable:
         if seq > state.last_seq + 1:
             self.losses.record(LossReason.GAP, seq - state.last_seq - 1)
         state.last_seq = seq
+        state.resend_upto = 0  # past what was sent again: a repeat from now on is a duplicate
         return True
 
     def seen_alive(self, sender_id: bytes, now: float) -> None:

@@ -192,3 +192,8 @@ def test_a_killed_relay_costs_nothing(store_dir, scaled_timeouts, runtime_dir):
     run = _check_every_point(store_dir, "relay-killed")
     processes = run["metadata"]["simvue"]["processes"]
     assert all(processes[f"rank{r}"]["state"] == "done" for r in range(1, SIZE))
+    # Each of node B's ranks said HELLO again and sent its unacknowledged messages, counted
+    # apart (``resent``), not as losses; the other nodes' ranks sent nothing twice.
+    for rank in range(1, SIZE):
+        resent = processes[f"rank{rank}"].get("resent", 0)
+        assert (resent >= 1) if NODES[rank // PER_NODE] == "nodeB" else resent == 0, (rank, resent)
