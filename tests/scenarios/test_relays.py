@@ -17,11 +17,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import wait_for_status
 
 from simvue.topology import detect
 from simvue.transport import rendezvous
-
-from conftest import read_run, wait_for_status
 
 pytestmark = [pytest.mark.mpi_skip, pytest.mark.timeout(90)]
 

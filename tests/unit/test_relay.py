@@ -15,6 +15,7 @@ import uuid
 
 import pytest
 import zmq
+from test_aggregator_state import TIMEOUT_S, Sim
 
 from simvue.aggregator.receiver import Binding, Receiver
 from simvue.aggregator.senders import GONE_GRACE_S, LIVE, LOST
@@ -24,8 +25,6 @@ from simvue.topology import Topology, detect
 from simvue.transport import protocol, relay
 from simvue.transport.protocol import BadFrame, Message, MessageKind
 from simvue.transport.rendezvous import AggregatorAddress
-
-from test_aggregator_state import TIMEOUT_S, Sim
 
 pytestmark = pytest.mark.timeout(60)
 KEY = b"k" * 32
