@@ -326,14 +326,18 @@ class Relay:
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
+        # While the aggregator's queue is full the ranks' messages wait in their own queues:
+        # wait for room upstream (or replies) only, not for the ranks' messages.
+        blocked = zmq.Poller()
+        blocked.register(self.back, zmq.POLLIN | zmq.POLLOUT)
         started = last_front = time.monotonic()
         next_beat = started + self.heartbeat_interval_s
         next_probe = started + PROBE_INTERVAL_S
         idle_exit_s = max(IDLE_EXIT_MIN_S, 2 * self.heartbeat_interval_s)
         while not self._stop:
-            ready = dict(poller.poll(50))
+            ready = dict((blocked if self.back_outbox else poller).poll(50))
             now = time.monotonic()
-            if self.back in ready:
+            if ready.get(self.back, 0) & zmq.POLLIN:
                 self._from_upstream()
             self._flush_upstream()
             if self.front in ready and not self.back_outbox:  # else let the ranks' queues hold it
