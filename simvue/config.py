@@ -31,6 +31,11 @@ UPLOAD_FORMATS = ("auto", "upstream")
 # "thread", a thread of the process that creates the run; "auto": a process for rank 0 of a
 # multi-rank MPI job, a thread otherwise (docs/performance.md measures both).
 AGGREGATE_IN = ("auto", "process", "thread")
+# Per-node relays (docs/mpi.md, "Relays"): "auto" relays a rank on another host than the
+# aggregator when the job has at least ``RELAY_MIN_RANKS`` ranks, "on" whenever the host
+# differs, "off" never.
+RELAY_MODES = ("auto", "on", "off")
+RELAY_MIN_RANKS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +74,9 @@ class Settings:
     enable_emission_metrics: bool = False
     cpu_watts_per_core: float = 10.0
     co2_grams_per_kwh: float = 475.0
+    # Whether ranks on other nodes than the aggregator's send through a relay on their node
+    # ("auto" | "on" | "off"; see RELAY_MODES and docs/mpi.md).
+    relay: str = "auto"
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` validated and applied; unknown names raise."""
@@ -169,6 +177,10 @@ def _check(key: str, value: Any) -> Any:
     if key == "aggregate_in":
         if value not in AGGREGATE_IN:
             raise SimvueValueError(f"aggregate_in must be one of {', '.join(AGGREGATE_IN)}, not {value!r}")
+        return value
+    if key == "relay":
+        if value not in RELAY_MODES:
+            raise SimvueValueError(f"relay must be one of {', '.join(RELAY_MODES)}, not {value!r}")
         return value
     if key == "storage_id":
         if value is not None and not isinstance(value, str):

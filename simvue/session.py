@@ -48,7 +48,7 @@ from .resources import SamplingRole
 from .resources.facts import cpu_model
 from .store import SPILL_DIRECTORY, Store, StoreBatch
 from .topology import Topology, elastic_attempt, initialised_mpi
-from .transport import rendezvous
+from .transport import relay, rendezvous
 from .transport.protocol import ArtifactRecord, MetadataRecord, RecordKind
 from .transport.rendezvous import AggregatorAddress
 from .transport.sender import Sender
@@ -407,8 +407,9 @@ def join(
     buffer: deque[tuple] = deque()
     # The run's start time is known once the aggregator has answered (explicit addresses).
     sampling = SamplingRole(topology.host, lambda: address.started or time.time(), buffer.append)
+    via = _relay_for(address, settings, topology) if role == "rank" else None
     sender = Sender(
-        address.address,
+        via.endpoint if via is not None else address.address,
         address.key,
         hello=hello,
         flush_interval_s=settings.flush_interval_s,
@@ -419,6 +420,8 @@ def join(
         abort=abort,
         buffer=buffer,
         on_sample=sampling.configure,
+        relay_alive=(lambda: relay.running(via)) if via is not None else None,
+        direct_address=address.address,
     )
     if address.run_name is None:  # explicit address: the name comes with the first ACK
         if sender.welcomed.wait(settings.rendezvous_timeout_s) and sender.welcome:
@@ -453,6 +456,21 @@ def join(
     )
     _joined[key] = membership
     return membership
+
+
+def _relay_for(address: AggregatorAddress, settings: Settings, topology: Topology) -> relay.Endpoint | None:
+    """This node's relay for the run, when this rank should send through one (on another
+    node than the aggregator's, as ``settings.relay`` says); None: connect directly."""
+    host = relay.aggregator_host(address.address, address.host)
+    if not relay.wanted(settings.relay, topology, host):
+        return None
+    found = relay.attach(
+        address.address, address.key, topology.host, settings.rendezvous_timeout_s,
+        {"heartbeat_interval_s": settings.heartbeat_interval_s, "rendezvous_timeout_s": settings.rendezvous_timeout_s},
+    )
+    log.debug("rank %s on %s: %s", topology.rank, topology.host,
+              f"sends through this node's relay at {found.endpoint}" if found else "no relay: connects directly")
+    return found
 
 
 def _aggregate(

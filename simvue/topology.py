@@ -30,6 +30,14 @@ _LAUNCHERS = (
 )
 
 _imported_mpi_pid: int | None = None
+# This node's name for simvue, instead of the host name: for testing (several simulated
+# nodes on one machine) and for nodes whose host names are not unique.
+HOST_ENV = "SIMVUE_HOST"
+
+
+def this_host() -> str:
+    """This node's name: ``$SIMVUE_HOST`` if set, else the host name."""
+    return os.environ.get(HOST_ENV) or socket.gethostname()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +50,7 @@ class Topology:
     local_size: int = 1
     launcher: str | None = None
     job_id: str | None = None
-    host: str = dataclasses.field(default_factory=socket.gethostname)
+    host: str = dataclasses.field(default_factory=this_host)  # SIMVUE_HOST overrides it
 
     @property
     def is_mpi(self) -> bool:

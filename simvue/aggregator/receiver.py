@@ -77,6 +77,11 @@ class Receiver:
         self._wake_lock = threading.Lock()  # wake() never writes to a pipe close() has closed
         self._wake_r: int | None = None
         self._wake_w: int | None = None
+        # Senders that reach this socket through a node's relay (``transport.relay``): their
+        # id -> the relay's routing id.  A sender not in it is connected directly.
+        self.routes: dict[bytes, bytes] = {}
+        self.direct: set[bytes] = set()  # senders seen connected directly
+        self.relays: set[bytes] = set()
 
     def open(self) -> str:
         """Bind; returns the address senders connect to.  Raises if it cannot bind."""
@@ -135,24 +140,55 @@ class Receiver:
 
     def receive(self) -> tuple[bytes, Message] | None:
         """The next waiting message and its sender's id, or None if none is waiting.
-        Raises ``BadFrame`` for one that is not authentic or not a message."""
+        Raises ``BadFrame`` for one that is not authentic or not a message.
+
+        A message comes directly (``[sender id, mac, payload]``) or through a node's relay
+        (``[relay id, sender id, mac, payload]``); either way the sender's own id is
+        returned, and the route is remembered for the replies, once the message is found
+        authentic.  A relayed message naming a sender that another relay forwards, or a
+        relay itself, is refused; a sender that comes directly after coming through a relay
+        (its relay died) is routed directly from then on."""
         assert self._sock is not None
         try:
             frames = self._sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return None
-        if len(frames) != 3:
-            raise BadFrame(f"expected 3 frames, got {len(frames)}")
-        return frames[0], protocol.decode(self._key, frames[1:])
+        if len(frames) == 3:
+            sender_id = frames[0]
+            message = protocol.decode(self._key, frames[1:])
+            if self.routes.pop(sender_id, None) is not None or sender_id not in self.relays:
+                self.direct.add(sender_id)
+            return sender_id, message
+        if len(frames) != 4:
+            raise BadFrame(f"expected 3 frames, or 4 through a relay, got {len(frames)}")
+        relay, sender_id = frames[0], frames[1]
+        if not 0 < len(sender_id) <= 255 or sender_id == relay:
+            raise BadFrame("a relayed frame with a malformed sender id")
+        message = protocol.decode(self._key, frames[2:])
+        route = self.routes.get(sender_id)
+        if route is not None and route != relay:
+            raise BadFrame("a relayed frame naming a sender that another relay forwards")
+        if route is None and (sender_id in self.relays or sender_id in self.direct or relay in self.routes):
+            raise BadFrame("a relayed frame naming a relay or a directly connected sender")
+        self.routes[sender_id] = relay
+        self.relays.add(relay)
+        return sender_id, message
+
+    def connections(self) -> int:
+        """How many peers this socket has heard from: relays and directly connected senders."""
+        return len(self.relays | self.direct)
 
     def send(self, reply: Reply) -> None:
         """Send without blocking; a reply that cannot go now is dropped (the sender is gone
-        or its queue is full, and it asks again)."""
+        or its queue is full, and it asks again).  A relayed sender's goes through its relay."""
         assert self._sock is not None
+        frames = protocol.encode(self._key, reply.kind, 0, reply.body)
+        relay = self.routes.get(reply.sender_id)
         try:
-            self._sock.send_multipart(
-                [reply.sender_id, *protocol.encode(self._key, reply.kind, 0, reply.body)], zmq.NOBLOCK
-            )
+            if relay is None:
+                self._sock.send_multipart([reply.sender_id, *frames], zmq.NOBLOCK)
+            else:
+                self._sock.send_multipart([relay, reply.sender_id, *frames], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
 

@@ -92,11 +92,19 @@ class SenderState(Producer):
     # The process that started the run, when the aggregator runs in a process of its own:
     # its goodbye (or its loss) is the run's close, as the local producer's is otherwise.
     owner: bool = False
+    # A sender whose relay died says HELLO again directly and sends every message it has
+    # not had acknowledged: those up to ``resend_upto`` may have arrived already, and are
+    # counted as ``resent``, not as duplicates (nothing was lost or doubled).
+    resend_upto: int = 0
+    resent: int = 0
 
     def describe(self) -> dict[str, Any]:
         # ``sender`` and ``last_seq`` say which of its messages the store holds, so that
         # importing its spill file (``simvue spill import``) adds only the rest.
-        return {**super().describe(), "sender": self.sender_id.hex(), "last_seq": self.last_seq}
+        described = {**super().describe(), "sender": self.sender_id.hex(), "last_seq": self.last_seq}
+        if self.resent:
+            described["resent"] = self.resent
+        return described
 
 
 class SenderTable:
@@ -196,12 +204,22 @@ class SenderTable:
         """Whether message ``seq`` from ``state`` is new; counts duplicates and gaps."""
         state.last_seen = now
         if seq <= state.last_seq:
-            self.losses.record(LossReason.DUPLICATE)
+            if seq <= state.resend_upto:
+                state.resent += 1
+            else:
+                self.losses.record(LossReason.DUPLICATE)
             return False
         if seq > state.last_seq + 1:
             self.losses.record(LossReason.GAP, seq - state.last_seq - 1)
         state.last_seq = seq
+        state.resend_upto = 0  # past what was sent again: a repeat from now on is a duplicate
         return True
+
+    def seen_alive(self, sender_id: bytes, now: float) -> None:
+        """A relay heard from ``sender_id`` recently (``NODE_HEARTBEAT``): as its heartbeat."""
+        state = self.by_id.get(sender_id)
+        if state is not None:
+            state.last_seen = max(state.last_seen, now)
 
     def bye(self, producer: Producer, status: str | None) -> None:
         """``producer`` has left the run, reporting ``status`` (None: no opinion)."""

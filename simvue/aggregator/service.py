@@ -203,7 +203,7 @@ class Aggregator:
             return
         self.address = AggregatorAddress(
             address=endpoint, key=self._key, run_name=self.run_name, run_id=self.run_id, started=self.started,
-            pid=os.getpid(),
+            pid=os.getpid(), host=self.state.host or None,
         )
         self._bound.set()
         try:

@@ -447,12 +447,16 @@ class AggregatorState:
     def _receive(self, sender_id: bytes, message: Message) -> list[Instruction]:
         kind, seq, body = message
         now = self.clock.monotonic()
+        if kind is MessageKind.NODE_HEARTBEAT:
+            return self._node_heartbeat(body, now)
         if kind is MessageKind.HELLO:
             if not isinstance(body, dict):
                 raise ValueError("HELLO body is not a map")
             given_up = len(self.table.never_joined)
             new = sender_id not in self.table.by_id
             joined = self.table.hello(sender_id, body, now)
+            if not new:  # again, after its relay died: what it sends next may have arrived already
+                joined.resend_upto = joined.last_seq
             if len(self.table.never_joined) < given_up:
                 hours = (now - self.table.started) / 3600
                 self._event(f"{joined.label} joined the run after all, {hours:.2f} h after it started", "warning")
@@ -510,6 +514,22 @@ class AggregatorState:
                     out.extend(self.close_local(status))
             return [*out, self._ack(state)]
         raise ValueError(f"a sender does not send {kind.name}")
+
+    def _node_heartbeat(self, body: Any, now: float) -> list[Instruction]:
+        """A node's relay vouches for the senders it heard from recently (each as if it had
+        sent a HEARTBEAT) and names those whose process it saw end (``process_gone``)."""
+        if not isinstance(body, dict):
+            raise ValueError("NODE_HEARTBEAT body is not a map")
+        alive, gone = body.get("senders", []), body.get("gone", [])
+        if not isinstance(alive, list) or not isinstance(gone, list):
+            raise ValueError("NODE_HEARTBEAT lists are not arrays")
+        if not all(isinstance(i, bytes) for i in alive) or not all(isinstance(i, bytes) for i in gone):
+            raise ValueError("NODE_HEARTBEAT sender ids are not bytes")
+        for sender_id in alive:
+            self.table.seen_alive(sender_id, now)
+        for sender_id in gone:
+            self.process_gone(sender_id)
+        return []
 
     def farewell(self) -> list[Instruction]:
         """Once the final batch is stored: tell every sender that may still be running (a

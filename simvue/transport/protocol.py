@@ -35,7 +35,16 @@ BYE        body: map {status: null|"completed"|"failed"|"terminated", dropped: {
            losses: {reason: n}}.  The last message; the aggregator answers with ACK once
            it has processed it, and adds ``losses`` (records the sender itself spilled or
            could not send) to the run's.
+NODE_HEARTBEAT  body: map {senders: [sender id, ...], gone: [sender id, ...]}.  Sent by a
+           node's relay (``simvue.transport.relay``), once per heartbeat interval, from its
+           own socket: every sender it heard from recently is alive (their own HEARTBEATs
+           are answered by the relay and do not travel), every ``gone`` one's process has
+           ended on that node.  Not answered.
 =========  =============================================================================
+
+Relayed frames.  A relay's DEALER forwards each of its node's messages as
+``[sender id, mac, payload]``, so the aggregator's ROUTER reads four frames
+``[relay id, sender id, mac, payload]``; its replies go back the same way.
 
 Kinds, aggregator -> sender:
 
@@ -146,6 +155,7 @@ class MessageKind(enum.IntEnum):
     DRAIN = 6
     ABORT = 7
     SAMPLE = 8
+    NODE_HEARTBEAT = 9
 
 
 class RecordKind(enum.IntEnum):
@@ -350,6 +360,11 @@ def encode_packed(key: bytes, kind: MessageKind, seq: int, packed_body: bytes) -
     """The frames of one message whose body is already packed: the payload array is its
     header and first three elements followed by the body's bytes, as ``packb`` would make it."""
     payload = b"\x94" + msgpack.packb(PROTOCOL_VERSION) + msgpack.packb(kind) + msgpack.packb(seq) + packed_body
+    return [hmac.new(key, payload, hashlib.sha256).digest(), payload]
+
+
+def sign(key: bytes, payload: bytes) -> list[bytes]:
+    """The frames of an already encoded payload (a message sent again)."""
     return [hmac.new(key, payload, hashlib.sha256).digest(), payload]
 
 

@@ -54,6 +54,7 @@ class AggregatorAddress:
     run_id: str | None = None
     started: float | None = None
     pid: int | None = None
+    host: str | None = None  # the aggregator's node (``Topology.host``), for relays; absent in older files
 
     def to_json(self) -> str:
         fields = dataclasses.asdict(self)
@@ -64,7 +65,8 @@ class AggregatorAddress:
     def from_json(cls, text: str | bytes) -> AggregatorAddress:
         fields: dict[str, Any] = json.loads(text)
         fields["key"] = bytes.fromhex(fields["key"])
-        return cls(**fields)
+        known = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{name: value for name, value in fields.items() if name in known})
 
 
 def inherited() -> AggregatorAddress | None:

@@ -66,13 +66,25 @@ class Sender:
         abort: AbortSignal,
         buffer: deque[tuple] | None = None,
         on_sample: Callable[[Any], None] = lambda plan: None,
+        relay_alive: Callable[[], bool] | None = None,
+        direct_address: str | None = None,
     ) -> None:
         """``abort`` is requested when the aggregator sends ABORT; ``on_sample(plan)`` is
         called with each SAMPLE body, on the sender's thread; ``buffer`` is where the
-        process's records are appended (a new deque by default)."""
+        process's records are appended (a new deque by default).
+
+        With ``relay_alive``, ``address`` is this node's relay (``transport.relay``):
+        every heartbeat interval the sender asks ``relay_alive()`` and, once the relay has
+        ended, connects to ``direct_address`` (the aggregator) instead, says HELLO again
+        and sends every message not yet acknowledged, oldest first."""
         self.buffer: deque[tuple] = deque() if buffer is None else buffer
         self.sender_id = uuid.uuid4().bytes
         self._address = address
+        self._relay_alive = relay_alive
+        self._direct_address = direct_address
+        self._context: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
+        self._next_relay_check = 0.0
         self._key = key
         self._hello = hello
         self._flush_interval_s = flush_interval_s
@@ -186,18 +198,53 @@ class Sender:
 
     # -- flush thread -------------------------------------------------------------------
 
-    def _run(self) -> None:
-        context = zmq.Context()
+    def _connect(self, context: zmq.Context, address: str) -> zmq.Socket:
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, self.sender_id)
         sock.setsockopt(zmq.SNDHWM, SEND_HWM_MESSAGES)
         sock.setsockopt(zmq.LINGER, LINGER_MS)
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+        self._sock = sock
+        if security.encrypted(address):
+            security.connect(sock, self._key)
+        sock.connect(address)
+        return sock
+
+    def _check_relay(self, now: float) -> zmq.Socket:
+        """The socket to use: a new one, straight to the aggregator, once the relay this
+        sender goes through has ended (checked every heartbeat interval)."""
+        assert self._sock is not None and self._context is not None
+        if self._relay_alive is None or now < self._next_relay_check:
+            return self._sock
+        self._next_relay_check = now + self._heartbeat_interval_s
         try:
-            if security.encrypted(self._address):
-                security.connect(sock, self._key)
-            sock.connect(self._address)
+            alive = self._relay_alive()
+        except Exception:  # noqa: BLE001 - a failed check is no proof of death
+            alive = True
+        if alive or self._direct_address is None:
+            return self._sock
+        self._relay_alive = None
+        self._sock.close(linger=0)
+        self._address = self._direct_address
+        sock = self._connect(self._context, self._address)
+        # What was queued for the relay is among the unacknowledged messages (or was a
+        # heartbeat): HELLO first, then every one of them, oldest first; the aggregator
+        # skips those it has already and counts them as resent, not as duplicates.
+        self._outbox.clear()
+        self._outbox.append((1, protocol.encode(self._key, MessageKind.HELLO, 1, self._hello)))
+        for seq, payload in self._unacked:
+            self._outbox.append((seq, protocol.sign(self._key, payload)))
+        self._outbox.append((self._sent_seq, self._frames(MessageKind.HEARTBEAT, self._sent_seq, None)))
+        os.write(2, f"simvue: this node's relay has ended; sending to the aggregator at {self._address} directly,"
+                 f" {len(self._unacked)} unacknowledged message(s) again\n".encode())
+        return sock
+
+    def _run(self) -> None:
+        context = self._context = zmq.Context()
+        sock = self._connect(context, self._address)
+        try:
+            self._next_relay_check = time.monotonic() + self._heartbeat_interval_s
             self._queue(MessageKind.HELLO, self._hello)
             last_heartbeat = time.monotonic()
             while True:
@@ -209,6 +256,7 @@ class Sender:
                     else:
                         self._wake.wait(self._flush_interval_s)
                     self._wake.clear()
+                sock = self._check_relay(time.monotonic())
                 with self._acked:
                     flush_requested, self._flush_requested = self._flush_requested, False
                 sent_bulk = self._send_buffered()
@@ -239,7 +287,8 @@ class Sender:
                 self._bulk.clear()
             if self.buffer:
                 self.spill.write_records(drain(self.buffer))
-            sock.close(linger=0)
+            if self._sock is not None:
+                self._sock.close(linger=0)
             context.term()
             self._finished.set()
             with self._acked:
@@ -376,6 +425,7 @@ class Sender:
         bye_seq = self._sent_seq
         deadline = time.monotonic() + self._bye_timeout_s
         while time.monotonic() < deadline:
+            sock = self._check_relay(time.monotonic())
             self._pump(sock)
             self._read_acks(sock, 20)
             if self._acked_seq >= bye_seq:
