@@ -30,6 +30,7 @@ import time
 import warnings
 import weakref
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -48,7 +49,7 @@ from .resources import SamplingRole
 from .resources.facts import cpu_model
 from .store import SPILL_DIRECTORY, Store, StoreBatch
 from .topology import Topology, elastic_attempt, initialised_mpi
-from .transport import relay, rendezvous
+from .transport import rendezvous
 from .transport.protocol import ArtifactRecord, MetadataRecord, RecordKind
 from .transport.rendezvous import AggregatorAddress
 from .transport.sender import Sender
@@ -58,6 +59,7 @@ from .transport.transfer import ArtifactJob, ArtifactQueue, StreamToSender
 from .validation import format_timestamp
 
 if TYPE_CHECKING:
+    from .transport.relay import Endpoint
     from .upload import Uploader  # imported when a server is configured: it needs requests
 
 log = logging.getLogger(__name__)
@@ -420,7 +422,7 @@ def join(
         abort=abort,
         buffer=buffer,
         on_sample=sampling.configure,
-        relay_alive=(lambda: relay.running(via)) if via is not None else None,
+        relay_alive=_relay_alive(via) if via is not None else None,
         direct_address=address.address,
     )
     if address.run_name is None:  # explicit address: the name comes with the first ACK
@@ -458,9 +460,11 @@ def join(
     return membership
 
 
-def _relay_for(address: AggregatorAddress, settings: Settings, topology: Topology) -> relay.Endpoint | None:
+def _relay_for(address: AggregatorAddress, settings: Settings, topology: Topology) -> Endpoint | None:
     """This node's relay for the run, when this rank should send through one (on another
     node than the aggregator's, as ``settings.relay`` says); None: connect directly."""
+    from .transport import relay  # only ranks get here, not a run's start
+
     host = relay.aggregator_host(address.address, address.host)
     if not relay.wanted(settings.relay, topology, host):
         return None
@@ -471,6 +475,12 @@ def _relay_for(address: AggregatorAddress, settings: Settings, topology: Topolog
     log.debug("rank %s on %s: %s", topology.rank, topology.host,
               f"sends through this node's relay at {found.endpoint}" if found else "no relay: connects directly")
     return found
+
+
+def _relay_alive(via: Endpoint) -> Callable[[], bool]:
+    from .transport import relay
+
+    return lambda: relay.running(via)
 
 
 def _aggregate(

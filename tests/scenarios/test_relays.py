@@ -146,14 +146,18 @@ def test_one_relay_and_one_connection_per_other_node(store_dir, scaled_timeouts,
         relays = _wait_for_relays(ranks, 2)
         assert len(relays) == 2, [r.cmdline() for r in relays]
         relayed = ranks[PER_NODE:]
+        # The aggregator: a process of its own, started by rank 0 (``aggregate_in``).
+        aggregator = next(p for p in psutil.Process(ranks[0].pid).children()
+                          if "simvue.aggregator.host" in " ".join(p.cmdline()))
         deadline = time.monotonic() + 15
         while True:  # every rank has connected by now or soon
-            direct = _connections(ranks[0].pid, port, local=True)
-            if direct == (PER_NODE - 1) + 2 or time.monotonic() > deadline:
+            direct = _connections(aggregator.pid, port, local=True)
+            if direct == PER_NODE + 2 or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        # rank 0's node: its 3 other ranks directly; nodes B and C: their relay each.
-        assert direct == (PER_NODE - 1) + 2, direct
+        # rank 0's node: its 4 ranks (rank 0 too, the run's owner) directly; nodes B and C:
+        # their relay each.
+        assert direct == PER_NODE + 2, direct
         for relay in relays:
             assert _connections(relay.pid, port, local=False) == 1
         for process in relayed:
