@@ -7,6 +7,8 @@ import logging
 import os
 import re
 import stat
+import sys
+from array import array
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +17,26 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 _UNSAFE_IN_FILENAMES = re.compile(r"[^A-Za-z0-9._-]")
+_LITTLE = sys.byteorder == "little"
+
+
+def pack_column(column: array) -> bytes:
+    """A column of int64 (``q``) or float64 (``d``) as little-endian bytes: the one packing of
+    metric columns, on the wire, in the store and to a server."""
+    if _LITTLE:
+        return column.tobytes()
+    swapped = array(column.typecode, column)
+    swapped.byteswap()
+    return swapped.tobytes()
+
+
+def unpack_column(typecode: str, blob: bytes) -> array:
+    """The column ``pack_column`` made (``typecode``: ``q`` or ``d``)."""
+    values = array(typecode)
+    values.frombytes(blob)
+    if not _LITTLE:
+        values.byteswap()
+    return values
 
 
 def drain(buffer: deque[T], limit: int | None = None) -> list[T]:

@@ -32,7 +32,6 @@ import os
 import secrets
 import sqlite3
 import string
-import sys
 import threading
 import time
 from array import array
@@ -42,7 +41,15 @@ from typing import Any
 
 import msgpack
 
-from .._util import PRIVATE_FILE_MODE, merge_dicts, open_private, private_directory, tighten
+from .._util import (
+    PRIVATE_FILE_MODE,
+    merge_dicts,
+    open_private,
+    pack_column,
+    private_directory,
+    tighten,
+    unpack_column,
+)
 from .blobs import ARTIFACTS_DIRECTORY, BlobStore
 
 DATABASE_FILE = "simvue.db"
@@ -57,7 +64,6 @@ BUSY_TIMEOUT_S = 30.0
 STOPPING = "stopping"
 _COLUMN_SQL = {"steps": "c.steps", "times": "c.times", "timestamps": "c.timestamps", "values": "c.vals"}
 _ID_ALPHABET = string.ascii_letters + string.digits
-_LITTLE = sys.byteorder == "little"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS store_info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -487,22 +493,6 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
         raise
-
-
-def pack_column(column: array) -> bytes:
-    if _LITTLE:
-        return column.tobytes()
-    swapped = array(column.typecode, column)
-    swapped.byteswap()
-    return swapped.tobytes()
-
-
-def unpack_column(kind: str, blob: bytes) -> array:
-    values = array(kind)
-    values.frombytes(blob)
-    if not _LITTLE:
-        values.byteswap()
-    return values
 
 
 class Store:

@@ -26,6 +26,7 @@ from itertools import chain
 from operator import itemgetter
 from typing import Any, NamedTuple
 
+from .._util import pack_column, unpack_column
 from .protocol import MAX_COLUMN_ROWS, MetricColumnsRecord, RecordKind
 
 _METRICS = RecordKind.METRICS
@@ -35,21 +36,6 @@ _first, _step, _time, _timestamp, _values = (itemgetter(i) for i in range(5))
 # A run of fewer records than this with one set of names travels as plain METRICS records:
 # for a single row the columns cost more to read than the record.
 MIN_COLUMN_ROWS = 2
-
-
-def _pack(typecode: str, values: Any) -> bytes:
-    column = array(typecode, values)
-    if not _LITTLE:
-        column.byteswap()
-    return column.tobytes()
-
-
-def _unpack(typecode: str, blob: bytes) -> array:
-    column = array(typecode)
-    column.frombytes(blob)
-    if not _LITTLE:
-        column.byteswap()
-    return column
 
 
 def to_columns(records: Sequence[Any]) -> list[Any]:
@@ -144,7 +130,7 @@ def _group_columns(group: Sequence[Any], rows: list[dict]) -> MetricColumnsRecor
     width = len(names)
     getter = itemgetter(*names)  # each row's values in the order of ``names``, whatever its own order
     if width == 1:
-        values = [_pack("d", map(getter, rows))]
+        values = [pack_column(array("d", map(getter, rows)))]
     else:
         flat = array("d", chain.from_iterable(map(getter, rows)))  # row by row
         if not _LITTLE:
@@ -154,9 +140,9 @@ def _group_columns(group: Sequence[Any], rows: list[dict]) -> MetricColumnsRecor
         _COLUMNS,  # type: ignore[arg-type]
         len(group),
         names,
-        _pack("q", map(_step, group)),
-        _pack("d", map(_time, group)),
-        _pack("d", map(_timestamp, group)),
+        pack_column(array("q", map(_step, group))),
+        pack_column(array("d", map(_time, group))),
+        pack_column(array("d", map(_timestamp, group))),
         values,
     )
 
@@ -193,11 +179,11 @@ def read_columns(record: Sequence[Any]) -> Columns:
     for blob in (steps, times, stamps, *values):
         if blob.__class__ is not bytes or len(blob) != size:
             raise ValueError("metric columns: a column's length is not 8 bytes per row")
-    step_column = _unpack("q", steps)
+    step_column = unpack_column("q", steps)
     step_min = min(step_column)
     if step_min < 0:
         raise ValueError("metric columns: a negative step")
-    floats = [_unpack("d", blob) for blob in (times, stamps, *values)]
+    floats = [unpack_column("d", blob) for blob in (times, stamps, *values)]
     for column in floats:
         # inf or nan anywhere makes the sum inf or nan (and so would values near 1e308)
         if not math.isfinite(sum(column)):
