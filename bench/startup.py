@@ -3,6 +3,7 @@
     python bench/startup.py                   # 20 rounds, about 15 s on a 2-core VM
     python bench/startup.py --runs 50 --json raw.json
     python bench/startup.py --root OLD --root .   # two versions, measured in the same rounds
+    python bench/startup.py --aggregate-in thread --aggregate-in process   # the two layouts
 
 Each round starts fresh interpreters, one after the other, and times each from ``Popen`` to
 its exit (wall clock); with two ``--root`` checkouts, both are measured in every round:
@@ -94,24 +95,31 @@ def main() -> int:
                         help="a checkout whose simvue/ is measured (default this one); give it twice to compare"
                              " two versions, measured in the same rounds")
     parser.add_argument("--json", type=Path, help="also write every raw number here")
+    parser.add_argument("--aggregate-in", action="append", choices=["auto", "thread", "process"],
+                        help="where the run's aggregator runs (aggregate_in); give it twice to compare two layouts")
     args = parser.parse_args()
-    roots = [root.resolve() for root in (args.root or [ROOT])]
+    # Each "version" measured: a checkout and, optionally, an aggregate_in setting.
+    variants = [(root.resolve(), mode) for root in (args.root or [ROOT]) for mode in (args.aggregate_in or [None])]
+    roots = list(range(len(variants)))
     python = sys.executable
 
     keys = ("import", "script", "in_import", "init", "log", "close")
     floor_times: list[float] = []
-    times: dict[Path, dict[str, list[float]]] = {root: {k: [] for k in keys} for root in roots}
+    times: dict[int, dict[str, list[float]]] = {root: {k: [] for k in keys} for root in roots}
     with tempfile.TemporaryDirectory(prefix="simvue-bench-startup-") as tmp:
         tmp_path = Path(tmp)
-        names: list[tuple[Path, Path, str]] = []
+        names: list[tuple[int, Path, str]] = []
         for round_ in range(args.warmup + args.runs):
             timed_round = round_ >= args.warmup
-            plain_env = child_env(roots[0], tmp_path / "pycache0")
+            plain_env = child_env(variants[0][0], tmp_path / "pycache0")
             wall = timed([python, "-c", "pass"], plain_env, tmp_path)[0]
             if timed_round:
                 floor_times.append(wall)
             for index, root in enumerate(roots):
-                env = child_env(root, tmp_path / f"pycache{index}")
+                path, mode = variants[index]
+                env = child_env(path, tmp_path / f"pycache{index}")
+                if mode is not None:
+                    env["SIMVUE_AGGREGATE_IN"] = mode
                 workdir = tmp_path / f"round{round_}-{index}"
                 workdir.mkdir()
                 name = f"startup-{round_}"
@@ -130,7 +138,7 @@ def main() -> int:
                 series["in_import"].append(inside["import"])
                 for key in ("init", "log", "close"):
                     series[key].append(inside[key])
-        stored = {root: check_stored(root, [(p, n) for r, p, n in names if r == root]) for root in roots}
+        stored = {root: check_stored(variants[root][0], [(p, n) for r, p, n in names if r == root]) for root in roots}
 
     rows = [
         ('`python -c "import simvue"`', "import", None),
@@ -143,8 +151,8 @@ def main() -> int:
     floor = statistics.median(floor_times)
     print(f"## Start-up, {args.runs} rounds ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n")
     print(f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; milliseconds, median [p90]\n")
-    for index, root in enumerate(roots):
-        print(f"* version {index + 1}: {root}")
+    for index, (path, mode) in enumerate(variants):
+        print(f"* version {index + 1}: {path}" + (f", aggregate_in={mode}" if mode else ""))
     versions = " | ".join(f"version {i + 1}" for i in range(len(roots)))
     print(f"\n| what | {versions} | target |")
     print("|---|" + "---:|" * len(roots) + "---:|")
@@ -164,9 +172,10 @@ def main() -> int:
         target_text = "" if target is None else f"≤ {target * 1000:.0f}"
         print(f"| {label} | {' | '.join(cells)} | {target_text} |")
     for root in roots:
-        print(f"\nStored ({root}): {stored[root]} of {len(names) // len(roots)} runs read back completed with their point.")
+        print(f"\nStored (version {root + 1}): {stored[root]} of {len(names) // len(roots)} runs read back completed with their point.")
     if args.json:
-        raw = {"runs": args.runs, "floor_s": floor_times, "times_s": {str(root): times[root] for root in roots}}
+        raw = {"runs": args.runs, "floor_s": floor_times,
+               "times_s": {f"{variants[root][0]}:{variants[root][1]}": times[root] for root in roots}}
         args.json.write_text(json.dumps(raw, indent=1))
     return 0 if all(stored[root] == len(names) // len(roots) for root in roots) else 1
 

@@ -17,6 +17,7 @@ its own aggregator thread: a job's store is complete once ``mpiexec`` returns.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -25,7 +26,6 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 # aggregator itself, the helper ends the run (the owner never said hello).
 OWNER_GONE_AFTER_S = 3.0
 WATCH_INTERVAL_S = 0.2
+# Requests from the owner on the helper's stdin: end the run with whoever has left.
+STOP_WAITING = b"S"
+# After a SIGTERM (the job is being cancelled), how long the ranks have to say goodbye.
+TERM_GRACE_S = 1.0
 WAIT_POLL_S = 0.02
 
 
@@ -92,8 +96,9 @@ class HostedAggregator:
         )
         assert process.stdin is not None and process.stdout is not None
         try:
-            process.stdin.write(pickle.dumps(config))
-            process.stdin.close()
+            data = pickle.dumps(config)
+            process.stdin.write(len(data).to_bytes(8, "little") + data)
+            process.stdin.flush()  # stdin stays open: the owner's requests (``STOP_WAITING``)
             reply = _read_reply(process, timeout_s)
         except BaseException:
             process.kill()
@@ -102,7 +107,9 @@ class HostedAggregator:
         finally:
             process.stdout.close()
         if "error" in reply:
-            process.wait(timeout_s)
+            process.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout_s)
             raise reply["error"]
         return cls(process, reply["address"])
 
@@ -123,7 +130,7 @@ class HostedAggregator:
         ``stop_waiting_after_s`` (the job is being stopped), ask it after that long to end
         the run with whoever has left."""
         if stop_waiting_after_s is not None and not self._wait(stop_waiting_after_s):
-            self._signal(signal.SIGUSR1)
+            self._request(STOP_WAITING)
         if not wait_for_ranks:
             return True
         return self._wait(timeout_s) and self.process.returncode in (0, None)  # None: ended, not reaped yet
@@ -150,10 +157,14 @@ class HostedAggregator:
         except psutil.Error:
             return True
 
-    def _signal(self, signum: int) -> None:
+    def _request(self, request: bytes) -> None:
+        """Ask the helper something through its stdin (not a signal: a batch system's
+        warning signals, SIGUSR1 among them, may be sent to every process of the job)."""
         try:
-            self.process.send_signal(signum)
-        except OSError:
+            assert self.process.stdin is not None
+            self.process.stdin.write(request)
+            self.process.stdin.flush()
+        except (OSError, ValueError):
             pass  # it has just ended
 
 
@@ -187,7 +198,8 @@ def _read_reply(process: subprocess.Popen, timeout_s: float) -> dict[str, Any]:
 
 
 def main() -> int:
-    config: HostConfig = pickle.loads(sys.stdin.buffer.read())
+    size = int.from_bytes(_read_exactly(0, 8), "little")
+    config: HostConfig = pickle.loads(_read_exactly(0, size))
     # The reply goes through a descriptor of its own; whatever this process starts (the node's
     # sampler) inherits /dev/null as its stdout, so the owner sees the end of the reply.
     reply_fd = os.dup(1)
@@ -211,15 +223,19 @@ def main() -> int:
     except BaseException as exc:  # noqa: BLE001 - handed to the owner, which raises it
         _reply(reply_fd, {"error": _picklable(exc)})
         return 1
-    stop = threading.Event()
-    signal.signal(signal.SIGUSR1, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the job's: its ranks say goodbye
+    terminated_at: list[float] = []
+    # Signals are the job's: Ctrl-C and a batch system's warnings (SIGUSR1...) go to its ranks,
+    # which say goodbye.  SIGTERM (the job is being cancelled) ends the run with whoever has
+    # left once the ranks have had TERM_GRACE_S to say goodbye.
+    for signum in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: terminated_at.append(time.monotonic()))
     _reply(reply_fd, {"address": address})
+    os.set_blocking(0, False)
     owner_gone_since: float | None = None
     while not aggregator.wait(WATCH_INTERVAL_S):
-        if stop.is_set():  # the job is being stopped: end the run with whoever has left
-            aggregator.close(None, 0, wait_for_ranks=False, stop_waiting_after_s=0)
+        if STOP_WAITING in _requests() or (terminated_at and time.monotonic() - terminated_at[0] >= TERM_GRACE_S):
+            aggregator.close(None, 0, wait_for_ranks=False, stop_waiting_after_s=0)  # with whoever has left
         if config.owner_created is None or aggregator.state.closing:
             continue
         if liveness.process_running(config.owner_pid, config.owner_created):
@@ -229,6 +245,25 @@ def main() -> int:
         elif time.monotonic() - owner_gone_since >= OWNER_GONE_AFTER_S:
             aggregator.close("failed", 0, wait_for_ranks=False)  # it died before it said hello
     return 0 if aggregator.final_status is not None else 1
+
+
+def _requests() -> bytes:
+    """What the owner has written to our stdin since the last call (b"" if nothing)."""
+    try:
+        return os.read(0, 4096)
+    except (BlockingIOError, OSError):
+        return b""
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise EOFError("the owner closed the pipe before the configuration was complete")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _reply(fd: int, message: dict[str, Any]) -> None:
