@@ -502,7 +502,10 @@ def main() -> int:
     lock_fd = config.get("lock_fd")  # held open (and locked) until this process ends
     relay = Relay(config)
     signal.signal(signal.SIGTERM, relay.stop)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the ranks' Ctrl-C is theirs to handle
+    # The ranks' Ctrl-C is theirs to handle, and so are a batch system's warning signals
+    # (Slurm's --signal may reach every process of the job).
+    for signum in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     try:
         relay.open()
     except Exception as exc:  # noqa: BLE001 - the ranks connect directly
