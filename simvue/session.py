@@ -46,7 +46,7 @@ from .config import Settings
 from .errors import SimvueWarning
 from .losses import LossCounter
 from .resources import SamplingRole
-from .resources.facts import cpu_model
+from .resources.facts import cpu_model, initialised_library
 from .store import SPILL_DIRECTORY, Store, StoreBatch
 from .topology import Topology, elastic_attempt, initialised_mpi
 from .transport import rendezvous
@@ -503,6 +503,7 @@ def _aggregate(
                 run_fields=run_fields, settings=settings, topology=topology, server=server,
                 expected_ranks=expected_ranks, namespace=namespace, explicit_address=explicit_address,
                 key=key, owner_pid=os.getpid(), owner_created=own_start_time(), debug=log.isEnabledFor(logging.DEBUG),
+                mpi_library=initialised_library(),
             ),
             role,
         )

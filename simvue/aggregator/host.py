@@ -73,6 +73,7 @@ class HostConfig:
     owner_pid: int
     owner_created: float | None
     debug: bool = False
+    mpi_library: str | None = None  # MPI's version string, if the owner had initialised mpi4py
 
 
 class HostedAggregator:
@@ -212,7 +213,10 @@ def main() -> int:
         logger = logging.getLogger("simvue")
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)
+    from ..resources.facts import remember_library
     from ..session import start_aggregator
+
+    remember_library(config.mpi_library)
 
     try:
         aggregator, _, address = start_aggregator(

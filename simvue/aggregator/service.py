@@ -229,6 +229,7 @@ class Aggregator:
         next_tick = now
         next_probe = now + liveness.PROBE_INTERVAL_S
         sampler_start_at = None
+        probed_at_close = False
         if self._sampler is not None:
             sampler_start_at = now + (0.0 if self._expected_ranks > 1 else SAMPLER_START_DELAY_S)
         while True:
@@ -264,6 +265,13 @@ class Aggregator:
                 state.local_records(drain(self.local_buffer))
                 self._commit(state.take_batch())
             if state.closing:  # closed here, or by the run's owner (``host``)
+                if not probed_at_close or self._stop_waiting.is_set():
+                    # A process seen gone now is lost now: the run is ending (its owner's close
+                    # is a message, so the probe before ``close_local`` above did not run).
+                    probed_at_close = True
+                    for sender in liveness.ended(state.senders_to_probe()):
+                        state.process_gone(sender.sender_id)
+                    state.lose_senders_seen_gone()
                 if self._stop_waiting.is_set():
                     state.stop_waiting()
                 if state.can_finish():

@@ -301,9 +301,7 @@ class AggregatorState:
         now = self.clock.monotonic()
         self._closing_since = now
         self.table.bye(self.table.local, status if status in FINAL_STATUSES else None)
-        for sender in self.table.live():
-            if sender.gone_since is not None and self.table.mark_lost(sender, "its process ended without closing its part of the run"):
-                self._report_lost(sender)  # no grace: the run is ending now
+        self.lose_senders_seen_gone()
         if status in ("failed", "terminated") and self._user_status is None:
             # Stored with the next commit, before waiting for anyone: if the job is killed
             # while the run finishes (a launcher's SIGKILL after SIGTERM), it still says so,
@@ -321,9 +319,18 @@ class AggregatorState:
                 out.append(Reply(state.sender_id, MessageKind.DRAIN, None))
         return out
 
+    def lose_senders_seen_gone(self) -> None:
+        """The run is ending: senders whose process was seen gone are lost now, without the
+        grace (``process_gone``) that lets their last messages arrive."""
+        for sender in self.table.live():
+            if sender.gone_since is not None and self.table.mark_lost(sender, "its process ended without closing its part of the run"):
+                self._report_lost(sender)
+
     def stop_waiting(self) -> None:
         """The job is being stopped (a signal to every process): end the run with whoever
-        has left; those still live are counted as stopped with it (``terminated``)."""
+        has left; those seen gone are lost, those still live are counted as stopped with it
+        (``terminated``)."""
+        self.lose_senders_seen_gone()
         for sender in self.table.live():
             self._event(f"{sender.label} had not said goodbye when the job was stopped", "warning")
             self.table.bye(sender, "terminated")

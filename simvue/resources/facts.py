@@ -42,9 +42,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+_library_of_owner: str | None = None
+
+
+def remember_library(version: str | None) -> None:
+    """In the aggregator's own process: the library its owner (rank 0) found initialised."""
+    global _library_of_owner
+    _library_of_owner = version
+
+
 def initialised_library() -> str | None:
     """The first line of MPI's own version string, if the user's code already initialised
-    mpi4py in this process (simvue never initialises MPI to find out)."""
+    mpi4py in this process, or in the rank whose aggregator this process is (simvue never
+    initialises MPI to find out)."""
+    if _library_of_owner is not None:
+        return _library_of_owner
     mpi = topology.initialised_mpi()
     if mpi is None:
         return None
