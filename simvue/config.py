@@ -36,6 +36,8 @@ AGGREGATE_IN = ("auto", "process", "thread")
 # differs, "off" never.
 RELAY_MODES = ("auto", "on", "off")
 RELAY_MIN_RANKS = 64
+# Settings that take one of a few words.
+CHOICES = {"upload_format": UPLOAD_FORMATS, "aggregate_in": AGGREGATE_IN, "relay": RELAY_MODES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,17 +172,9 @@ def _check(key: str, value: Any) -> Any:
         if value not in ABORT_ACTIONS:
             raise SimvueValueError(f"abort_on_alert must be one of {', '.join(ABORT_ACTIONS)}, not {value!r}")
         return value
-    if key == "upload_format":
-        if value not in UPLOAD_FORMATS:
-            raise SimvueValueError(f"upload_format must be one of {', '.join(UPLOAD_FORMATS)}, not {value!r}")
-        return value
-    if key == "aggregate_in":
-        if value not in AGGREGATE_IN:
-            raise SimvueValueError(f"aggregate_in must be one of {', '.join(AGGREGATE_IN)}, not {value!r}")
-        return value
-    if key == "relay":
-        if value not in RELAY_MODES:
-            raise SimvueValueError(f"relay must be one of {', '.join(RELAY_MODES)}, not {value!r}")
+    if key in CHOICES:
+        if value not in CHOICES[key]:
+            raise SimvueValueError(f"{key} must be one of {', '.join(CHOICES[key])}, not {value!r}")
         return value
     if key == "storage_id":
         if value is not None and not isinstance(value, str):

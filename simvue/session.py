@@ -497,20 +497,18 @@ def _aggregate(
 ) -> Membership:
     """Create (or resume) the run and start its aggregator: on a thread of this process, or
     in a process of its own (``host``) that this one then joins as the run's owner."""
-    if aggregates_apart(settings, topology):
-        return _aggregate_apart(
-            HostConfig(
-                run_fields=run_fields, settings=settings, topology=topology, server=server,
-                expected_ranks=expected_ranks, namespace=namespace, explicit_address=explicit_address,
-                key=key, owner_pid=os.getpid(), owner_created=own_start_time(), debug=log.isEnabledFor(logging.DEBUG),
-                mpi_library=initialised_library(),
-            ),
-            role,
-        )
-    aggregator, uploader, address = start_aggregator(
-        run_fields, settings, topology, server, expected_ranks=expected_ranks, namespace=namespace, role=role,
-        explicit_address=explicit_address, key=key,
+    plan = HostConfig(
+        run_fields=run_fields, settings=settings, topology=topology, server=server, expected_ranks=expected_ranks,
+        namespace=namespace, explicit_address=explicit_address, key=key, owner_pid=os.getpid(),
+        owner_created=own_start_time(), debug=log.isEnabledFor(logging.DEBUG),
     )
+    if aggregates_apart(settings, topology):
+        plan.mpi_library = initialised_library()
+        hosted = HostedAggregator.launch(plan, settings.rendezvous_timeout_s)
+        membership = join(hosted.address, settings, topology, role=role, owner=True)
+        membership.aggregator = hosted
+        return membership
+    aggregator, uploader, address = start_aggregator(plan, role)
     rendezvous.export(address)
     return Membership(
         LocalPipe(aggregator),
@@ -524,32 +522,14 @@ def _aggregate(
     )
 
 
-def _aggregate_apart(config: HostConfig, role: str) -> Membership:
-    """Start the aggregator's process, then join the run it made as its owner: this
-    process's records travel through a sender like any other rank's."""
-    hosted = HostedAggregator.launch(config, config.settings.rendezvous_timeout_s)
-    membership = join(hosted.address, config.settings, config.topology, role=role, owner=True)
-    membership.aggregator = hosted
-    return membership
-
-
-def start_aggregator(
-    run_fields: dict[str, Any],
-    settings: Settings,
-    topology: Topology,
-    server: ServerConfig | None,
-    *,
-    expected_ranks: int,
-    namespace: bool,
-    role: str,
-    explicit_address: str | None = None,
-    key: bytes | None = None,
-) -> tuple[Aggregator, Uploader | None, AggregatorAddress]:
-    """Create (or resume) the run in the local store, start its aggregator and, when a
-    server is configured, the uploader that follows the store."""
+def start_aggregator(plan: HostConfig, role: str) -> tuple[Aggregator, Uploader | None, AggregatorAddress]:
+    """Create (or resume) the run ``plan`` describes in the local store, start its
+    aggregator (``role``: the HELLO role of the process it runs in) and, when a server is
+    configured, the uploader that follows the store."""
+    settings, topology, server = plan.settings, plan.topology, plan.server
     store = Store(settings.store_path())
     try:
-        fields = {**run_fields, "system": system_info(), "heartbeat_timeout_s": settings.run_heartbeat_timeout_s}
+        fields = {**plan.run_fields, "system": system_info(), "heartbeat_timeout_s": settings.run_heartbeat_timeout_s}
         elastic = elastic_attempt() if topology.launcher == "torchrun" else None
         if elastic is not None:
             fields = _elastic_fields(store, fields, *elastic)
@@ -569,11 +549,11 @@ def start_aggregator(
             run=run,
             settings=settings,
             local_hello=_hello(topology, role, run["started"]),
-            expected_ranks=expected_ranks,
-            namespace_ranks=namespace,
-            key=key or secrets.token_bytes(32),
+            expected_ranks=plan.expected_ranks,
+            namespace_ranks=plan.namespace,
+            key=plan.key or secrets.token_bytes(32),
             abort=abort,
-            binding=_binding(topology, explicit_address),
+            binding=_binding(topology, plan.explicit_address),
             followers=[uploader] if uploader is not None else [],
         )
         address = aggregator.start()
@@ -582,7 +562,7 @@ def start_aggregator(
         raise
     log.debug(
         "run %r (%s): this process (%s %s) aggregates it at %s, expecting %d rank(s); store %s%s",
-        run["name"], run["id"], role, topology.rank, address.address, expected_ranks, store.directory,
+        run["name"], run["id"], role, topology.rank, address.address, plan.expected_ranks, store.directory,
         f"; uploading to {server.url}" if uploader is not None and server is not None else "",
     )
     return aggregator, uploader, address

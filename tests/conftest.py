@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -129,6 +130,25 @@ def mpiexec(n: int, *argv: str, env: dict | None = None, timeout: float = 180, c
                "-n", str(n), *argv]
     return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd,
                           timeout=timeout + 30)
+
+
+_LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "HYDI_", "HYDRA_", "MPI_LOCAL", "OMPI_", "PRTE_")
+
+
+def job_env(extra: dict[str, str]) -> dict[str, str]:
+    """This environment for a job the test starts: no launcher variables of an outer MPI job,
+    no run to join, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
+    env.pop("SIMVUE_AGGREGATOR", None)
+    env.update(extra)
+    return env
+
+
+def write_job(tmp_path: Path, code: str, name: str = "job.py") -> Path:
+    """``code`` (indented as in the test) as a script file."""
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(code))
+    return path
 
 
 def dumps(obj) -> str:

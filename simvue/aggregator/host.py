@@ -60,7 +60,8 @@ def aggregates_apart(settings: Settings, topology: Topology) -> bool:
 
 @dataclasses.dataclass
 class HostConfig:
-    """What the helper needs to create the run and aggregate it (pickled to its stdin)."""
+    """What creating the run and aggregating it needs (``session.start_aggregator``); for
+    the helper, pickled to its stdin."""
 
     run_fields: dict[str, Any]
     settings: Settings
@@ -219,11 +220,7 @@ def main() -> int:
     remember_library(config.mpi_library)
 
     try:
-        aggregator, _, address = start_aggregator(
-            config.run_fields, config.settings, config.topology, config.server,
-            expected_ranks=config.expected_ranks, namespace=config.namespace, role="host",
-            explicit_address=config.explicit_address, key=config.key,
-        )
+        aggregator, _, address = start_aggregator(config, "host")
     except BaseException as exc:  # noqa: BLE001 - handed to the owner, which raises it
         _reply(reply_fd, {"error": _picklable(exc)})
         return 1

@@ -58,7 +58,7 @@ from ..config import RELAY_MIN_RANKS
 from ..topology import Topology, this_host
 from . import protocol, security
 from .protocol import MessageKind
-from .rendezvous import RendezvousRefused, check_private_directory
+from .rendezvous import RendezvousRefused, check_private_directory, write_private
 
 log = logging.getLogger(__name__)
 
@@ -306,18 +306,7 @@ class Relay:
             security.connect(back, self.key)
         back.connect(self.upstream)
         info = {"endpoint": f"ipc://{self.socket_path}", "pid": os.getpid(), "created": own_start_time()}
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write(json.dumps(info))
-            os.replace(tmp, self.info_path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_private(self.info_path, json.dumps(info))
 
     def stop(self, *_: Any) -> None:
         self._stop = True

@@ -130,13 +130,18 @@ def publish_file(path: Path, address: AggregatorAddress) -> None:
     ``RendezvousRefused`` if the directory is not private to this user."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     check_private_directory(path.parent)
-    import tempfile  # only a rank 0 that publishes needs it, not every run's start
+    write_private(path, address.to_json())
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` at once (no reader sees half of it), mode 0600."""
+    import tempfile  # only a process that publishes needs it, not every run's start
 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as out:
-            out.write(address.to_json())
+            out.write(text)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -6,7 +6,6 @@ reached it, and exits; an error while creating the run reaches the owner's ``ini
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,14 +14,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from conftest import ROOT, mpiexec, read_run, wait_for_status
+from conftest import job_env, mpiexec, read_run, wait_for_status, write_job
 
 pytestmark = [pytest.mark.mpi_skip, pytest.mark.timeout(120)]
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
-needs_mpiexec = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec in the virtual environment (pip install mpich)")
-_LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "HYDI_", "HYDRA_", "MPI_LOCAL", "OMPI_", "PRTE_")
+
 
 # The owner logs a point a millisecond, has everything up to step FLUSHED acknowledged, keeps
 # logging, and SIGKILLs itself at KILLED; it prints when, and the helper's pid.
@@ -52,19 +49,6 @@ KILLED_OWNER = """
 """
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
-    env.pop("SIMVUE_AGGREGATOR", None)
-    env.update(extra)
-    return env
-
-
-def _script(tmp_path: Path, code: str) -> Path:
-    path = tmp_path / "job.py"
-    path.write_text(textwrap.dedent(code))
-    return path
-
-
 def _check_killed_owner(store_dir: Path, name: str, report: dict, ranks: int) -> int:
     """The run ended failed, every acknowledged point is stored, the helper exited; returns
     how many of the owner's steps are stored."""
@@ -85,8 +69,8 @@ def _check_killed_owner(store_dir: Path, name: str, report: dict, ranks: int) ->
 
 def test_the_helper_outlives_a_sigkilled_owner_and_ends_the_run_failed(store_dir, tmp_path):
     job = subprocess.run(
-        [sys.executable, str(_script(tmp_path, KILLED_OWNER)), "killed-owner"],
-        env=_env(SIMVUE_AGGREGATE_IN="process"), cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        [sys.executable, str(write_job(tmp_path, KILLED_OWNER)), "killed-owner"],
+        env=job_env({"SIMVUE_AGGREGATE_IN": "process"}), cwd=tmp_path, capture_output=True, text=True, timeout=60,
     )
     assert job.returncode == -9, job.stderr
     report = json.loads(job.stdout.splitlines()[-1])
@@ -101,7 +85,7 @@ def test_the_helper_outlives_a_sigkilled_owner_and_ends_the_run_failed(store_dir
 
 @pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec in the virtual environment (pip install mpich)")
 def test_rank_0_sigkilled_under_mpiexec_the_helper_still_ends_the_run(store_dir, tmp_path):
-    result = mpiexec(2, sys.executable, str(_script(tmp_path, KILLED_OWNER)), "killed-rank0", env=_env(), cwd=tmp_path,
+    result = mpiexec(2, sys.executable, str(write_job(tmp_path, KILLED_OWNER)), "killed-rank0", env=job_env({}), cwd=tmp_path,
                      timeout=90)
     assert result.returncode != 0
     report = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
@@ -122,7 +106,7 @@ def test_an_error_creating_the_run_reaches_the_owners_call(store_dir, tmp_path):
     """)
     outputs = []
     for mode in ("thread", "process"):
-        job = subprocess.run([sys.executable, "-c", code], env=_env(SIMVUE_AGGREGATE_IN=mode, SIMVUE_SUPPRESS_ERRORS="false"),
+        job = subprocess.run([sys.executable, "-c", code], env=job_env({"SIMVUE_AGGREGATE_IN": mode, "SIMVUE_SUPPRESS_ERRORS": "false"}),
                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert job.returncode == 0, job.stderr
         outputs.append(job.stdout.strip())
@@ -142,7 +126,7 @@ def test_a_one_process_run_in_a_helper_process_is_the_same_run_as_in_a_thread(st
     """)
     runs = {}
     for mode in ("thread", "process"):
-        job = subprocess.run([sys.executable, "-c", code, f"same-{mode}"], env=_env(SIMVUE_AGGREGATE_IN=mode),
+        job = subprocess.run([sys.executable, "-c", code, f"same-{mode}"], env=job_env({"SIMVUE_AGGREGATE_IN": mode}),
                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert job.returncode == 0, job.stderr
         runs[mode] = read_run(store_dir, f"same-{mode}")

@@ -8,10 +8,8 @@ five times the longest of them (the ``scaled_timeouts`` fixture checks)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import textwrap
 import time
 from datetime import datetime
 from pathlib import Path
@@ -20,29 +18,15 @@ import pytest
 
 from simvue.store import RunNotFound
 
-from conftest import LONGEST_TIMEOUT_S, ROOT, mpiexec, read_run
+from conftest import LONGEST_TIMEOUT_S, ROOT, job_env, mpiexec, read_run, write_job
 
 pytestmark = [pytest.mark.mpi_skip, pytest.mark.timeout(120)]
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 needs_mpiexec = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec in the virtual environment (pip install mpich)")
-_LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "HYDI_", "HYDRA_", "MPI_LOCAL", "OMPI_", "PRTE_")
 
 BURSTS, BURST_STEPS = 4, 50
 IDLE_S = 1.5 * LONGEST_TIMEOUT_S  # longer than the sender timeout: only heartbeats keep a sender alive
-
-
-def _env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
-    env.pop("SIMVUE_AGGREGATOR", None)
-    env.update(extra)
-    return env
-
-
-def _script(tmp_path: Path, code: str) -> Path:
-    path = tmp_path / "job.py"
-    path.write_text(textwrap.dedent(code))
-    return path
 
 
 def _watch(job: subprocess.Popen, store_dir: Path, name: str) -> list[str]:
@@ -84,7 +68,7 @@ SINGLE = f"""
 
 
 def test_a_single_process_that_idles_longer_than_every_timeout_ends_completed(store_dir, tmp_path, scaled_timeouts):
-    job = subprocess.Popen([sys.executable, str(_script(tmp_path, SINGLE)), "long-single"], env=_env(scaled_timeouts),
+    job = subprocess.Popen([sys.executable, str(write_job(tmp_path, SINGLE)), "long-single"], env=job_env(scaled_timeouts),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = _watch(job, store_dir, "long-single")
     assert job.wait() == 0, job.stderr.read()
@@ -123,7 +107,7 @@ POOL = f"""
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_a_pool_whose_workers_idle_longer_than_every_timeout_ends_completed(method, store_dir, tmp_path, scaled_timeouts):
     name = f"long-pool-{method}"
-    job = subprocess.Popen([sys.executable, str(_script(tmp_path, POOL)), method, name], env=_env(scaled_timeouts),
+    job = subprocess.Popen([sys.executable, str(write_job(tmp_path, POOL)), method, name], env=job_env(scaled_timeouts),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = _watch(job, store_dir, name)
     out, err = job.communicate()
@@ -158,8 +142,8 @@ MPI_JOB = f"""
 
 @needs_mpiexec
 def test_an_mpi_job_whose_ranks_idle_longer_than_every_timeout_ends_completed(store_dir, tmp_path, scaled_timeouts):
-    script = _script(tmp_path, MPI_JOB)
-    result = mpiexec(4, sys.executable, str(script), "long-mpi", env=_env(scaled_timeouts), cwd=ROOT, timeout=90)
+    script = write_job(tmp_path, MPI_JOB)
+    result = mpiexec(4, sys.executable, str(script), "long-mpi", env=job_env(scaled_timeouts), cwd=ROOT, timeout=90)
     assert result.returncode == 0, result.stderr
     run = read_run(store_dir, "long-mpi")
     _assert_nothing_lost(run)
@@ -196,11 +180,11 @@ DYING_RANK = """
 def test_a_rank_that_dies_on_the_aggregators_node_is_lost_in_seconds_not_at_the_timeout(store_dir, tmp_path):
     """With the default 120 s sender timeout, rank 1 calling ``os._exit(1)`` is seen at
     once by its pid: the job ends a few seconds after the other ranks finish."""
-    env = _env({})
+    env = job_env({})
     for name in ("SIMVUE_SENDER_TIMEOUT_S", "SIMVUE_HEARTBEAT_INTERVAL_S"):
         env.pop(name, None)
     started = time.monotonic()
-    result = mpiexec(4, sys.executable, str(_script(tmp_path, DYING_RANK)), "dying-rank", env=env, cwd=ROOT, timeout=150)
+    result = mpiexec(4, sys.executable, str(write_job(tmp_path, DYING_RANK)), "dying-rank", env=env, cwd=ROOT, timeout=150)
     took = time.monotonic() - started
     assert result.returncode != 0  # rank 1's exit code
     assert took < 60, f"the job took {took:.0f} s: rank 1 was only found lost by the 120 s timeout"
@@ -238,7 +222,7 @@ DYING_CHILD = """
 
 def test_a_worker_process_that_dies_is_lost_in_seconds_and_the_run_fails(store_dir, tmp_path):
     started = time.monotonic()
-    result = subprocess.run([sys.executable, str(_script(tmp_path, DYING_CHILD)), "dying-child"], env=_env({}),
+    result = subprocess.run([sys.executable, str(write_job(tmp_path, DYING_CHILD)), "dying-child"], env=job_env({}),
                             capture_output=True, text=True, timeout=100)
     took = time.monotonic() - started
     assert result.returncode == 0, result.stderr
