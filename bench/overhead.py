@@ -284,10 +284,10 @@ def watch_buffer_full() -> dict:
     for cls in (session.LocalPipe, session.SenderPipe):
         original = cls.buffer_full
 
-        def wrapper(self, limit, original=original):
+        def wrapper(self, limit, wait_s=None, *, original=original):
             t0 = time.perf_counter()
             try:
-                return original(self, limit)
+                return original(self, limit, wait_s)
             finally:
                 dt = time.perf_counter() - t0
                 stats["calls"] += 1
@@ -526,14 +526,23 @@ def spin(n: int) -> int:
     return x
 
 
-def _burn_worker(stop, started) -> None:
+def _pin(cores) -> None:
+    """Bind every thread of this process to ``cores`` (None: leave it)."""
+    if cores:
+        for tid in os.listdir("/proc/self/task"):
+            os.sched_setaffinity(int(tid), cores)
+
+
+def _burn_worker(stop, started, cores=None) -> None:
+    _pin(cores)
     started.release()
     while not stop.is_set():
         spin(20_000)
 
 
-def _stream_worker(run, stop, started, logged, seed: int, rate: float) -> None:
+def _stream_worker(run, stop, started, logged, seed: int, rate: float, cores=None) -> None:
     """Log 4-value records until ``stop``: flat out (``rate`` 0) or paced at ``rate`` records/s."""
+    _pin(cores)
     metrics = make_metrics(1000, seed=seed)
     log = run.log_metrics
     block = 100
@@ -568,6 +577,18 @@ def phase_slowdown(args) -> dict:
     ctx = multiprocessing.get_context("fork")
     run = Run()
     run.init(name="bench-slowdown", folder="/bench")
+    others = None
+    if args.pin and len(os.sched_getaffinity(0)) >= 2:
+        # Rank 0 with a core of its own, as an MPI launcher binds ranks: the parent (every
+        # thread of it) on the first core; the workers, burners and the aggregator's process
+        # (and its sampler) on the others.
+        import psutil
+
+        cores = sorted(os.sched_getaffinity(0))
+        others = set(cores[1:])
+        for child in psutil.Process().children(recursive=True):
+            child.cpu_affinity(sorted(others))
+        _pin({cores[0]})
     # Calibrate the loop to about args.spin_s seconds alone.
     n = 200_000
     best = float("inf")
@@ -588,9 +609,9 @@ def phase_slowdown(args) -> dict:
         procs = []
         for j in range(k if mode != "alone" else 0):
             if mode == "burn":
-                target, pargs = _burn_worker, (stop, started)
+                target, pargs = _burn_worker, (stop, started, others)
             else:
-                target, pargs = _stream_worker, (run, stop, started, logged, j, rate)
+                target, pargs = _stream_worker, (run, stop, started, logged, j, rate, others)
             procs.append(ctx.Process(target=target, args=pargs))
         for p in procs:
             p.start()
@@ -779,6 +800,7 @@ def orchestrate(args) -> int:
         progress(f"rank-0 slowdown, aggregator in a {mode}")
         raw[f"slowdown_{mode}"] = run_phase(
             "slowdown", ["--slowdown-repeats", str(slow_repeats), "--spin-s", str(spin_s), "--settle-s", str(settle_s),
+                         *(["--pin"] if args.pin else []),
                          "--aggregate-in", mode, "--slowdown", *slow_configs], 300)
     total = time.perf_counter() - started
     progress(f"done in {total:.0f} s")
@@ -833,7 +855,7 @@ def render(raw: dict, args, calls: int, rounds: int, mpi_rounds: int, total_s: f
                 rp99 = med([x["ours"]["p99_us"] for x in r["rounds"]])
                 rp999 = med([x["ours"]["p999_us"] for x in r["rounds"]])
                 worst_med, worst_p99 = max(worst_med, rmed), max(worst_p99, rp99)
-                role = "aggregator's process" if r["rank"] == 0 else "sender"
+                role = "the run's owner" if r["rank"] == 0 else "sender"
                 add(f"| (b) n={MPI_RANKS}, rank {r['rank']} ({role}), {len(r['rounds'])} rounds | {fmt_us(rmed)} "
                     f"{span([x['ours']['median_us'] for x in r['rounds']])} | {fmt_us(rp99)} | {fmt_us(rp999)} | "
                     f"{max(x['ours']['max_us'] for x in r['rounds']) / 1000:.1f} | {fmt_waits(r)} | | |")
@@ -1009,6 +1031,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="K:RATE, K streaming workers at RATE records/s each (0: flat out)")
     parser.add_argument("--spin-s", type=float, default=0.5)
     parser.add_argument("--settle-s", type=float, default=0.2)
+    parser.add_argument("--pin", action="store_true",
+                        help="slowdown phase: the parent on a core of its own, everything else on the others")
     args = parser.parse_args(argv)
     if args.phase is None:
         return orchestrate(args)
