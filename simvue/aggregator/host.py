@@ -83,7 +83,6 @@ class HostedAggregator:
     def __init__(self, process: subprocess.Popen, address: AggregatorAddress) -> None:
         self.process = process
         self.address = address
-        self.final_status: str | None = None
 
     @classmethod
     def launch(cls, config: HostConfig, timeout_s: float) -> HostedAggregator:

@@ -428,8 +428,8 @@ class Sender:
             sock = self._check_relay(time.monotonic())
             self._pump(sock)
             self._read_acks(sock, 20)
-            if self._acked_seq >= bye_seq:
-                return
+            if self._acked_seq >= bye_seq or self.run_finished.is_set():
+                return  # (the run ended meanwhile: no one will acknowledge it; the rest is spilled)
 
     def _spill_unacked(self, count: int) -> None:
         payloads = [self._unacked.popleft()[1] for _ in range(min(count, len(self._unacked)))]
