@@ -9,6 +9,7 @@ import textwrap
 import time
 import uuid
 from collections import deque
+from threading import Thread
 
 import msgpack
 import zmq
@@ -584,3 +585,38 @@ def test_a_process_speaking_another_protocol_version_is_named_and_counted_not_fa
     named = [e["message"] for e in exported["events"] if "protocol version" in e["message"]]
     assert len(named) == 1 and f"version {protocol.PROTOCOL_VERSION - 1}" in named[0]
     assert capfd.readouterr().err.count(f"protocol version {protocol.PROTOCOL_VERSION - 1}") == 1
+
+
+def test_a_goodbye_stops_waiting_when_the_run_ends_before_acknowledging_it(tmp_path):
+    """A pool worker's goodbye can cross the aggregator's farewell (the run ended while the
+    worker was exiting): the farewell does not cover the goodbye, and nothing else will come.
+    The close returns then, not after the 30 s close timeout."""
+    key = b"k" * 32
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    sender, _ = make_sender(f"tcp://127.0.0.1:{port}", key, tmp_path / "spill.msgpack", close_timeout_s=30.0)
+    try:
+        assert router.poll(5000), "no HELLO"
+        identity, *frames = router.recv_multipart()
+        kind, seq, _ = protocol.decode(key, frames)
+        assert kind is MessageKind.HELLO
+        router.send_multipart([identity, *protocol.encode(key, MessageKind.ACK, 0, {"seq": seq, "closed": False})])
+        started = time.monotonic()
+        closing = Thread(target=lambda: closed.append(sender.close(None, {})))
+        closed: list[bool] = []
+        closing.start()
+        deadline = time.monotonic() + 10
+        while True:  # until the goodbye arrives (heartbeats may come first)
+            assert router.poll(max(1, int((deadline - time.monotonic()) * 1000))), "no BYE"
+            identity, *frames = router.recv_multipart()
+            kind, bye_seq, _ = protocol.decode(key, frames)
+            if kind is MessageKind.BYE:
+                break
+        farewell = {"seq": bye_seq - 1, "closed": True, "finished": True}  # the last commit, without the BYE
+        router.send_multipart([identity, *protocol.encode(key, MessageKind.ACK, 0, farewell)])
+        closing.join(15)
+        assert closed == [False]  # its goodbye was never acknowledged, and close says so
+        assert time.monotonic() - started < 5.0, "the goodbye waited out the close timeout"
+    finally:
+        router.close(0)
