@@ -312,7 +312,9 @@ class AggregatorState:
             self._merge_metadata({"simvue": {"processes": {
                 p.label: {**p.describe(), **({"state": STOPPING} if p.live else {})} for p in self.table.producers()
             }}})
-        out: list[Instruction] = []
+        # The abort first: the run may be closing because of it, before a tick announced it,
+        # and drained workers must still hear it.
+        out: list[Instruction] = self._announce_abort()
         for state in self.table.live():
             if state.role == "worker":
                 state.drain_requested_at = now
@@ -359,13 +361,18 @@ class AggregatorState:
                         self._report_lost(state)
         self.reducer.tick(now)
         self.array_reducer.tick(now)
-        if self.abort.is_set and not self._abort_announced:
-            self._abort_announced = True
-            self._event(f"this run was asked to stop: {self.abort.reason}", "warning")
-            out.extend(Reply(s.sender_id, MessageKind.ABORT, None) for s in self.table.live())
+        out.extend(self._announce_abort())
         if self._sampling_changed:
             out.extend(self._plan_sampling())
         return out
+
+    def _announce_abort(self) -> list[Instruction]:
+        """Once the run has been asked to stop: say so in the run and tell every live sender."""
+        if not self.abort.is_set or self._abort_announced:
+            return []
+        self._abort_announced = True
+        self._event(f"this run was asked to stop: {self.abort.reason}", "warning")
+        return [Reply(s.sender_id, MessageKind.ABORT, None) for s in self.table.live()]
 
     def _join_notice(self, missing: list[int]) -> str:
         names = ", ".join(f"rank{r}" for r in missing[:8]) + (" ..." if len(missing) > 8 else "")
@@ -542,10 +549,10 @@ class AggregatorState:
         """Once the final batch is stored: tell every sender that may still be running (a
         drained pool worker outlives the run) that the run is over, so that it does not wait
         for an answer to its goodbye; anything it logs from now on goes to its spill file."""
-        return [
+        return [*self._announce_abort(), *(
             Reply(s.sender_id, MessageKind.ACK, {"seq": s.committed_seq, "closed": True, "finished": True})
             for s in self.table.live()
-        ]
+        )]
 
     def _ack(self, state: SenderState) -> Reply:
         return Reply(state.sender_id, MessageKind.ACK, {"seq": state.committed_seq, "closed": self.closing})
