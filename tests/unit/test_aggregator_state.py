@@ -304,6 +304,29 @@ def test_an_abort_is_announced_to_every_live_sender_and_to_later_joiners(tmp_pat
     assert any("asked to stop: the server asked" in message for _, message, _ in sim.events)
 
 
+def test_a_run_that_closes_because_of_its_abort_tells_its_workers_before_any_tick(tmp_path):
+    """The pool's parent ends its run as soon as the abort reaches it (abort_on_alert="run"),
+    which can be before the aggregator's next tick: the workers still hear the abort, ahead
+    of the DRAIN, and a run finishing before any tick still tells those left."""
+    sim = Sim(tmp_path, ranks=1)
+    workers = [sim.hello(None, role="worker"), sim.hello(None, role="worker")]
+    sim.abort.request("the server asked this run to stop")
+    out = sim.state.close_local("terminated")  # no tick in between
+    assert [(r.sender_id, r.kind) for r in out] == [
+        *((w, MessageKind.ABORT) for w in workers), *((w, MessageKind.DRAIN) for w in workers)
+    ]
+    finishing = Sim(tmp_path / "b", ranks=1)
+    worker = finishing.hello(None, role="worker")
+    finishing.abort.request("stop")
+    finishing.replies.extend(finishing.state.close_local(None))
+    finishing.abort.request("stop")
+    kinds = [r.kind for r in finishing.state.farewell()]
+    assert MessageKind.ABORT not in kinds  # announced once, at the close
+    assert [r.kind for r in finishing.replies if r.sender_id == worker and r.kind != MessageKind.ACK] == [
+        MessageKind.ABORT, MessageKind.DRAIN
+    ]
+
+
 def test_a_critical_alert_that_asks_for_it_raises_the_abort(tmp_path):
     sim = Sim(tmp_path, ranks=1)
     alert = {"name": "hot", "source": "metrics", "rule": "is above", "metric": "t", "threshold": 10.0,
