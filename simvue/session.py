@@ -3,7 +3,9 @@
 * The only process of a job, a pool's parent, or MPI rank 0 creates the run in the local
   store and builds an ``Aggregator`` that writes it there; its own records go straight into
   the aggregator's buffer.  When a server is configured, an ``Uploader`` follows the store
-  and copies the run to the server.
+  and copies the run to the server.  Where ``aggregate_in`` says so (rank 0 of an MPI job by
+  default), all this happens in a process of its own (``aggregator.host``), which this
+  process then joins as the run's owner, through a ``Sender`` like any other rank.
 * Every other rank, and every worker that inherited or was handed a ``Run``, builds a
   ``Sender`` to the aggregator found through ``transport.rendezvous``.
 * A rank that cannot find its aggregator in ``rendezvous_timeout_s`` keeps its records in a
